@@ -1,0 +1,286 @@
+"""Typed configuration of the wav2vec 2.0 model, and its presets.
+
+The model config is the ``model`` section of wavray's config tree
+(``pipeline.config``); it lives here so that ``models/`` stays importable without
+the pipeline. ``models.factory`` is the only reader of these dataclasses.
+
+Defaults are the BASE recipe of SPEC.md (fairseq's ``wav2vec2_base_librispeech``).
+Where the paper and fairseq's code disagree, the value follows fairseq's code and
+the field's docstring says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _default_conv_layers() -> list[list[int]]:
+    # (channels, kernel, stride) per layer: receptive field 400 samples, stride 320.
+    return [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+
+
+@dataclass(kw_only=True)
+class FeatureEncoderConfig:
+    """The convolutional feature encoder (waveform -> latents z, one per 20 ms)."""
+
+    conv_layers: list[list[int]] = field(default_factory=_default_conv_layers)
+    """(channels, kernel, stride) of each temporal convolution."""
+    mode: Literal["default", "layer_norm"] = "default"
+    """``default``: GroupNorm (one group per channel) after the first conv only (BASE);
+    ``layer_norm``: LayerNorm over channels after every conv (LARGE)."""
+    conv_bias: bool = False
+    """Bias in the convolutions (False in BASE, True in LARGE LV-60k)."""
+    grad_mult: float = 0.1
+    """Scale of the gradient flowing into the encoder (fairseq ``feature_grad_mult``)."""
+
+    def __post_init__(self) -> None:
+        if not self.conv_layers:
+            raise ValueError("model.encoder.conv_layers: expected at least one layer, got []")
+        for i, layer in enumerate(self.conv_layers):
+            if len(layer) != 3 or any(int(v) <= 0 for v in layer):
+                raise ValueError(
+                    f"model.encoder.conv_layers[{i}]: expected [channels, kernel, stride] "
+                    f"of positive ints, got {layer!r}"
+                )
+        if self.mode not in ("default", "layer_norm"):
+            raise ValueError(
+                f"model.encoder.mode: expected 'default' or 'layer_norm', got {self.mode!r}"
+            )
+        if self.grad_mult < 0:
+            raise ValueError(f"model.encoder.grad_mult: expected >= 0, got {self.grad_mult}")
+
+    @property
+    def dim(self) -> int:
+        """Channels of the last convolution (the latent dimension, 512 in BASE)."""
+        return int(self.conv_layers[-1][0])
+
+
+@dataclass(kw_only=True)
+class TransformerConfig:
+    """The context network: conv positional embedding then Transformer layers."""
+
+    num_layers: int = 12
+    dim: int = 768
+    ffn_dim: int = 3072
+    num_heads: int = 12
+    """12 as in fairseq's and Hugging Face's code (the paper says 8; SPEC.md)."""
+    layer_norm_first: bool = False
+    """Pre-LN (LARGE) instead of post-LN (BASE)."""
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.05
+    """Probability of skipping a whole layer in training."""
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.transformer.{name}: expected > 0, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"model.transformer.dim ({self.dim}) must be divisible by "
+                f"model.transformer.num_heads ({self.num_heads})"
+            )
+        if self.dim % self.pos_conv_groups:
+            raise ValueError(
+                f"model.transformer.dim ({self.dim}) must be divisible by "
+                f"model.transformer.pos_conv_groups ({self.pos_conv_groups})"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"model.transformer.{name}: expected in [0, 1), got {v}")
+
+
+@dataclass(kw_only=True)
+class MaskConfig:
+    """Span masking of the latents (fairseq's ``compute_mask_indices`` semantics).
+
+    ``prob`` is fairseq's ``mask_prob``: about ``prob * T / length`` span starts per
+    utterance, i.e. the paper's p = prob / length per frame (0.065 for 0.65).
+    """
+
+    prob: float = 0.65
+    length: int = 10
+    min_masks: int = 2
+    channel_prob: float = 0.0
+    """Probability of masking feature channels (fine-tuning regulariser)."""
+    channel_length: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"model.mask.prob: expected in [0, 1], got {self.prob}")
+        if self.length < 1:
+            raise ValueError(f"model.mask.length: expected >= 1, got {self.length}")
+        if self.min_masks < 0:
+            raise ValueError(f"model.mask.min_masks: expected >= 0, got {self.min_masks}")
+        if not 0.0 <= self.channel_prob <= 1.0:
+            raise ValueError(f"model.mask.channel_prob: expected in [0, 1], got {self.channel_prob}")
+        if self.channel_length < 1:
+            raise ValueError(f"model.mask.channel_length: expected >= 1, got {self.channel_length}")
+
+
+@dataclass(kw_only=True)
+class TemperatureConfig:
+    """Gumbel softmax temperature: ``max(start * decay**step, end)``."""
+
+    start: float = 2.0
+    end: float = 0.5
+    decay: float = 0.999995
+
+    def __post_init__(self) -> None:
+        if not self.start > 0 or not self.end > 0:
+            raise ValueError(
+                f"model.quantizer.temperature: start and end must be > 0, got "
+                f"start={self.start}, end={self.end}"
+            )
+        if self.end > self.start:
+            raise ValueError(
+                f"model.quantizer.temperature.end ({self.end}) must be <= start ({self.start})"
+            )
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"model.quantizer.temperature.decay: expected in (0, 1], got {self.decay}")
+
+
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    """Gumbel product quantizer: ``groups`` codebooks of ``entries`` codewords each."""
+
+    groups: int = 2
+    entries: int = 320
+    codevector_dim: int = 0
+    """Width of the concatenated codewords; 0 means ``model.final_dim`` (fairseq ``latent_dim``)."""
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise ValueError(f"model.quantizer.groups: expected >= 1, got {self.groups}")
+        if self.entries < 2:
+            raise ValueError(f"model.quantizer.entries: expected >= 2, got {self.entries}")
+        if self.codevector_dim < 0:
+            raise ValueError(f"model.quantizer.codevector_dim: expected >= 0, got {self.codevector_dim}")
+        if self.codevector_dim and self.codevector_dim % self.groups:
+            raise ValueError(
+                f"model.quantizer.codevector_dim ({self.codevector_dim}) must be divisible by "
+                f"model.quantizer.groups ({self.groups})"
+            )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Weights and sampling of the pretraining objective."""
+
+    num_negatives: int = 100
+    """K distractors per masked frame, from the same utterance's masked frames."""
+    logit_temp: float = 0.1
+    """kappa: cosine similarities are divided by it."""
+    diversity_weight: float = 0.1
+    feature_penalty_weight: float = 10.0
+    """L2 penalty on the encoder features (fairseq; Hugging Face's model has none)."""
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError(f"model.loss.num_negatives: expected >= 1, got {self.num_negatives}")
+        if self.logit_temp <= 0:
+            raise ValueError(f"model.loss.logit_temp: expected > 0, got {self.logit_temp}")
+        for name in ("diversity_weight", "feature_penalty_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.loss.{name}: expected >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """wav2vec 2.0: feature encoder, masking, context network, quantizer, losses."""
+
+    encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    final_dim: int = 256
+    """Width of the space where context and quantized targets are compared."""
+    dropout_input: float = 0.1
+    """Dropout on the projected features before masking."""
+    dropout_features: float = 0.1
+    """Dropout on the unmasked latents that feed the quantizer."""
+
+    def __post_init__(self) -> None:
+        if self.final_dim < 1:
+            raise ValueError(f"model.final_dim: expected >= 1, got {self.final_dim}")
+        for name in ("dropout_input", "dropout_features"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"model.{name}: expected in [0, 1), got {v}")
+        cv = self.quantizer.codevector_dim or self.final_dim
+        if cv % self.quantizer.groups:
+            raise ValueError(
+                f"model.quantizer.codevector_dim (resolved to {cv}) must be divisible by "
+                f"model.quantizer.groups ({self.quantizer.groups})"
+            )
+
+    @property
+    def codevector_dim(self) -> int:
+        """Resolved width of the concatenated codewords."""
+        return self.quantizer.codevector_dim or self.final_dim
+
+
+# --- presets -------------------------------------------------------------------------
+
+
+def base() -> ModelConfig:
+    """BASE (95M): 12 layers, 768 wide, group-norm extractor, post-LN."""
+    return ModelConfig()
+
+
+def large() -> ModelConfig:
+    """LARGE (317M, LibriSpeech / LV-60k recipe of the paper): 24 layers, 1024 wide, pre-LN."""
+    cfg = base()
+    cfg.encoder.mode = "layer_norm"
+    cfg.encoder.conv_bias = True
+    cfg.transformer = TransformerConfig(
+        num_layers=24, dim=1024, ffn_dim=4096, num_heads=16, layer_norm_first=True,
+        dropout=0.0, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.2,
+    )
+    cfg.final_dim = 768
+    return cfg
+
+
+def large_lv60k() -> ModelConfig:
+    """LARGE on LV-60k as fairseq's ``wav2vec2_large_librivox`` (SPEC.md, "disagree")."""
+    cfg = large()
+    cfg.encoder.grad_mult = 1.0
+    cfg.transformer.dropout = 0.0
+    cfg.transformer.attention_dropout = 0.0
+    cfg.transformer.activation_dropout = 0.0
+    cfg.transformer.layerdrop = 0.0
+    cfg.dropout_input = 0.0
+    cfg.dropout_features = 0.0
+    cfg.loss.feature_penalty_weight = 0.0
+    cfg.quantizer.temperature = TemperatureConfig(start=2.0, end=0.1, decay=0.999995)
+    return cfg
+
+
+def tiny() -> ModelConfig:
+    """A laptop/test model (~1M parameters) with the full architecture of BASE.
+
+    Same conv strides as BASE (20 ms frames) so data and masking behave as at scale;
+    narrow everything else.
+    """
+    cfg = base()
+    cfg.encoder.conv_layers = [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2
+    cfg.transformer = TransformerConfig(
+        num_layers=2, dim=64, ffn_dim=128, num_heads=4, layerdrop=0.0,
+        pos_conv_kernel=16, pos_conv_groups=4, dropout=0.0, attention_dropout=0.0,
+    )
+    cfg.quantizer.entries = 32
+    cfg.final_dim = 32
+    cfg.loss.num_negatives = 20
+    cfg.dropout_input = 0.0
+    cfg.dropout_features = 0.0
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k}

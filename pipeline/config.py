@@ -1,0 +1,534 @@
+"""The typed config tree of a wavray run, YAML loading and ``a.b.c=value`` overrides.
+
+One mechanism serves YAML files, the command line and Ray Tune search spaces: every
+change is a dotted path plus a value, applied by :func:`apply_overrides`, which checks
+the path and the type before anything runs. :func:`to_flat_dict` gives the same dotted
+paths back, so MLflow's param columns equal the override keys.
+
+A YAML file names a preset and holds only deltas::
+
+    preset: tiny
+    model:
+      mask:
+        prob: 0.5
+    train:
+      max_steps: 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models import config as model_config
+from models.config import ModelConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the audio comes from and how it becomes batches."""
+
+    train_uri: str = ""
+    """Prepared dataset root (local path or s3://bucket/prefix) written by ``jobs.prepare``."""
+    valid_split: bool = False
+    """Also read the valid split for validation losses."""
+    sample_rate: int = 16000
+    max_sample_size: int = 250_000
+    """Longer utterances are randomly cropped to this many samples (15.6 s)."""
+    min_sample_size: int = 32_000
+    """Shorter utterances are dropped (2 s)."""
+    max_samples_per_batch: int = 1_400_000
+    """Budget of audio samples per batch per worker (87.5 s in BASE)."""
+    batch_mode: Literal["crop", "pad"] = "crop"
+    """``crop``: crop every item to the batch's shortest; ``pad``: pad with a padding mask."""
+    num_buckets: int = 8
+    """Length buckets: batches are drawn from one bucket so padding/cropping is small."""
+    normalize: bool = False
+    """Zero mean, unit variance per utterance (on for LARGE / layer_norm extractors)."""
+    shuffle_seed: int = 0
+    """Base of the per-epoch shuffle seed (epoch e uses shuffle_seed + e)."""
+    decode_cpus: float = 1.0
+    """CPUs reserved per decode task."""
+    prefetch_batches: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0:
+            raise ValueError(f"data.sample_rate: expected > 0, got {self.sample_rate}")
+        if self.min_sample_size < 0:
+            raise ValueError(f"data.min_sample_size: expected >= 0, got {self.min_sample_size}")
+        if self.max_sample_size < max(1, self.min_sample_size):
+            raise ValueError(
+                f"data.max_sample_size ({self.max_sample_size}) must be >= "
+                f"data.min_sample_size ({self.min_sample_size}) and > 0"
+            )
+        if self.max_samples_per_batch < self.max_sample_size:
+            raise ValueError(
+                f"data.max_samples_per_batch ({self.max_samples_per_batch}) must hold at least "
+                f"one utterance of data.max_sample_size ({self.max_sample_size})"
+            )
+        if self.batch_mode not in ("crop", "pad"):
+            raise ValueError(f"data.batch_mode: expected 'crop' or 'pad', got {self.batch_mode!r}")
+        if self.num_buckets < 1:
+            raise ValueError(f"data.num_buckets: expected >= 1, got {self.num_buckets}")
+        if self.decode_cpus <= 0:
+            raise ValueError(f"data.decode_cpus: expected > 0, got {self.decode_cpus}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam as in SPEC.md."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_grad_norm: float = 0.0
+    """Gradient clipping by global norm; 0 disables it (fairseq's BASE recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr: expected > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps: expected > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
+        if self.clip_grad_norm < 0:
+            raise ValueError(f"optim.clip_grad_norm: expected >= 0, got {self.clip_grad_norm}")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule over optimizer updates."""
+
+    kind: Literal["polynomial", "tri_stage"] = "polynomial"
+    """``polynomial``: linear warm-up then polynomial decay (pretraining);
+    ``tri_stage``: warm-up, hold, exponential decay (fine-tuning)."""
+    warmup_steps: int = 32_000
+    power: float = 1.0
+    """Exponent of the polynomial decay (1 = linear)."""
+    end_lr: float = 0.0
+    hold_ratio: float = 0.4
+    """tri_stage: fraction of ``train.max_steps`` held at peak."""
+    decay_ratio: float = 0.5
+    """tri_stage: fraction of ``train.max_steps`` spent decaying."""
+    final_lr_scale: float = 0.05
+    """tri_stage: lr at the end, as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("polynomial", "tri_stage"):
+            raise ValueError(f"schedule.kind: expected 'polynomial' or 'tri_stage', got {self.kind!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if self.power <= 0:
+            raise ValueError(f"schedule.power: expected > 0, got {self.power}")
+        if self.end_lr < 0:
+            raise ValueError(f"schedule.end_lr: expected >= 0, got {self.end_lr}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: how long, how often, how precise."""
+
+    max_steps: int = 400_000
+    """Optimizer updates."""
+    grad_accum: int = 1
+    """Micro-batches per update."""
+    seed: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    compile: bool = False
+    """``torch.compile`` the model."""
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    """Steps between metric reductions/logs (no host sync in between)."""
+    max_nonfinite_steps: int = 10
+    """Consecutive non-finite losses after which the run stops."""
+    init_from: str = ""
+    """Initialise the model from a Hugging Face directory or a wavray checkpoint."""
+    ctc_vocab: str = ""
+    """Fine-tuning only: characters of the CTC vocabulary (blank and ``|`` added)."""
+    freeze_encoder_steps: int = 0
+    """Fine-tuning only: keep the Transformer frozen for this many updates."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps: expected >= 1, got {self.max_steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum: expected >= 1, got {self.grad_accum}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every: expected >= 1, got {self.log_every}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """The DeepSpeed engine."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer state to CPU (stages 1-3)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    """How many training workers and what each takes from the cluster."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """Keep below the node's CPUs so Ray Data keeps CPUs for decoding (STACK.md)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers: expected >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"scaling.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and how often the run saves itself."""
+
+    storage_path: str = "runs"
+    """Local directory or s3://bucket/prefix holding every run's checkpoints."""
+    run_name: str = ""
+    """Same name + same storage path = resume. Empty: a name is made from the time."""
+    every_steps: int = 1000
+    keep_last: int = 3
+    max_failures: int = 3
+    """Worker failures tolerated; each restarts from the newest checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps: expected >= 1, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last: expected >= 1, got {self.keep_last}")
+        if self.max_failures < -1:
+            raise ValueError(f"checkpoint.max_failures: expected >= -1, got {self.max_failures}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow."""
+
+    uri: str = ""
+    """Tracking URI; empty: a sqlite store under the checkpoint storage path (local runs)."""
+    experiment: str = "wavray"
+    register_as: str = ""
+    """Register the final model under this name in the model registry; empty: don't."""
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            raise ValueError("tracking.experiment: expected a non-empty name")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole wavray run."""
+
+    preset: str = "base"
+    """The preset the run started from (``tiny``, ``base``, ``large``, ``large_lv60k``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --- presets -------------------------------------------------------------------------
+
+
+def base() -> Config:
+    """BASE on LibriSpeech 960 h (SPEC.md), per GPU of a 64-GPU run."""
+    return Config(preset="base", model=model_config.base())
+
+
+def large() -> Config:
+    """LARGE (SPEC.md): lr 3e-4, ~1.2M samples per GPU, normalised input."""
+    cfg = Config(preset="large", model=model_config.large())
+    cfg.optim.lr = 3e-4
+    cfg.data.max_samples_per_batch = 1_200_000
+    cfg.data.normalize = True
+    cfg.train.max_steps = 600_000
+    return cfg
+
+
+def large_lv60k() -> Config:
+    """LARGE on LV-60k, fairseq's ``wav2vec2_large_librivox`` values except the lr (SPEC.md)."""
+    cfg = large()
+    cfg.preset = "large_lv60k"
+    cfg.model = model_config.large_lv60k()
+    return cfg
+
+
+def tiny() -> Config:
+    """The laptop demo and test configuration: tiny model, short crops, a few hundred steps."""
+    cfg = Config(preset="tiny", model=model_config.tiny())
+    cfg.data.max_sample_size = 48_000
+    cfg.data.min_sample_size = 8_000
+    cfg.data.max_samples_per_batch = 192_000
+    cfg.data.num_buckets = 4
+    cfg.optim.lr = 2e-3
+    cfg.schedule.warmup_steps = 20
+    cfg.train.max_steps = 200
+    cfg.train.log_every = 10
+    cfg.checkpoint.every_steps = 50
+    cfg.scaling.cpus_per_worker = 0.5
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k}
+
+
+# --- the override mechanism ----------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config key, value or file that cannot be used; raised before any work starts."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(path, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def _set_path(cfg: Any, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{here}: {'.'.join(parts[:depth])} is a value, not a section")
+        types_ = _field_types(type(node))
+        if part not in types_:
+            prefix = ".".join(parts[:depth])
+            valid = ", ".join(sorted(types_))
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{here}': valid keys in {where} are: {valid}")
+        if depth == len(parts) - 1:
+            current = getattr(node, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{here}: is a section; expected a mapping, got {value!r}")
+                for key, sub in value.items():
+                    _set_path(cfg, f"{here}.{key}", sub)
+                return
+            setattr(node, part, _coerce(here, types_[part], value))
+        else:
+            node = getattr(node, part)
+
+
+def _revalidate(node: Any) -> None:
+    """Re-run every section's ``__post_init__`` checks, children first."""
+    for f in dataclasses.fields(node):
+        child = getattr(node, f.name)
+        if dataclasses.is_dataclass(child):
+            _revalidate(child)
+    post = getattr(node, "__post_init__", None)
+    if post is not None:
+        try:
+            post()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _flatten_mapping(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_mapping(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.mask.prob=0.5"`` -> ``("model.mask.prob", 0.5)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form a.b.c=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | None) -> Config:
+    """Return a copy of ``cfg`` with dotted-path overrides applied and validated.
+
+    ``overrides`` is a mapping ``{"model.mask.prob": 0.5}`` (Ray Tune search spaces,
+    nested mappings allowed) or a list of ``"a.b.c=value"`` strings (command line).
+    """
+    new = copy_config(cfg)
+    if not overrides:
+        return new
+    if isinstance(overrides, list):
+        items = [parse_override(o) for o in overrides]
+    else:
+        flat: dict[str, Any] = {}
+        _flatten_mapping("", overrides, flat)
+        items = list(flat.items())
+    for key, value in items:
+        if key == "preset":
+            if value != new.preset:
+                raise ConfigError(
+                    f"preset: cannot change the preset of a built config ({new.preset!r} -> {value!r}); "
+                    "choose it in the YAML file or with load_config(preset=...)"
+                )
+            continue
+        _set_path(new, key, value)
+    _revalidate(new)
+    return new
+
+
+def copy_config(cfg: Config) -> Config:
+    """A deep copy (configs are mutated by presets and overrides)."""
+    return from_dict(to_dict(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: Any) -> dict[str, Any]:
+    """``{"model.mask.prob": 0.65, ...}``: the params MLflow logs, keyed like overrides."""
+    out: dict[str, Any] = {}
+    _flatten_mapping("", to_dict(cfg), out)
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a config from a full nested dict (e.g. the resolved config of a checkpoint)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    preset = data.get("preset", "base")
+    cfg = preset_config(preset)
+    rest = {k: v for k, v in data.items() if k != "preset"}
+    flat: dict[str, Any] = {}
+    _flatten_mapping("", rest, flat)
+    for key, value in flat.items():
+        _set_path(cfg, key, value)
+    _revalidate(cfg)
+    return cfg
+
+
+def preset_config(name: str) -> Config:
+    """The named preset (``tiny``, ``base``, ``large``, ``large_lv60k``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; valid presets are: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
+) -> Config:
+    """Preset (from the file's ``preset:`` key or the argument) + file deltas + overrides."""
+    deltas: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+        deltas = dict(loaded)
+    name = preset or deltas.pop("preset", None) or "base"
+    deltas.pop("preset", None)
+    cfg = preset_config(name)
+    try:
+        for key, value in deltas.items():
+            _set_path(cfg, key, value)
+        _revalidate(cfg)
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (saved next to every checkpoint)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

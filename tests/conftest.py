@@ -1,0 +1,29 @@
+"""Test set-up shared by every test.
+
+The loopback variables of ``infra/loopback.env`` are set here, at import, so they hold
+before any test starts Ray, the object store or MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_env_file(path: Path) -> None:
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith("export "):
+            continue
+        for item in shlex.split(line[len("export "):]):
+            key, _, value = item.partition("=")
+            if "$(" in value:  # shell-computed default: decide here instead
+                continue
+            os.environ[key] = value
+
+
+_load_env_file(ROOT / "infra" / "loopback.env")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
