@@ -206,11 +206,14 @@ class ModelConfig:
     """Dropout on the projected features before masking."""
     dropout_features: float = 0.1
     """Dropout on the unmasked latents that feed the quantizer."""
+    final_dropout: float = 0.0
+    """Fine-tuning only: dropout on the context vectors before the CTC head (fairseq
+    ``final_dropout``, Hugging Face ``final_dropout``)."""
 
     def __post_init__(self) -> None:
         if self.final_dim < 1:
             raise ValueError(f"model.final_dim: expected >= 1, got {self.final_dim}")
-        for name in ("dropout_input", "dropout_features"):
+        for name in ("dropout_input", "dropout_features", "final_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"model.{name}: expected in [0, 1), got {v}")
@@ -264,7 +267,7 @@ def large_lv60k() -> ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    """A laptop/test model (~1M parameters) with the full architecture of BASE.
+    """A laptop/test model (~0.1M parameters) with the full architecture of BASE.
 
     Same conv strides as BASE (20 ms frames) so data and masking behave as at scale;
     narrow everything else.

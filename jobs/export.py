@@ -1,0 +1,139 @@
+"""Convert between wavray model checkpoints and Hugging Face model directories.
+
+    python -m jobs.export --checkpoint PATH --out DIR [--ctc]   # ours -> HF directory
+    python -m jobs.export --from-hf DIR --out PATH [--task ctc]  # HF directory -> ours
+
+A wavray model checkpoint is a directory with ``config.yaml`` (the resolved run config)
+and ``model.safetensors`` (the model's plain state dict); every training checkpoint
+holds one. The HF directory loads with ``transformers.Wav2Vec2ForPreTraining``
+(``--ctc``: ``Wav2Vec2ForCTC``) ``from_pretrained``. Going the other way, the run config
+starts from the preset closest to the HF model's architecture and takes the whole
+``model`` section from the HF config; that directory can then seed continued
+pretraining (``train.init_from``) or fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from models.checkpoint import load_weights, save_weights, weights_path
+from models.factory import build_ctc_model, build_pretraining_model
+from models.hf import load_hf, save_hf_ctc, save_hf_pretraining
+from pipeline.config import PRESETS, Config, ConfigError, from_dict, save_config, to_dict, to_flat_dict
+
+CONFIG_NAME = "config.yaml"
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[Config, Path]:
+    """The run config and weights file of a wavray model checkpoint (directory or weights file)."""
+    weights = weights_path(path)
+    cfg_file = weights.parent / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r}: no {CONFIG_NAME} next to {weights.name}")
+    try:
+        data = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{cfg_file}: not valid YAML: {e}") from None
+    return from_dict(data), weights
+
+
+def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfig
+    """The preset whose model section shares the most settings with ``model_cfg``.
+
+    Architecture (widths, depth, extractor mode, layer norm placement) must match for a
+    preset to win on ties of the other settings; ``base`` if none matches.
+    """
+    target = to_flat_dict(model_cfg)
+    arch_keys = [
+        "transformer.dim", "transformer.num_layers", "transformer.ffn_dim", "transformer.num_heads",
+        "transformer.layer_norm_first", "encoder.mode", "encoder.conv_layers",
+    ]
+    best, best_score = "base", -1
+    for name, make in PRESETS.items():
+        flat = to_flat_dict(make().model)
+        if any(flat[k] != target[k] for k in arch_keys):
+            continue
+        score = sum(flat[k] == v for k, v in target.items())
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def export_to_hf(checkpoint: str | Path, out: str | Path, *, ctc: bool = False, pad_token_id: int = 0) -> Path:
+    """wavray checkpoint -> HF ``Wav2Vec2ForPreTraining`` (or ``Wav2Vec2ForCTC``) directory."""
+    cfg, weights = read_checkpoint_config(checkpoint)
+    state = load_weights(weights)
+    if ctc:
+        if "head.weight" not in state:
+            raise ValueError(f"checkpoint {str(checkpoint)!r}: no CTC head (head.weight); not a fine-tuned model")
+        model = build_ctc_model(cfg.model, vocab_size=int(state["head.weight"].shape[0]))
+    else:
+        if "quantizer.codevectors" not in state:
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r}: no quantizer weights; a fine-tuned model exports with --ctc"
+            )
+        model = build_pretraining_model(cfg.model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: weights do not match its {CONFIG_NAME}: {e}") from None
+    if ctc:
+        return save_hf_ctc(model, cfg.model, out, pad_token_id=pad_token_id)
+    return save_hf_pretraining(model, cfg.model, out)
+
+
+def import_from_hf(hf_dir: str | Path, out: str | Path, *, task: str = "pretraining") -> tuple[Path, str]:
+    """HF directory -> wavray model checkpoint (config.yaml + model.safetensors). Returns (dir, preset)."""
+    model_cfg, model = load_hf(hf_dir, task=task)
+    preset = closest_preset(model_cfg)
+    cfg = PRESETS[preset]()
+    cfg.model = model_cfg
+    cfg = from_dict(to_dict(cfg))  # validates the combined tree
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out)
+    save_config(cfg, out / CONFIG_NAME)
+    return out, preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="wavray model checkpoint directory (or its model.safetensors)")
+    src.add_argument("--from-hf", type=Path, help="Hugging Face model directory (config.json + weights)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--ctc", action="store_true", help="with --checkpoint: export a fine-tuned CTC model")
+    parser.add_argument("--pad-token-id", type=int, default=0, help="with --ctc: the CTC blank id in config.json")
+    parser.add_argument(
+        "--task", choices=["pretraining", "ctc"], default="pretraining",
+        help="with --from-hf: the model to build (pretraining keeps/creates the quantizer; ctc needs lm_head)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.checkpoint is not None:
+            out = export_to_hf(args.checkpoint, args.out, ctc=args.ctc, pad_token_id=args.pad_token_id)
+            kind = "Wav2Vec2ForCTC" if args.ctc else "Wav2Vec2ForPreTraining"
+            print(f"export: wrote {kind} directory {out} (config.json, model.safetensors)")
+        else:
+            if args.ctc:
+                parser.error("--ctc applies to --checkpoint; use --task ctc with --from-hf")
+            out, preset = import_from_hf(args.from_hf, args.out, task=args.task)
+            num = sum(t.numel() for t in load_weights(out).values())
+            print(
+                f"export: wrote wavray checkpoint {out} ({CONFIG_NAME} with preset {preset!r} and the model "
+                f"section of the Hugging Face config; model.safetensors with {num / 1e6:.1f}M values)"
+            )
+    except (ValueError, ConfigError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
