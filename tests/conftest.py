@@ -27,3 +27,6 @@ def _load_env_file(path: Path) -> None:
 
 _load_env_file(ROOT / "infra" / "loopback.env")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# The real S3 object store (SeaweedFS on loopback), started once per session on first use.
+pytest_plugins = ["fixtures.objectstore"]

@@ -1,0 +1,36 @@
+"""Synthesise the demo corpus: English speech from espeak-ng and flite, no downloads.
+
+    python -m jobs.demo_corpus --output demo_data/corpus --minutes 15
+    python -m jobs.prepare --input demo_data/corpus --output demo_data/shards --preset tiny data.shard_size_mb=2
+
+Writes wav files, ``transcripts.tsv`` (id, path, transcript, speaker; ``jobs.prepare``
+reads it by itself) and ``speakers.tsv`` (which voices are held out). Details in
+``pipeline/data/demo_corpus.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.data.demo_corpus import make_corpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo_corpus", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, help="directory to write the corpus into")
+    parser.add_argument("--minutes", type=float, default=15.0, help="minutes of speech (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sentences, voices and rates (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        stats = make_corpus(args.output, minutes=args.minutes, seed=args.seed)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"demo corpus: {stats['utterances']} utterances, {stats['minutes']:.1f} min, "
+          f"{stats['speakers']} speakers in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""The training input: prepared shards -> ready batches, streamed to Ray Train workers.
+
+Stages, each with the rows it produces:
+
+1. units (driver, :func:`build_train_dataset`): the stream is the sequence of units
+   ``(epoch, shard)`` for epochs ``0 .. data.max_epochs - 1``; epoch ``e`` visits the
+   split's shards in the order of a permutation seeded by ``data.shuffle_seed + e``.
+   A resumed run leaves out the units its position marks finished.
+2. read + plan (a Ray Data read task per few units, ``data.decode_cpus`` each): read a
+   shard's ``id, num_samples, audio`` columns, plan its batches on lengths alone
+   (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard), and drop the
+   batches the position marks consumed, all before decoding anything.
+3. decode + crop (same task): for each planned batch, decode only each item's crop from
+   its FLAC (random offset seeded by ``seed``, epoch, shard and batch), normalise per
+   utterance when ``data.normalize``, and emit ONE row per batch::
+
+       source (float32 bytes, B x S) | width S | num_samples list (B) | ids list (B)
+       | epoch | shard | batch_index | num_batches | num_shards | plan
+
+4. split (Ray Train): ``streaming_split(n, equal=True)`` hands each worker the same
+   number of ready batches; collective ops hang otherwise.
+5. worker (:func:`iter_train_batches`): rows -> dicts of numpy arrays
+   ``source (B, S) float32``, ``padding_mask (B, S) bool``, ``num_samples (B,) int64``,
+   plus ``ids`` and the position keys that :class:`DataPosition` records.
+
+Batching happens before the split (not in each worker) so that every batch is built
+from one shard's length buckets under the sample budget, and so that a batch is the
+unit the data position counts. Ray Data's own iterators cannot resume mid-epoch
+(ray-project/ray#49844, #37633); the keyed units above are how this one does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.data import schema as S
+from pipeline.data import storage
+from pipeline.data.audio import decode_segment
+from pipeline.data.batching import (
+    BatchSpec,
+    count_batches,
+    crop_offsets,
+    normalize,
+    padding_mask,
+    plan_batches,
+    spread_extra_splits,
+)
+from pipeline.data.position import (
+    BATCH_INDEX,
+    EPOCH,
+    NUM_BATCHES,
+    NUM_SHARDS,
+    PLAN,
+    SHARD_INDEX,
+    DataPosition,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipeline.config import DataConfig
+
+# Units per read task grow with the shard count so that a huge dataset does not put
+# epochs x shards read tasks in the object store at start-up (Ray puts each one).
+MAX_READ_TASKS_PER_EPOCH = 256
+BLOCK_BYTES = 4 << 20
+
+# Columns of the batch rows (stage 3).
+SOURCE = "source"
+WIDTH = "width"
+IDS = "ids"
+NUM_SAMPLES = S.NUM_SAMPLES
+PADDING_MASK = "padding_mask"
+
+
+# --- the prepared dataset ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    """Relative to the dataset root."""
+    split: str
+    num_rows: int
+    num_samples: int
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``summary.json`` says about a prepared dataset."""
+
+    root: str
+    version: str
+    sample_rate: int
+    shards: tuple[ShardInfo, ...]
+    summary: dict[str, Any]
+
+    def split(self, split: str) -> list[ShardInfo]:
+        if split not in S.SPLITS:
+            raise ValueError(f"split: expected one of {list(S.SPLITS)}, got {split!r}")
+        return sorted((s for s in self.shards if s.split == split), key=lambda s: s.path)
+
+    def uri(self, shard: ShardInfo) -> str:
+        return storage.join(self.root, shard.path)
+
+
+def read_dataset_info(uri: str, store: storage.Storage | None = None) -> DatasetInfo:
+    """Read and check ``<uri>/summary.json``; errors name the file and what is missing."""
+    if not uri:
+        raise ValueError("data.train_uri: expected the root of a prepared dataset (jobs.prepare --output), got ''")
+    storage.check_reachable(uri, store)
+    path = storage.join(uri, S.SUMMARY_FILE)
+    if not storage.exists(path, store):
+        raise ValueError(f"data.train_uri: {path!r} does not exist; run `python -m jobs.prepare --output {uri}` first")
+    summary = storage.read_json(path, store)
+    try:
+        shards = tuple(
+            ShardInfo(
+                path=s["path"], split=s["split"], num_rows=int(s["num_rows"]),
+                num_samples=int(s["num_samples"]), num_bytes=int(s["num_bytes"]),
+            )
+            for s in summary["shards"]
+        )
+        return DatasetInfo(
+            root=uri, version=str(summary["version"]), sample_rate=int(summary["sample_rate"]),
+            shards=shards, summary=summary,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a wavray dataset summary ({type(e).__name__}: {e})") from None
+
+
+# --- stage 1: units ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The slice of DataConfig the read tasks need (small and picklable)."""
+
+    sample_rate: int
+    spec: BatchSpec
+    normalize: bool
+    shuffle_seed: int
+    seed: int
+    num_splits: int
+
+    def plan_hash(self) -> str:
+        keyed = {"spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits}
+        # normalize and seed change content, not which batch has which key
+        return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shard_order(num_shards: int, shuffle_seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the shards."""
+    return np.random.default_rng(shuffle_seed + epoch).permutation(num_shards)
+
+
+Unit = tuple[int, int, frozenset[int], int]
+"""(epoch, shard, consumed batch indices, extra splits)."""
+_NOTHING_SEEN: frozenset[int] = frozenset()
+
+
+def plan_units(
+    num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
+    extra_splits: list[int],
+) -> list[list[Unit]]:
+    """Read tasks as lists of units, finished units left out."""
+    tasks: list[list[Unit]] = []
+    for epoch in range(position.epochs_done, max_epochs):
+        order = shard_order(num_shards, shuffle_seed, epoch).tolist()
+        if position.touches(epoch):
+            pending = [
+                (epoch, s, position.seen_batches(epoch, s), extra_splits[s])
+                for s in order if not position.unit_done(epoch, s)
+            ]
+        else:
+            pending = [(epoch, s, _NOTHING_SEEN, extra_splits[s]) for s in order]
+        tasks.extend(pending[i:i + per_task] for i in range(0, len(pending), per_task))
+    return tasks
+
+
+def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None) -> list[np.ndarray]:
+    """Utterance lengths of each shard in row order, from the manifest (no audio read)."""
+    uri = storage.join(info.root, S.MANIFEST_FILE)
+    table = storage.read_table(uri, [S.SHARD, S.ROW, S.NUM_SAMPLES], store)
+    table = table.sort_by([(S.SHARD, "ascending"), (S.ROW, "ascending")])
+    encoded = table.column(S.SHARD).combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
+    spans = {encoded.dictionary[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)
+             if b > a}
+    rows = table.column(S.ROW).to_numpy()
+    lengths = table.column(S.NUM_SAMPLES).to_numpy()
+    out = []
+    for s in shards:
+        a, b = spans.get(s.path, (0, 0))
+        if b - a != s.num_rows or not np.array_equal(rows[a:b], np.arange(s.num_rows)):
+            raise ValueError(
+                f"{uri}: has {b - a} rows for shard {s.path}, {S.SUMMARY_FILE} says {s.num_rows}; "
+                "was jobs.prepare interrupted? Run it again."
+            )
+        out.append(lengths[a:b].astype(np.int64))
+    return out
+
+
+def build_train_dataset(
+    cfg: DataConfig,
+    *,
+    split: str = "train",
+    position: dict | None = None,
+    seed: int = 0,
+    num_splits: int = 1,
+) -> ray.data.Dataset:
+    """The training stream of ``cfg.train_uri``'s ``split`` as a Ray Dataset of ready batches.
+
+    Pass it to ``TorchTrainer(datasets={"train": ds})``; each worker reads its part with
+    :func:`iter_train_batches`. ``position``: a merged :class:`DataPosition` state from
+    the checkpoint being resumed. ``seed``: the crop offsets. ``num_splits``: the number
+    of training workers (``scaling.num_workers``); each epoch's batch count is made a
+    multiple of it, so ``streaming_split(equal=True)`` drops nothing at the end.
+    """
+    import ray.data
+
+    store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
+    info = read_dataset_info(cfg.train_uri, store)
+    if info.sample_rate != cfg.sample_rate:
+        raise ValueError(
+            f"data.sample_rate: {cfg.train_uri} holds {info.sample_rate} Hz audio, the config expects "
+            f"{cfg.sample_rate} Hz; prepare it again with data.sample_rate={cfg.sample_rate}"
+        )
+    shards = info.split(split)
+    if not shards:
+        raise ValueError(f"{cfg.train_uri}: the {split!r} split has no shards (see {S.SUMMARY_FILE})")
+    if num_splits < 1:
+        raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
+    spec = BatchSpec(
+        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
+        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
+    )
+    settings = _Settings(
+        sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
+        seed=seed, num_splits=num_splits,
+    )
+    # Batch counts depend on lengths alone: make every epoch's total a multiple of the
+    # worker count here, before any audio is read.
+    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, shards, store)]
+    if sum(c for c, _ in counts) == 0:
+        raise ValueError(
+            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
+        )
+    extra = spread_extra_splits(counts, num_splits)
+    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
+        warnings.warn(
+            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
+            "streaming_split(equal=True) drops the remainder at the end of the stream",
+            stacklevel=2,
+        )
+    plan = f"{info.version}/{split}/{settings.plan_hash()}"
+    pos = _position_for(position, plan=plan, num_shards=len(shards))
+    per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
+    tasks = plan_units(
+        len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
+        extra_splits=extra,
+    )
+    if not tasks:
+        raise ValueError(
+            f"data position: all {cfg.max_epochs} epochs (data.max_epochs) of {cfg.train_uri} were already "
+            "consumed; raise data.max_epochs to train further"
+        )
+    source = _TrainSource(
+        shard_uris=tuple(info.uri(s) for s in shards),
+        shard_rows=tuple(s.num_rows for s in shards),
+        shard_bytes=tuple(s.num_bytes for s in shards),
+        tasks=tasks, settings=settings, store=store, plan=plan,
+    )
+    ds = ray.data.read_datasource(source, override_num_blocks=len(tasks), num_cpus=cfg.decode_cpus)
+    # Ray Data merges a task's output into blocks of up to 128 MiB, which would hold a
+    # unit's batches back until the unit is done and give the streaming split coarse
+    # pieces; one block per batch costs an object-store round trip per small batch.
+    # A few MiB per block is both prompt and cheap.
+    ds.context.target_max_block_size = BLOCK_BYTES
+    return ds
+
+
+def _position_for(state: dict | None, *, plan: str, num_shards: int) -> DataPosition:
+    pos = DataPosition(state)
+    if not state:
+        return pos
+    if pos.num_shards and pos.num_shards != num_shards:
+        raise ValueError(
+            f"data position: saved for {pos.num_shards} shards, the dataset now has {num_shards}; "
+            "a run cannot resume on different data"
+        )
+    if pos.plan and pos.plan != plan:
+        same_data = pos.plan.rsplit("/", 1)[0] == plan.rsplit("/", 1)[0]
+        if not same_data:
+            raise ValueError(
+                f"data position: saved for dataset/split {pos.plan.rsplit('/', 1)[0]!r}, resuming on "
+                f"{plan.rsplit('/', 1)[0]!r}; a run cannot resume on different data"
+            )
+        # Batching settings changed: finished units stay finished, unfinished ones are
+        # re-planned and read whole (their old batch keys mean something else now).
+        warnings.warn(
+            "data position: batching settings changed since the checkpoint; unfinished shards of the "
+            "current epoch are read again from their start",
+            stacklevel=3,
+        )
+        state = dict(pos.state_dict(), partial={}, plan=plan)
+        pos = DataPosition(state)
+    return pos
+
+
+# --- stages 2-3: read, plan, decode -----------------------------------------------------------
+
+
+class _TrainSource(Datasource):
+    """A Ray Data source whose read tasks are lists of (epoch, shard) units."""
+
+    def __init__(
+        self,
+        *,
+        shard_uris: tuple[str, ...],
+        shard_rows: tuple[int, ...],
+        shard_bytes: tuple[int, ...],
+        tasks: list[list[Unit]],
+        settings: _Settings,
+        store: storage.Storage,
+        plan: str,
+    ) -> None:
+        super().__init__()
+        self._shard_uris = shard_uris
+        self._shard_rows = shard_rows
+        self._shard_bytes = shard_bytes
+        self._tasks = tasks
+        self._settings = settings
+        self._store = store
+        self._plan = plan
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        # Decoded float32 is about 4x the FLAC bytes per sample x 2 (FLAC ~ 1 byte/sample).
+        return int(sum(self._shard_bytes[u[1]] * 4 for task in self._tasks for u in task))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None):
+        out = []
+        for units in self._tasks:
+            # Each task carries only its own shards: Ray puts every read task in the
+            # object store at start, so a copy of the whole shard list per task would
+            # cost epochs x shards^2 bytes.
+            work = [(u, self._shard_uris[u[1]], self._shard_rows[u[1]]) for u in units]
+            fn = functools.partial(
+                _read_units, work=work, num_shards=len(self._shard_uris), settings=self._settings,
+                store=self._store, plan=self._plan,
+            )
+            size = sum(self._shard_bytes[u[1]] * 4 for u in units)
+            meta = BlockMetadata(num_rows=None, size_bytes=int(size), exec_stats=None, input_files=None)
+            out.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
+        return out
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        return True
+
+
+def _read_units(
+    *,
+    work: list[tuple[Unit, str, int]],
+    num_shards: int,
+    settings: _Settings,
+    store: storage.Storage,
+    plan: str,
+) -> Iterator[pa.Table]:
+    for (epoch, shard, seen, extra), uri, rows in work:
+        yield from unit_batches(
+            uri, epoch=epoch, shard=shard, num_shards=num_shards, expected_rows=rows,
+            seen=seen, extra_splits=extra, settings=settings, store=store, plan=plan,
+        )
+
+
+def unit_batches(
+    uri: str,
+    *,
+    epoch: int,
+    shard: int,
+    num_shards: int,
+    expected_rows: int,
+    seen: frozenset[int],
+    extra_splits: int,
+    settings: _Settings,
+    store: storage.Storage,
+    plan: str,
+) -> Iterator[pa.Table]:
+    """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
+    fs, path = storage.resolve(uri, store)
+    table = pq.read_table(path, filesystem=fs, columns=[S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO])
+    if table.num_rows != expected_rows:
+        raise ValueError(f"shard {uri}: {table.num_rows} rows, {S.SUMMARY_FILE} says {expected_rows}")
+    rates = table.column(S.SAMPLE_RATE).to_numpy()
+    if len(rates) and (rates != settings.sample_rate).any():
+        raise ValueError(f"shard {uri}: sample rates {sorted(set(rates.tolist()))}, expected {settings.sample_rate}")
+    num_samples = table.column(S.NUM_SAMPLES).to_numpy()  # (N,)
+    ids = table.column(S.ID).to_pylist()
+    audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
+    batches = plan_batches(
+        num_samples, settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
+        extra_splits=extra_splits,
+    )
+    for index, planned in enumerate(batches):
+        if index in seen:
+            continue
+        rng = np.random.default_rng([settings.seed, epoch, shard, index])
+        offsets = crop_offsets(num_samples[planned.rows], planned.lengths, rng)
+        width = planned.length
+        full = bool((planned.lengths == width).all())
+        source = (np.empty if full else np.zeros)((len(planned.rows), width), dtype=np.float32)  # (B, S)
+        for i, (row, offset, length) in enumerate(
+            zip(planned.rows.tolist(), offsets.tolist(), planned.lengths.tolist(), strict=True)
+        ):
+            # Decode straight into the batch: no per-utterance array to copy.
+            seg = decode_segment(audio[row].as_buffer(), offset, length, out=source[i, :length])
+            if settings.normalize:
+                seg[:] = normalize(seg)
+        yield _batch_row(
+            source, planned.lengths, [ids[r] for r in planned.rows.tolist()],
+            epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,
+        )
+
+
+def _batch_row(
+    source: np.ndarray, lengths: np.ndarray, ids: list[str], *, epoch: int, shard: int, index: int,
+    num_batches: int, num_shards: int, plan: str,
+) -> pa.Table:
+    # The float32 samples travel as one binary value: no per-element Arrow conversion,
+    # and the worker gets them back with a single np.frombuffer.
+    data = pa.py_buffer(np.ascontiguousarray(source))
+    offsets = pa.py_buffer(np.array([0, data.size], dtype=np.int64))
+    return pa.table(
+        {
+            SOURCE: pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data]),
+            WIDTH: pa.array([source.shape[1]], pa.int64()),
+            NUM_SAMPLES: pa.array([lengths.tolist()], pa.list_(pa.int64())),
+            IDS: pa.array([ids], pa.list_(pa.string())),
+            EPOCH: pa.array([epoch], pa.int64()),
+            SHARD_INDEX: pa.array([shard], pa.int64()),
+            BATCH_INDEX: pa.array([index], pa.int64()),
+            NUM_BATCHES: pa.array([num_batches], pa.int64()),
+            NUM_SHARDS: pa.array([num_shards], pa.int64()),
+            PLAN: pa.array([plan], pa.string()),
+        }
+    )
+
+
+# --- stage 5: the worker side ------------------------------------------------------------------
+
+
+def batches_from_block(block: pa.Table) -> Iterator[dict[str, Any]]:
+    """Batch rows (stage 3) -> the dicts a training step takes."""
+    cols = {name: block.column(name) for name in block.column_names}
+    for i in range(block.num_rows):
+        lengths = np.asarray(cols[NUM_SAMPLES][i].as_py(), dtype=np.int64)  # (B,)
+        width = int(cols[WIDTH][i].as_py())
+        raw = cols[SOURCE][i].as_buffer()
+        source = np.frombuffer(raw, dtype=np.float32).reshape(len(lengths), width).copy()  # (B, S)
+        yield {
+            SOURCE: source,
+            PADDING_MASK: padding_mask(lengths, width),  # (B, S)
+            NUM_SAMPLES: lengths,
+            IDS: np.asarray(cols[IDS][i].as_py(), dtype=str),
+            EPOCH: np.int64(cols[EPOCH][i].as_py()),
+            SHARD_INDEX: np.int64(cols[SHARD_INDEX][i].as_py()),
+            BATCH_INDEX: np.int64(cols[BATCH_INDEX][i].as_py()),
+            NUM_BATCHES: np.int64(cols[NUM_BATCHES][i].as_py()),
+            NUM_SHARDS: np.int64(cols[NUM_SHARDS][i].as_py()),
+            PLAN: str(cols[PLAN][i].as_py()),
+        }
+
+
+def iter_train_batches(
+    shard: ray.data.DataIterator, cfg: DataConfig, *, position: dict | None = None
+) -> Iterator[dict[str, Any]]:
+    """Ready batches of this worker's part of the stream (``ray.train.get_dataset_shard``).
+
+    Each batch: ``source`` float32 (B, S), ``padding_mask`` bool (B, S) True at padding
+    (all False in crop mode), ``num_samples`` int64 (B,); metadata: ``ids`` (B,) str and
+    the position keys (``epoch``, ``shard``, ``batch_index``, ``num_batches``,
+    ``num_shards``, ``plan``) for :meth:`DataPosition.update`.
+
+    ``position`` is the state the dataset was built from. A batch it already holds is
+    still yielded (with a warning): dropping it here would leave this worker with fewer
+    batches than the others, and collective ops would hang. Build the dataset with the
+    same position and this never happens.
+    """
+    resumed = DataPosition(position) if position else None
+    warned = False
+    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=cfg.prefetch_batches):
+        for batch in batches_from_block(block):
+            if resumed is not None and not warned and resumed.contains(
+                int(batch[EPOCH]), int(batch[SHARD_INDEX]), int(batch[BATCH_INDEX])
+            ):
+                warnings.warn(
+                    "iter_train_batches: a batch the resumed position already holds was delivered again; "
+                    "was build_train_dataset given the same position?",
+                    stacklevel=2,
+                )
+                warned = True
+            yield batch

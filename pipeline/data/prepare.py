@@ -1,0 +1,554 @@
+"""Raw audio files under a directory or s3:// prefix -> Parquet shards of 16 kHz FLAC.
+
+Stages, each with the rows it produces:
+
+1. list (driver): every file with an audio extension under the input root ->
+   ``(relative path, size, mtime)``; ids are the relative paths without extension.
+2. label (driver): transcript and speaker from a sidecar TSV when there is one; the
+   split (train/valid) from a hash of the id, so it never changes between runs.
+3. group (driver): per split, files in hash order (each shard a random mix of the
+   corpus, not one speaker or book) cut into groups of about ``data.shard_size_mb`` of
+   expected FLAC output; the expectation per input byte comes from the headers of a
+   few files of each extension (the probe).
+4. convert + write (a Ray Data task per group, ``data.decode_cpus`` each): read each
+   file, probe its header, decode, down-mix, resample, encode FLAC
+   (:func:`pipeline.data.audio.convert`), and append it to the group's shard file,
+   rolling to a new part past the target size. One outcome row per file comes back:
+   where it went (shard, row) or why it was rejected (``reason``, ``detail``).
+5. commit (driver): ``manifest.parquet``, ``rejects.parquet``, then ``summary.json``,
+   the commit point that names the shard files (schema.py has the layout).
+
+Every listed file ends up in exactly one of the shards or the rejects, which the driver
+checks before committing (``accepted + rejected == files_in``). Shards live under a
+version directory named by a fingerprint of the input listing and the settings; a
+rerun over the same input finds ``summary.json`` with that version and stops, a rerun
+over changed input writes a new version and removes the old one after the commit, so
+rows are never duplicated and readers never see half a dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.data import schema as S
+from pipeline.data import storage
+from pipeline.data.audio import REASON_ERROR, Converted, Rejected, convert, estimate_seconds
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wavray-shards"
+FORMAT_VERSION = 1
+# Files up to this size are fetched in one request (one GET per object on S3);
+# larger ones are decoded from a seekable stream so memory stays bounded.
+WHOLE_READ_LIMIT = 512 << 20
+# Expected FLAC bytes per input byte, used only to size groups (the writer rolls to a
+# new part at the target size whatever the estimate said).
+_OUTPUT_RATIO = {".flac": 1.0, ".ogg": 4.0, ".oga": 4.0, ".opus": 6.0, ".mp3": 4.0}
+_PCM_RATIO = 0.6
+# 16-bit FLAC of speech: about 55% of PCM.
+_FLAC_BYTES_PER_SAMPLE = 1.1
+_PROBE_BYTES = 64 << 10
+_ROW_GROUP_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str
+    rel: str
+    id: str
+    size: int
+    split: str
+    transcript: str | None = None
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides the content of the output (part of the version fingerprint)."""
+
+    sample_rate: int
+    shard_size_mb: float
+    valid_fraction: float
+    min_seconds: float
+    max_seconds: float
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> Settings:
+        return cls(
+            sample_rate=cfg.sample_rate, shard_size_mb=cfg.shard_size_mb, valid_fraction=cfg.valid_fraction,
+            min_seconds=cfg.prepare_min_seconds, max_seconds=cfg.prepare_max_seconds,
+        )
+
+
+# --- stage 1: list -----------------------------------------------------------------------
+
+
+def list_audio(input_uri: str, store: storage.Storage | None = None) -> list[pafs.FileInfo]:
+    """Files with an audio extension under ``input_uri``, sorted by path."""
+    fs, root = storage.resolve(input_uri, store)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"--input: {input_uri!r} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise ValueError(f"--input: {input_uri!r} is a file; expected a directory or prefix of audio files")
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = [
+        f for f in found
+        if f.type == pafs.FileType.File and posixpath.splitext(f.path)[1].lower() in S.AUDIO_EXTENSIONS
+    ]
+    return sorted(files, key=lambda f: f.path)
+
+
+def assign_ids(rels: list[str]) -> list[str]:
+    """Relative path without extension; with it where two files would share an id."""
+    stems = [posixpath.splitext(r)[0] for r in rels]
+    counts = Counter(stems)
+    return [r if counts[s] > 1 else s for r, s in zip(rels, stems, strict=True)]
+
+
+# --- stage 2: label ----------------------------------------------------------------------
+
+
+def read_sidecar(uri: str, store: storage.Storage | None = None) -> dict[str, tuple[str | None, str | None]]:
+    """TSV with a header naming ``path`` (relative to the input root) or ``id``, and
+    ``transcript`` and/or ``speaker``; other columns are ignored. Keys: paths and ids."""
+    text = storage.read_bytes(uri, store).decode("utf-8")
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"sidecar {uri}: empty; expected a header with path or id, transcript, speaker")
+    header = [h.strip().lower() for h in rows[0]]
+    keys = [k for k in ("path", "id") if k in header]
+    if not keys or not ({"transcript", "speaker"} & set(header)):
+        raise ValueError(
+            f"sidecar {uri}: header {rows[0]} must name 'path' or 'id', and 'transcript' and/or 'speaker'"
+        )
+    col = {name: header.index(name) for name in header}
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"sidecar {uri}, line {line_no}: {len(row)} columns, the header has {len(header)}")
+        transcript = row[col["transcript"]] if "transcript" in col else None
+        speaker = row[col["speaker"]] if "speaker" in col else None
+        for k in keys:
+            key = row[col[k]].strip()
+            if k == "path":
+                key = posixpath.normpath(key)
+            out[key] = (transcript, speaker)
+    return out
+
+
+def _hash01(text: str, salt: str) -> float:
+    h = hashlib.blake2b(f"{salt}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def split_of(utt_id: str, valid_fraction: float) -> str:
+    """Deterministic train/valid split from the id alone."""
+    return "valid" if _hash01(utt_id, "split") < valid_fraction else "train"
+
+
+# --- stage 3: group ----------------------------------------------------------------------
+
+
+def calibrate_output_ratios(
+    files: list[InputFile], sample_rate: int, store: storage.Storage | None = None, per_extension: int = 16
+) -> dict[str, float]:
+    """FLAC bytes per input byte for each extension, from the headers of a few files.
+
+    A 44.1 kHz stereo wav shrinks about 10x on its way to 16 kHz mono FLAC, a 16 kHz
+    mono one about 2x: without this, shards of such corpora would come out far from
+    ``shard_size_mb``. Reads 64 KiB of at most ``per_extension`` files per extension.
+    """
+    by_ext: dict[str, list[InputFile]] = {}
+    for f in sorted(files, key=lambda f: _hash01(f.id, "probe")):
+        group = by_ext.setdefault(posixpath.splitext(f.rel)[1].lower(), [])
+        if len(group) < per_extension and f.size > 0:
+            group.append(f)
+
+    def ratio(f: InputFile) -> float | None:
+        try:
+            fs, path = storage.resolve(f.uri, store)
+            with fs.open_input_file(path) as handle:
+                head = handle.read_at(min(f.size, _PROBE_BYTES), 0)
+        except OSError:
+            return None
+        seconds = estimate_seconds(head, f.size)
+        return None if seconds is None else seconds * sample_rate * _FLAC_BYTES_PER_SAMPLE / f.size
+
+    out = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for ext, group in by_ext.items():
+            found = [r for r in pool.map(ratio, group) if r is not None]
+            if found:
+                out[ext] = float(np.median(found))
+    return out
+
+
+def expected_output_bytes(f: InputFile, ratios: dict[str, float] | None = None) -> float:
+    ext = posixpath.splitext(f.rel)[1].lower()
+    ratio = (ratios or {}).get(ext) or _OUTPUT_RATIO.get(ext, _PCM_RATIO)
+    return f.size * ratio
+
+
+def plan_groups(
+    files: list[InputFile], shard_size_mb: float, ratios: dict[str, float] | None = None
+) -> list[tuple[str, int, list[InputFile]]]:
+    """``(split, group index, files)``: per split, hash-ordered files cut by expected size.
+
+    A last group expected below half the target joins the one before it.
+    """
+    target = shard_size_mb * (1 << 20)
+    groups: list[tuple[str, int, list[InputFile]]] = []
+    for split in S.SPLITS:
+        members = sorted((f for f in files if f.split == split), key=lambda f: (_hash01(f.id, "order"), f.id))
+        cut: list[list[InputFile]] = []
+        current: list[InputFile] = []
+        size = 0.0
+        for f in members:
+            est = expected_output_bytes(f, ratios)
+            if current and size + est > target:
+                cut.append(current)
+                current, size = [], 0.0
+            current.append(f)
+            size += est
+        if current:
+            if cut and size < target / 2:
+                cut[-1].extend(current)
+            else:
+                cut.append(current)
+        groups.extend((split, i, members_) for i, members_ in enumerate(cut))
+    return groups
+
+
+# --- stage 4: convert + write (runs in Ray tasks) ----------------------------------------------
+
+
+class _ShardWriter:
+    """Appends converted files to ``<split>/part-GGGGG-KK.parquet``, rolling past the target."""
+
+    def __init__(self, out_root: str, rel_dir: str, group: int, target_bytes: float, store: storage.Storage):
+        self._out_root = out_root
+        self._rel_dir = rel_dir
+        self._group = group
+        self._target = target_bytes
+        self._store = store
+        self._part = -1
+        self._writer: pq.ParquetWriter | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._buffered = 0
+        self._file_bytes = 0
+        self._file_rows = 0
+        self.rel_path = ""
+
+    def add(self, row: dict[str, Any], remaining: float) -> tuple[str, int]:
+        """Append a row; ``remaining``: expected bytes of this and the group's later files.
+
+        A full part rolls over only when enough is left to fill half a new one, so a
+        group never ends in a sliver of a shard.
+        """
+        if self._writer is None or (self._file_bytes >= self._target and remaining >= self._target / 2):
+            self._open_next()
+        self._rows.append(row)
+        size = len(row[S.AUDIO])
+        self._buffered += size
+        self._file_bytes += size
+        where = (self.rel_path, self._file_rows)
+        self._file_rows += 1
+        if self._buffered >= _ROW_GROUP_BYTES:
+            self._flush()
+        return where
+
+    def _open_next(self) -> None:
+        self.close()
+        self._part += 1
+        self.rel_path = f"{self._rel_dir}/part-{self._group:05d}-{self._part:02d}.parquet"
+        fs, path = storage.resolve(storage.join(self._out_root, self.rel_path), self._store)
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        self._writer = pq.ParquetWriter(
+            path, S.SHARD_SCHEMA, filesystem=fs,
+            # FLAC is already compressed; the small columns are worth zstd.
+            compression={c: ("none" if c == S.AUDIO else "zstd") for c in S.SHARD_SCHEMA.names},
+            use_dictionary=[S.SPEAKER],
+        )
+        self._file_bytes = 0
+        self._file_rows = 0
+
+    def _flush(self) -> None:
+        if self._rows and self._writer is not None:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=S.SHARD_SCHEMA))
+        self._rows, self._buffered = [], 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+
+
+def _read_and_convert(f: InputFile, settings: Settings, store: storage.Storage) -> Converted | Rejected:
+    try:
+        fs, path = storage.resolve(f.uri, store)
+        kwargs = dict(sample_rate=settings.sample_rate, min_seconds=settings.min_seconds, max_seconds=settings.max_seconds)
+        if f.size <= WHOLE_READ_LIMIT:
+            with fs.open_input_stream(path) as stream:
+                return convert(stream.read(), **kwargs)
+        with fs.open_input_file(path) as handle:
+            return convert(handle, **kwargs)
+    except Exception as e:  # one bad object (permissions, a vanished key) must not stop the job
+        return Rejected(REASON_ERROR, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
+
+
+def convert_group(
+    split: str, group: int, files: list[InputFile], *, out_root: str, version: str, settings: Settings,
+    store: storage.Storage, ratios: dict[str, float] | None = None,
+) -> pa.Table:
+    """Convert one group's files into its shard part(s); one outcome row per file."""
+    writer = _ShardWriter(
+        out_root, f"{S.SHARDS_DIR}/{version}/{split}", group, settings.shard_size_mb * (1 << 20), store
+    )
+    outcomes: list[dict[str, Any]] = []
+    try:
+        expected = [expected_output_bytes(f, ratios) for f in files]
+        remaining = float(sum(expected))
+        for f, est in zip(files, expected, strict=True):
+            result = _read_and_convert(f, settings, store)
+            base = {S.SOURCE_URI: f.uri, S.ID: f.id, S.SPLIT: split, S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker}
+            if isinstance(result, Rejected):
+                outcomes.append({**base, S.REASON: result.reason, S.DETAIL: result.detail})
+                remaining -= est
+                continue
+            shard, row = writer.add({
+                S.ID: f.id, S.AUDIO: result.flac, S.NUM_SAMPLES: result.num_samples,
+                S.SAMPLE_RATE: result.sample_rate, S.DURATION: result.duration, S.SOURCE_URI: f.uri,
+                S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker,
+            }, remaining)
+            remaining -= est
+            outcomes.append({
+                **base, S.SHARD: shard, S.ROW: row, S.NUM_SAMPLES: result.num_samples,
+                S.SAMPLE_RATE: result.sample_rate, S.DURATION: result.duration,
+                S.SOURCE_SAMPLE_RATE: result.source_sample_rate, S.SOURCE_CHANNELS: result.source_channels,
+                "audio_bytes": len(result.flac),
+            })
+    finally:
+        writer.close()
+    return pa.Table.from_pylist(outcomes, schema=S.OUTCOME_SCHEMA)
+
+
+def _convert_group_batch(batch: pa.Table, *, out_root: str, version: str, settings: Settings,
+                         store: storage.Storage, ratios: dict[str, float]) -> pa.Table:
+    tables = []
+    for row in batch.to_pylist():
+        files = [InputFile(**f) for f in json.loads(row["files"])]
+        tables.append(convert_group(
+            row["split"], row["group"], files, out_root=out_root, version=version, settings=settings, store=store,
+            ratios=ratios,
+        ))
+    return pa.concat_tables(tables) if tables else S.OUTCOME_SCHEMA.empty_table()
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def fingerprint(files: list[pafs.FileInfo], settings: Settings, sidecar: bytes | None) -> str:
+    h = hashlib.sha1()
+    h.update(json.dumps({"format": FORMAT_VERSION, "settings": settings.__dict__}, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{f.path}\t{f.size}\t{f.mtime_ns or 0}\n".encode())
+    h.update(hashlib.sha1(sidecar or b"").digest())
+    return h.hexdigest()[:12]
+
+
+def prepare(
+    input_uri: str,
+    output_uri: str,
+    cfg: DataConfig,
+    *,
+    sidecar_uri: str | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the prepare job (Ray must be initialised); returns the summary it committed."""
+    import ray.data
+
+    store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
+    storage.check_reachable(input_uri, store)
+    storage.ensure_bucket(output_uri, store)
+    settings = Settings.from_config(cfg)
+
+    # 1. list
+    started = time.monotonic()
+    listed = list_audio(input_uri, store)
+    if not listed:
+        raise ValueError(
+            f"--input: no audio files under {input_uri!r} (extensions: {', '.join(sorted(S.AUDIO_EXTENSIONS))})"
+        )
+    _, root = storage.resolve(input_uri, store)
+    rels = [storage.relative(root, f.path) for f in listed]
+    ids = assign_ids(rels)
+
+    # 2. label
+    sidecar_bytes: bytes | None = None
+    labels: dict[str, tuple[str | None, str | None]] = {}
+    if sidecar_uri is None and storage.exists(storage.join(input_uri, S.SIDECAR_FILE), store):
+        sidecar_uri = storage.join(input_uri, S.SIDECAR_FILE)
+    if sidecar_uri:
+        sidecar_bytes = storage.read_bytes(sidecar_uri, store)
+        labels = read_sidecar(sidecar_uri, store)
+    files = []
+    matched = 0
+    for info, rel, utt_id in zip(listed, rels, ids, strict=True):
+        transcript, speaker = labels.get(rel) or labels.get(utt_id) or (None, None)
+        matched += (rel in labels) or (utt_id in labels)
+        files.append(InputFile(
+            uri=storage.join(input_uri, rel), rel=rel, id=utt_id, size=int(info.size or 0),
+            split=split_of(utt_id, settings.valid_fraction), transcript=transcript, speaker=speaker,
+        ))
+    version = fingerprint(listed, settings, sidecar_bytes)
+    summary_uri = storage.join(output_uri, S.SUMMARY_FILE)
+    if not force and storage.exists(summary_uri, store):
+        previous = storage.read_json(summary_uri, store)
+        if previous.get("version") == version:
+            progress(f"prepare: {output_uri} already holds this input (version {version}); nothing to do "
+                     "(--force to convert again)")
+            return previous
+    progress(f"prepare: {len(files)} audio files under {input_uri}"
+             + (f"; sidecar {sidecar_uri}: {matched} matched" if sidecar_uri else "; no sidecar"))
+
+    # 3. group
+    ratios = calibrate_output_ratios(files, settings.sample_rate, store)
+    groups = plan_groups(files, settings.shard_size_mb, ratios)
+    progress(f"prepare: {len(groups)} groups of about {settings.shard_size_mb:g} MB of FLAC -> "
+             f"{storage.join(output_uri, S.SHARDS_DIR, version)}")
+
+    # 4. convert + write
+    version_root = storage.join(output_uri, S.SHARDS_DIR, version)
+    storage.delete_dir(version_root, store)  # leftovers of an interrupted run of this version
+    items = [
+        {"split": split, "group": g, "files": json.dumps([f.__dict__ for f in members])}
+        for split, g, members in groups
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _convert_group_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode_cpus,
+        fn_kwargs={"out_root": output_uri, "version": version, "settings": settings, "store": store, "ratios": ratios},
+    )
+    outcomes = []
+    done = accepted = 0
+    hours = 0.0
+    last = time.monotonic()
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        outcomes.append(table)
+        done += table.num_rows
+        ok = table.column(S.REASON).is_null()
+        accepted += int(pa.compute.sum(ok).as_py() or 0)
+        hours += float(pa.compute.sum(pa.compute.filter(table.column(S.DURATION), ok)).as_py() or 0.0) / 3600
+        if time.monotonic() - last > 5 or done == len(files):
+            last = time.monotonic()
+            progress(f"prepare: {done}/{len(files)} files ({100 * done / len(files):.0f}%), "
+                     f"{accepted} accepted, {done - accepted} rejected, {hours:.2f} h")
+
+    # 5. commit
+    result = pa.concat_tables(outcomes) if outcomes else S.OUTCOME_SCHEMA.empty_table()
+    _check_complete(files, result)
+    summary = _commit(result, files, output_uri, input_uri, version, settings, store, started)
+    progress(f"prepare: done in {summary['seconds']:.0f} s: {summary['files_in']} files in, "
+             f"{summary['accepted']} accepted ({summary['hours']:.2f} h), {summary['rejected']} rejected "
+             f"{summary['rejected_by_reason']}, {len(summary['shards'])} shards")
+    return summary
+
+
+def _check_complete(files: list[InputFile], result: pa.Table) -> None:
+    seen = Counter(result.column(S.SOURCE_URI).to_pylist())
+    expected = {f.uri for f in files}
+    missing = expected - set(seen)
+    doubled = [u for u, c in seen.items() if c > 1]
+    extra = set(seen) - expected
+    if missing or doubled or extra:
+        raise RuntimeError(
+            f"prepare lost track of files: {len(missing)} without an outcome (e.g. {sorted(missing)[:3]}), "
+            f"{len(doubled)} with two (e.g. {doubled[:3]}), {len(extra)} unexpected; nothing was committed"
+        )
+
+
+def _commit(
+    result: pa.Table, files: list[InputFile], output_uri: str, input_uri: str, version: str,
+    settings: Settings, store: storage.Storage, started: float,
+) -> dict[str, Any]:
+    accepted_mask = result.column(S.REASON).is_null()
+    accepted = result.filter(accepted_mask)
+    rejected = result.filter(pa.compute.invert(accepted_mask))
+    order = pa.compute.sort_indices(accepted, [(S.SPLIT, "ascending"), (S.SHARD, "ascending"), (S.ROW, "ascending")])
+    manifest = accepted.take(order).select(S.MANIFEST_SCHEMA.names).cast(S.MANIFEST_SCHEMA)
+    rejects = rejected.select(S.REJECTS_SCHEMA.names).sort_by(S.SOURCE_URI).cast(S.REJECTS_SCHEMA)
+    fs, out_root = storage.resolve(output_uri, store)
+    fs.create_dir(out_root, recursive=True)
+    pq.write_table(manifest, f"{out_root}/{S.MANIFEST_FILE}", filesystem=fs, compression="zstd")
+    pq.write_table(rejects, f"{out_root}/{S.REJECTS_FILE}", filesystem=fs, compression="zstd")
+
+    shards: dict[str, dict[str, Any]] = {}
+    for rec in accepted.select([S.SHARD, S.SPLIT, S.NUM_SAMPLES, "audio_bytes"]).to_pylist():
+        s = shards.setdefault(rec[S.SHARD], {"path": rec[S.SHARD], "split": rec[S.SPLIT], "num_rows": 0,
+                                             "num_samples": 0, "num_bytes": 0})
+        s["num_rows"] += 1
+        s["num_samples"] += rec[S.NUM_SAMPLES]
+        s["num_bytes"] += rec["audio_bytes"]
+    reasons = Counter(rejected.column(S.REASON).to_pylist())
+    durations = accepted.column(S.DURATION).to_numpy() if accepted.num_rows else np.zeros(0)
+    splits_col = np.asarray(accepted.column(S.SPLIT).to_pylist())
+    splits = {
+        split: {
+            "utterances": int((splits_col == split).sum()),
+            "hours": float(durations[splits_col == split].sum() / 3600) if len(durations) else 0.0,
+            "shards": sum(1 for s in shards.values() if s["split"] == split),
+        }
+        for split in S.SPLITS
+    }
+    summary = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "input": input_uri,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "sample_rate": settings.sample_rate,
+        "settings": settings.__dict__,
+        "files_in": len(files),
+        "accepted": accepted.num_rows,
+        "rejected": rejected.num_rows,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "hours": float(durations.sum() / 3600),
+        "splits": splits,
+        "shards": sorted(shards.values(), key=lambda s: s["path"]),
+    }
+    if summary["accepted"] + summary["rejected"] != summary["files_in"]:
+        raise RuntimeError(f"prepare: accepted + rejected != files in ({summary})")
+    storage.write_json(storage.join(output_uri, S.SUMMARY_FILE), summary, store)
+    # Older versions are unreachable now that the summary names this one.
+    for child in storage.list_dir(storage.join(output_uri, S.SHARDS_DIR), store):
+        if child.type == pafs.FileType.Directory and posixpath.basename(child.path) != version:
+            fs.delete_dir(child.path)
+    return summary
