@@ -56,6 +56,23 @@ class DataConfig:
     decode_cpus: float = 1.0
     """CPUs reserved per decode task."""
     prefetch_batches: int = 2
+    max_epochs: int = 100
+    """Epochs the training input streams in one pass (each with its own shuffle); the run
+    ends at ``train.max_steps`` or when the stream ends, whichever comes first."""
+    shard_size_mb: float = 256.0
+    """prepare: target size of one Parquet shard of 16 kHz FLAC (DESIGN.md: 128-512 MB);
+    small datasets need small shards, since a shard is the unit of decode parallelism."""
+    valid_fraction: float = 0.01
+    """prepare: share of utterances in the valid split, chosen by a hash of the id."""
+    prepare_min_seconds: float = 0.1
+    """prepare: shorter files are rejected (``too_short``)."""
+    prepare_max_seconds: float = 3600.0
+    """prepare: longer files are rejected (``too_long``) from their header, before decoding."""
+    s3_endpoint: str = ""
+    """Endpoint URL for s3:// URIs (``http://127.0.0.1:8333``); empty: ``AWS_ENDPOINT_URL``,
+    else AWS itself. Credentials come only from the AWS variables: this config is logged."""
+    s3_region: str = ""
+    """Region for s3:// URIs; empty: ``AWS_DEFAULT_REGION``, else ``us-east-1``."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -78,6 +95,25 @@ class DataConfig:
             raise ValueError(f"data.num_buckets: expected >= 1, got {self.num_buckets}")
         if self.decode_cpus <= 0:
             raise ValueError(f"data.decode_cpus: expected > 0, got {self.decode_cpus}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches: expected >= 0, got {self.prefetch_batches}")
+        if self.max_epochs < 1:
+            raise ValueError(f"data.max_epochs: expected >= 1, got {self.max_epochs}")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"data.shard_size_mb: expected > 0, got {self.shard_size_mb}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"data.valid_fraction: expected a value in [0, 1), got {self.valid_fraction}")
+        if self.prepare_min_seconds < 0:
+            raise ValueError(f"data.prepare_min_seconds: expected >= 0, got {self.prepare_min_seconds}")
+        if self.prepare_max_seconds <= self.prepare_min_seconds:
+            raise ValueError(
+                f"data.prepare_max_seconds ({self.prepare_max_seconds}) must be > "
+                f"data.prepare_min_seconds ({self.prepare_min_seconds})"
+            )
+        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                f"data.s3_endpoint: expected a URL starting with http:// or https://, got {self.s3_endpoint!r}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -158,6 +194,12 @@ class TrainConfig:
     """Fine-tuning only: characters of the CTC vocabulary (blank and ``|`` added)."""
     freeze_encoder_steps: int = 0
     """Fine-tuning only: keep the Transformer frozen for this many updates."""
+    chance_margin: float = 0.05
+    """Alarm (log warning + MLflow tag) when, after warm-up, the contrastive loss per masked
+    frame is within this many nats of chance, ln(K + 1): the model learns nothing."""
+    min_perplexity: float = 2.0
+    """Alarm when, after warm-up, a codebook group's code or prob perplexity falls below
+    this: the quantizer has collapsed onto a few codewords."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -170,6 +212,10 @@ class TrainConfig:
             raise ValueError(f"train.log_every: expected >= 1, got {self.log_every}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
+        if self.chance_margin < 0:
+            raise ValueError(f"train.chance_margin: expected >= 0, got {self.chance_margin}")
+        if self.min_perplexity < 1:
+            raise ValueError(f"train.min_perplexity: expected >= 1, got {self.min_perplexity}")
 
 
 @dataclass(kw_only=True)
@@ -180,10 +226,26 @@ class DeepSpeedConfig:
     """ZeRO stage 0-3."""
     offload_optimizer: bool = False
     """ZeRO-Offload of the optimizer state to CPU (stages 1-3)."""
+    bucket_size: int = 50_000_000
+    """Elements per ZeRO reduce/all-gather/prefetch bucket: larger overlaps better, costs memory."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay unpartitioned (saves many tiny gathers)."""
+    cpu_shm_comm: bool = False
+    """Let DeepSpeed build its CPU shared-memory all-reduce op (about 50 s of compiling on
+    first use). Only DeepSpeed's inference all-reduce uses it; training collectives go
+    through the torch process group, so it stays off."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1, got 0")
+        if self.bucket_size < 1:
+            raise ValueError(f"deepspeed.bucket_size: expected >= 1, got {self.bucket_size}")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError(
+                f"deepspeed.zero3_persistence_threshold: expected >= 0, got {self.zero3_persistence_threshold}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -240,6 +302,76 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class ProbeConfig:
+    """The frozen-encoder CTC probe (``pipeline/probe.py``): a cheap downstream score.
+
+    Pretraining losses cannot rank pretext tasks against each other (SPEC.md, last
+    section); the character error rate of a small CTC head trained on frozen features can.
+    """
+
+    train_uri: str = ""
+    """Prepared dataset with transcripts for the probe's training set; empty: no probe."""
+    train_split: Literal["train", "valid", "all"] = "train"
+    train_minutes: float = 10.0
+    """Labelled audio the head trains on (the first utterances of a seeded shuffle)."""
+    dev_uri: str = ""
+    """Prepared dataset for the dev CER; empty: ``train_uri``."""
+    dev_split: Literal["train", "valid", "all"] = "valid"
+    dev_minutes: float = 5.0
+    every_steps: int = 0
+    """Run the probe every this many pretraining updates; 0: never during training."""
+    layer: int = -1
+    """Hidden state to read without ``weighted_sum``: 0 = Transformer input, i = output of
+    layer i, negative counts from the last."""
+    weighted_sum: bool = True
+    """Learn a softmax-weighted sum of all hidden states (SUPERB) instead of one layer."""
+    head: Literal["bilstm", "conv", "linear"] = "bilstm"
+    """``bilstm``: 2-layer BiLSTM; ``conv``: two 1-D convolutions (cheaper); ``linear``."""
+    hidden: int = 128
+    steps: int = 300
+    """Optimizer updates of the head (a fixed budget, so scores are comparable)."""
+    batch_size: int = 16
+    """Utterances per update."""
+    lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_minutes", "dev_minutes", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"probe.{name}: expected > 0, got {getattr(self, name)}")
+        for name in ("hidden", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"probe.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.every_steps < 0:
+            raise ValueError(f"probe.every_steps: expected >= 0, got {self.every_steps}")
+        if self.head not in ("bilstm", "conv", "linear"):
+            raise ValueError(f"probe.head: expected 'bilstm', 'conv' or 'linear', got {self.head!r}")
+        for name in ("train_split", "dev_split"):
+            if getattr(self, name) not in ("train", "valid", "all"):
+                raise ValueError(f"probe.{name}: expected 'train', 'valid' or 'all', got {getattr(self, name)!r}")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """CTC fine-tuning (``jobs.finetune``); the initial weights come from ``train.init_from``,
+    the vocabulary from ``train.ctc_vocab``, the frozen updates from ``train.freeze_encoder_steps``."""
+
+    frontend: Literal["wav2vec2", "logmel"] = "wav2vec2"
+    """``wav2vec2``: the conv feature encoder; ``logmel``: log-mel filterbanks in its place
+    (the baseline: same projection, Transformer and head on classic features)."""
+    n_mels: int = 80
+    """Filterbank channels of the ``logmel`` frontend."""
+    freeze_feature_encoder: bool = True
+    """Keep the conv feature encoder fixed (wav2vec 2.0's fine-tuning recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.frontend not in ("wav2vec2", "logmel"):
+            raise ValueError(f"finetune.frontend: expected 'wav2vec2' or 'logmel', got {self.frontend!r}")
+        if self.n_mels < 1:
+            raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole wavray run."""
 
@@ -254,6 +386,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --- presets -------------------------------------------------------------------------

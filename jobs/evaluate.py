@@ -1,0 +1,203 @@
+"""Evaluate a fine-tuned CTC model: greedy decoding, CER and WER, a per-utterance table, MLflow.
+
+    python -m jobs.evaluate --checkpoint runs/ft-demo --data demo_data/test [--split all]
+        [--output results.parquet] [--speakers A,B | --exclude-speakers C]
+
+``--checkpoint``: a wavray fine-tuning checkpoint (``config.yaml`` + ``model.safetensors``),
+a fine-tuning run folder (its newest checkpoint), or a Hugging Face ``Wav2Vec2ForCTC``
+directory (with ``vocab.json``; ``jobs.finetune`` logs one to MLflow). ``--data``: a
+prepared dataset with transcripts (local or s3://).
+
+Writes one row per utterance (id, speaker, reference, hypothesis, edits, CER, WER) as
+Parquet or TSV (by the extension of ``--output``), prints the corpus CER and WER (total
+edits over total reference characters / words, references normalised like the training
+targets), and logs both with the table to an MLflow run (``--tracking-uri``; default: the
+store of the fine-tuning run, or a sqlite store under ``runs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Evaluation:
+    summary: dict[str, float]
+    rows: list[dict[str, Any]]
+
+
+def transcribe(model: Any, audio: list[np.ndarray], vocab: Any, *, normalize: bool = False,
+               max_samples_per_batch: int = 16000 * 120) -> list[str]:
+    """Greedy CTC transcripts of ``audio`` (float32 16 kHz arrays), in input order.
+
+    Utterances are batched by length (little padding), so a group-norm feature encoder
+    sees nearly what it saw in fine-tuning (``pad`` batches from length buckets).
+    """
+    import torch
+
+    from pipeline.probe import batches_by_length, pad_batch
+    from pipeline.text import greedy_decode
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = [""] * len(audio)
+    with torch.no_grad():
+        for group in batches_by_length([len(a) for a in audio], max_samples_per_batch):
+            items = [audio[i] for i in group]
+            if normalize:
+                items = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in items]
+            source, pad = pad_batch(items, device)
+            res = model(source, pad)
+            for i, ids in zip(group, greedy_decode(res.logits.argmax(-1), res.output_lengths, vocab.blank_id),
+                              strict=True):
+                out[i] = vocab.decode(ids)
+    return out
+
+
+def evaluate(
+    checkpoint: str,
+    data: str,
+    *,
+    split: str = "all",
+    speakers: list[str] | None = None,
+    exclude_speakers: list[str] | None = None,
+    s3_endpoint: str = "",
+) -> tuple[Evaluation, Any]:
+    """Score ``checkpoint`` on the transcribed utterances of ``data``; returns (results, run config or None)."""
+    import torch
+
+    from pipeline.probe import load_labelled_set
+    from pipeline.text import summarize_errors, utterance_errors
+    from pipeline.train.finetune import load_model
+
+    t0 = time.perf_counter()
+    cfg, model, vocab = load_model(checkpoint)
+    normalize = cfg.data.normalize if cfg is not None else _hf_normalize(checkpoint)
+    endpoint = s3_endpoint or (cfg.data.s3_endpoint if cfg is not None else "")
+    labelled = load_labelled_set(data, split=split, speakers=speakers, exclude_speakers=exclude_speakers,
+                                 s3_endpoint=endpoint)
+    torch.manual_seed(0)
+    hyps = transcribe(model, labelled.audio, vocab, normalize=normalize)
+    rows, per = [], []
+    for utt, speaker, ref_raw, hyp, audio in zip(labelled.ids, labelled.speakers, labelled.transcripts, hyps,
+                                                  labelled.audio, strict=True):
+        ref = vocab.normalize(ref_raw)
+        e = utterance_errors(ref, hyp)
+        per.append(e)
+        rows.append({
+            "id": utt, "speaker": speaker, "seconds": len(audio) / labelled.sample_rate, "reference": ref,
+            "hypothesis": hyp, "char_edits": e.char_edits, "num_chars": e.num_chars, "word_edits": e.word_edits,
+            "num_words": e.num_words, "cer": e.cer, "wer": e.wer,
+        })
+    summary = summarize_errors(per)
+    summary["minutes"] = labelled.minutes
+    summary["seconds"] = time.perf_counter() - t0
+    return Evaluation(summary=summary, rows=rows), cfg
+
+
+def _hf_normalize(path: str) -> bool:
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            return bool(json.loads(pre.read_text()).get("do_normalize", False))
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def write_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Per-utterance results as Parquet (``.parquet``) or TSV (anything else)."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), p)
+        return p
+    with open(p, "w", newline="") as f:  # transcripts hold no tabs or newlines after normalisation
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [], delimiter="\t", lineterminator="\n",
+                           quoting=csv.QUOTE_NONE, escapechar="\\")
+        w.writeheader()
+        w.writerows(rows)
+    return p
+
+
+def log_to_mlflow(ev: Evaluation, table: Path, *, cfg: Any, checkpoint: str, data: str, split: str,
+                  tracking_uri: str, experiment: str, run_name: str) -> tuple[str, str]:
+    """One MLflow run: params (what was evaluated), eval/* metrics, the table. Returns (uri, run id)."""
+    from pipeline.config import tiny
+    from pipeline.tracking import Tracker
+
+    tcfg = tiny() if cfg is None else cfg
+    tcfg.tracking.uri = tracking_uri or tcfg.tracking.uri
+    if cfg is None and not tcfg.tracking.uri:
+        tcfg.checkpoint.storage_path = "runs"
+    tcfg.tracking.experiment = experiment or tcfg.tracking.experiment
+    tracker = Tracker.open(tcfg, run_name)
+    try:
+        from mlflow.entities import Param
+
+        from pipeline.tracking import redact
+
+        params = {"eval.checkpoint": checkpoint, "eval.data": data, "eval.split": split}
+        tracker.client.log_batch(tracker.run_id, params=[Param(k, redact(v, k)) for k, v in params.items()])
+        tracker.set_tag("wavray.task", "evaluate")
+        tracker.log_metrics(0, {f"eval/{k}": v for k, v in ev.summary.items()})
+        tracker.client.log_artifact(tracker.run_id, str(table))
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return tracker.uri, tracker.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="wavray CTC checkpoint or run folder, or a HF CTC dir")
+    parser.add_argument("--data", required=True, help="prepared dataset with transcripts (local or s3://)")
+    parser.add_argument("--split", default="all", choices=["train", "valid", "all"])
+    parser.add_argument("--speakers", default="", help="comma-separated speakers to keep (default: all)")
+    parser.add_argument("--exclude-speakers", default="", help="comma-separated speakers to leave out")
+    parser.add_argument("--output", default="eval_results.parquet", help="per-utterance table (.parquet or .tsv)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the run's store)")
+    parser.add_argument("--experiment", default="", help="MLflow experiment (default: the run's)")
+    parser.add_argument("--run-name", default="", help="MLflow run name (default: eval-<checkpoint>-<time>)")
+    parser.add_argument("--no-mlflow", action="store_true", help="only print and write the table")
+    parser.add_argument("--s3-endpoint", default="", help="endpoint for s3:// data (default: AWS_ENDPOINT_URL)")
+    args = parser.parse_args(argv)
+
+    speakers = [s for s in args.speakers.split(",") if s]
+    exclude = [s for s in args.exclude_speakers.split(",") if s]
+    try:
+        ev, cfg = evaluate(args.checkpoint, args.data, split=args.split, speakers=speakers or None,
+                           exclude_speakers=exclude or None, s3_endpoint=args.s3_endpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    table = write_table(ev.rows, args.output)
+    s = ev.summary
+    print(f"[wavray] {int(s['num_utterances'])} utterances ({s['minutes']:.1f} min) of {args.data} [{args.split}]: "
+          f"CER {100 * s['cer']:.2f}%  WER {100 * s['wer']:.2f}%  ({s['seconds']:.0f} s)")
+    print(f"[wavray] per-utterance table: {table}")
+    if not args.no_mlflow:
+        name = args.run_name or f"eval-{Path(args.checkpoint).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        uri, run_id = log_to_mlflow(ev, table, cfg=cfg, checkpoint=args.checkpoint, data=args.data,
+                                    split=args.split, tracking_uri=args.tracking_uri,
+                                    experiment=args.experiment, run_name=name)
+        print(f"[wavray] MLflow run {run_id} in {uri}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,642 @@
+"""CTC fine-tuning: the second task of the generic loop, its Ray Train worker and driver.
+
+wav2vec 2.0's recipe (SPEC.md): drop the quantizer and projections, add
+Linear(d_model -> vocab) on the context network, train with CTC on characters plus the
+word boundary ``|`` (blank at 0); keep time and channel masking as a regulariser; keep
+the conv feature encoder frozen; keep the Transformer (and projection, mask embedding)
+frozen for the first ``train.freeze_encoder_steps`` updates, so the fresh head first
+learns to read the pretrained features; tri-stage learning rate (``schedule.kind``).
+
+Data: the same training input as pretraining (Ray Data, length buckets, exact resume),
+in ``pad`` mode with ``data.max_sample_size`` above the longest utterance, so every
+utterance arrives whole; the transcripts come from the dataset's manifest, looked up by
+the ids every batch carries. A cropped utterance would no longer match its transcript:
+:meth:`FinetuneStep.prepare` refuses it.
+
+Loss: CTC summed over the batch (``zero_infinity``: an utterance too short for its
+transcript contributes nothing instead of infinity), counted in target characters; the
+loop divides by the global count, as it divides the contrastive loss by masked frames.
+
+Freezing: while frozen, the projection and the Transformer run without autograd
+(forward hooks switch the grad mode around them), so no activations are stored and no
+gradient reaches them. DeepSpeed then gives their parameters zero gradients; with
+``optim.weight_decay`` 0 (the fine-tuning configs) they do not move at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.wav2vec2 import Wav2Vec2ForCTC
+from pipeline.config import Config, from_dict, load_config
+from pipeline.text import Vocabulary
+from pipeline.train import seeding
+from pipeline.train.loop import Prepared, StepOutput
+from pipeline.train.metrics import Alarm, ratio
+
+log = logging.getLogger("wavray.train")
+
+HF_CONFIG = "config.json"
+WAVRAY_CONFIG = "config.yaml"
+
+
+# --- config and model -------------------------------------------------------------------------
+
+
+def _source_kind(path: str) -> str:
+    """``hf`` (config.json), ``wavray`` (config.yaml + model.safetensors) or ``run`` (a run folder)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"train.init_from: {path!r} is not a directory (expected a wavray checkpoint, a run "
+                         "folder or a Hugging Face model directory)")
+    if (p / HF_CONFIG).is_file():
+        return "hf"
+    if (p / WAVRAY_CONFIG).is_file() and (p / "model.safetensors").is_file():
+        return "wavray"
+    from pipeline.train.checkpoint import latest_complete
+
+    if latest_complete(p) is not None:
+        return "run"
+    raise ValueError(
+        f"train.init_from: {path!r} holds neither config.json (Hugging Face) nor config.yaml + "
+        "model.safetensors (a wavray checkpoint) nor complete checkpoint_* folders (a wavray run)"
+    )
+
+
+def resolve_init_path(path: str) -> str:
+    """A run folder -> its newest complete checkpoint; any other source as it is."""
+    if _source_kind(path) == "run":
+        from pipeline.train.checkpoint import latest_complete
+
+        return str(latest_complete(Path(path)))
+    return path
+
+
+# Fields of the model config a fine-tuning run chooses itself; everything else (the
+# architecture) comes from the pretrained source.
+_REGULARISERS = (
+    "mask.prob", "mask.length", "mask.min_masks", "mask.channel_prob", "mask.channel_length",
+    "transformer.dropout", "transformer.attention_dropout", "transformer.activation_dropout",
+    "transformer.layerdrop", "dropout_input", "final_dropout",
+)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def resolve_config(cfg: Config) -> Config:
+    """The fine-tuning config as it will run, saved with every checkpoint.
+
+    - ``train.ctc_vocab``: written out (the default characters when empty), so a
+      checkpoint decodes the same way whatever the code's default becomes.
+    - ``train.init_from``: a run folder becomes its newest checkpoint; the model's
+      architecture comes from the source (its ``config.yaml`` or ``config.json``), the
+      regularisers (masking, dropouts, LayerDrop, ``final_dropout``) from ``cfg``; a wavray
+      source also sets ``data.normalize`` (the input must be scaled as in pretraining).
+    """
+    from models.hf import hf_to_model_config, read_hf_config
+
+    out = copy.deepcopy(cfg)
+    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+    out.train.ctc_vocab = vocab.characters
+    if cfg.train.freeze_encoder_steps < 0:
+        raise ValueError(f"train.freeze_encoder_steps: expected >= 0, got {cfg.train.freeze_encoder_steps}")
+    if cfg.data.batch_mode != "pad":
+        raise ValueError(
+            f"data.batch_mode: fine-tuning needs 'pad' (whole utterances: a crop would cut the transcript), "
+            f"got {cfg.data.batch_mode!r}"
+        )
+    if cfg.train.freeze_encoder_steps > 0 and cfg.optim.weight_decay > 0:
+        warnings.warn(
+            f"optim.weight_decay = {cfg.optim.weight_decay}: the Transformer still decays during the "
+            f"{cfg.train.freeze_encoder_steps} frozen updates (DeepSpeed gives frozen parameters zero "
+            "gradients); use 0 for an exact freeze",
+            stacklevel=2,
+        )
+    if not cfg.train.init_from:
+        return out
+    if cfg.finetune.frontend != "wav2vec2":
+        raise ValueError(
+            f"finetune.frontend = {cfg.finetune.frontend!r} trains from scratch (a baseline); "
+            f"train.init_from must be empty, got {cfg.train.init_from!r}"
+        )
+    path = resolve_init_path(cfg.train.init_from)
+    out.train.init_from = path
+    if _source_kind(path) == "hf":
+        source_model = hf_to_model_config(read_hf_config(path), for_pretraining=False)
+    else:
+        source = load_config(Path(path) / WAVRAY_CONFIG)
+        source_model = source.model
+        if source.data.normalize != cfg.data.normalize:
+            log.warning("data.normalize: %s from the pretrained checkpoint %s (the config said %s)",
+                        source.data.normalize, path, cfg.data.normalize)
+        out.data.normalize = source.data.normalize
+    for name in _REGULARISERS:
+        _set(source_model, name, _get(cfg.model, name))
+    out.model = from_dict({"preset": cfg.preset, "model": _model_dict(source_model)}).model
+    return out
+
+
+def _model_dict(model_cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(model_cfg)
+
+
+def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
+    """The CTC model of a resolved config: fresh, or initialised from ``train.init_from``.
+
+    Seed the global RNG first for identical fresh weights on every rank.
+    """
+    from models.checkpoint import load_pretrained_into
+    from models.factory import build_ctc_model
+    from pipeline.features import build_logmel_ctc_model
+
+    if cfg.finetune.frontend == "logmel":
+        model = build_logmel_ctc_model(cfg.model, vocab_size, cfg.finetune.n_mels)
+    else:
+        model = build_ctc_model(cfg.model, vocab_size)
+    if cfg.train.init_from:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*kept the initialisation of.*")
+            left = load_pretrained_into(model, cfg.train.init_from)
+        if [k for k in left if not k.startswith("head.")]:
+            raise ValueError(f"train.init_from: {cfg.train.init_from}: no weights for {left}")
+    if cfg.finetune.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    return model
+
+
+def load_model(path: str) -> tuple[Config | None, Wav2Vec2ForCTC, Vocabulary]:
+    """A fine-tuned model for inference: a wavray CTC checkpoint (or run folder) or a
+    Hugging Face ``Wav2Vec2ForCTC`` directory (with ``vocab.json``). Returns (the run's
+    config or None for Hugging Face, the model in eval mode, its vocabulary)."""
+    from models.checkpoint import load_weights
+    from models.hf import load_hf
+
+    path = resolve_init_path(path)
+    if _source_kind(path) == "hf":
+        _, model = load_hf(path, task="ctc")
+        vocab = Vocabulary.load(path) if (Path(path) / "vocab.json").is_file() else Vocabulary.from_characters()
+        if len(vocab) != model.vocab_size:
+            raise ValueError(
+                f"{path}: vocab.json has {len(vocab)} tokens, the model's head {model.vocab_size}"
+            )
+        return None, model.eval(), vocab  # type: ignore[return-value]
+    cfg = load_config(Path(path) / WAVRAY_CONFIG)
+    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+    state = load_weights(path)
+    if "head.weight" not in state:
+        raise ValueError(f"{path}: not a fine-tuned (CTC) checkpoint: no head.weight; fine-tune it with jobs.finetune")
+    if state["head.weight"].shape[0] != len(vocab):
+        raise ValueError(
+            f"{path}: the head has {state['head.weight'].shape[0]} outputs, train.ctc_vocab gives {len(vocab)} tokens"
+        )
+    from models.factory import build_ctc_model
+    from pipeline.features import build_logmel_ctc_model
+
+    if cfg.finetune.frontend == "logmel":
+        model = build_logmel_ctc_model(cfg.model, len(vocab), cfg.finetune.n_mels)
+    else:
+        model = build_ctc_model(cfg.model, len(vocab))
+    model.load_state_dict(state, strict=True)
+    return cfg, model.eval(), vocab
+
+
+# --- transcripts ------------------------------------------------------------------------------
+
+
+@dataclass
+class Targets:
+    """Transcripts of a prepared dataset as token ids, keyed by utterance id."""
+
+    ids: dict[str, np.ndarray]
+    num_samples: dict[str, int]
+
+    @classmethod
+    def read(cls, cfg: Config, vocab: Vocabulary, *, split: str = "train") -> Targets:
+        """From ``data.train_uri``'s manifest; errors name what cannot be trained on."""
+        from pipeline.data import schema as S
+        from pipeline.data import storage
+
+        store = storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+        uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
+        if not storage.exists(uri, store):
+            raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")
+        table = storage.read_table(uri, [S.ID, S.SPLIT, S.NUM_SAMPLES, S.TRANSCRIPT], store)
+        rows = table.to_pydict()
+        ids: dict[str, np.ndarray] = {}
+        lengths: dict[str, int] = {}
+        missing, empty = [], []
+        longest = 0
+        for utt, sp, n, text in zip(rows[S.ID], rows[S.SPLIT], rows[S.NUM_SAMPLES], rows[S.TRANSCRIPT], strict=True):
+            if sp != split:
+                continue
+            if text is None or not text.strip():
+                missing.append(utt)
+                continue
+            tokens = vocab.encode(text)
+            if not tokens:
+                empty.append(utt)
+                continue
+            ids[utt] = np.asarray(tokens, dtype=np.int64)
+            lengths[utt] = int(n)
+            longest = max(longest, int(n))
+        if missing or empty:
+            what = (f"{len(missing)} without a transcript (e.g. {missing[:3]})" if missing else "") + (
+                f"{'; ' if missing else ''}{len(empty)} with no character of train.ctc_vocab "
+                f"{vocab.characters!r} (e.g. {empty[:3]})" if empty else "")
+            raise ValueError(
+                f"data.train_uri: {cfg.data.train_uri}: the {split!r} split has utterances CTC cannot train on: "
+                f"{what}; fine-tune on a dataset prepared with transcripts for every file"
+            )
+        if not ids:
+            raise ValueError(f"data.train_uri: {cfg.data.train_uri}: the {split!r} split is empty")
+        if longest > cfg.data.max_sample_size:
+            raise ValueError(
+                f"data.max_sample_size = {cfg.data.max_sample_size}: the longest {split} utterance has {longest} "
+                f"samples and would be cropped away from its transcript; set data.max_sample_size >= {longest} "
+                f"(and data.max_samples_per_batch >= it)"
+            )
+        short = sum(1 for n in lengths.values() if n < cfg.data.min_sample_size)
+        if short:
+            log.warning("%d of %d utterances are shorter than data.min_sample_size = %d and are skipped",
+                        short, len(lengths), cfg.data.min_sample_size)
+        return cls(ids=ids, num_samples=lengths)
+
+
+# --- the task step ----------------------------------------------------------------------------
+
+
+class _TransformerFreeze:
+    """While ``active``, the feature projection and the Transformer run without autograd.
+
+    A pre-hook on the projection switches the grad mode off and a hook after the
+    Transformer restores it: masking (no parameters) and the head run as usual.
+    """
+
+    def __init__(self, model: Wav2Vec2ForCTC) -> None:
+        self.active = False
+        self._saved: bool | None = None
+        enc = model.encoder
+        enc.feature_projection.register_forward_pre_hook(self._enter)
+        enc.transformer.register_forward_hook(self._leave)
+
+    def _enter(self, _module: torch.nn.Module, _args: tuple) -> None:
+        if self.active:
+            self._saved = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+
+    def _leave(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        if self._saved is not None:
+            torch.set_grad_enabled(self._saved)
+            self._saved = None
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class FinetuneStep:
+    """The CTC task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
+
+    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, targets: Targets) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.targets = targets
+        self.freeze_steps = cfg.train.freeze_encoder_steps
+        self._freeze = _TransformerFreeze(model)
+        self._layerdrop_gen: torch.Generator | None = None
+
+    def prepare(
+        self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
+    ) -> Prepared:
+        source_np = batch["source"]
+        if source_np.ndim != 2:
+            raise ValueError(f"batch['source']: expected (B, S) samples, got shape {source_np.shape}")
+        ids = [str(i) for i in batch["ids"]]
+        lengths = np.asarray(batch["num_samples"], dtype=np.int64)  # (B,)
+        labels = []
+        for utt, n in zip(ids, lengths.tolist(), strict=True):
+            if utt not in self.targets.ids:
+                raise ValueError(f"utterance {utt!r}: no transcript in {self.cfg.data.train_uri}'s manifest")
+            whole = self.targets.num_samples[utt]
+            if n != whole:
+                raise ValueError(
+                    f"utterance {utt!r}: {n} of its {whole} samples arrived (cropped); fine-tuning needs whole "
+                    f"utterances: data.batch_mode=pad and data.max_sample_size >= {whole}"
+                )
+            labels.append(self.targets.ids[utt])
+        target_lengths = np.asarray([len(x) for x in labels], dtype=np.int64)  # (B,)
+        pad_np = batch.get("padding_mask")
+        has_pad = pad_np is not None and bool(pad_np.any())
+        inputs: dict[str, Any] = {
+            "source": _to_device(source_np.astype(np.float32, copy=False), device),  # (B, S)
+            "padding_mask": _to_device(pad_np.astype(bool, copy=False), device) if has_pad else None,  # (B, S)
+            "targets": _to_device(np.concatenate(labels), device),  # (sum U,)
+            "target_lengths": _to_device(target_lengths, device),  # (B,)
+            "generator": seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device),
+        }
+        count = torch.tensor(float(target_lengths.sum()), device=device)
+        return Prepared(inputs=inputs, count=count, num_samples=int(lengths.sum()))
+
+    def begin_update(self, module: torch.nn.Module, step: int) -> None:
+        self._freeze.active = step < self.freeze_steps
+        self._layerdrop_gen = seeding.layerdrop_generator(self.cfg.train.seed, step)
+
+    def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        inp = prepared.inputs
+        grad_mode = torch.is_grad_enabled()
+        try:
+            out = model(inp["source"], inp["padding_mask"], generator=inp["generator"],
+                        layerdrop_generator=self._layerdrop_gen)
+        finally:
+            torch.set_grad_enabled(grad_mode)  # restored even if the forward failed while frozen
+        log_probs = F.log_softmax(out.logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+        loss_sum = F.ctc_loss(
+            log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+            reduction="sum", zero_infinity=True,
+        )
+        too_short = (out.output_lengths < inp["target_lengths"]).float().sum()
+        metrics = {
+            "ctc/loss_sum": loss_sum.detach(),
+            "ctc/num_tokens": prepared.count,
+            "ctc/num_frames": out.output_lengths.float().sum(),
+            "ctc/num_utterances": torch.tensor(float(out.output_lengths.shape[0]), device=prepared.count.device),
+            "ctc/too_short": too_short,
+            "ctc/frozen": torch.tensor(float(self._freeze.active), device=prepared.count.device),
+        }
+        return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics)
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        return {
+            "loss/ctc": ratio(sums.get("ctc/loss_sum", 0.0), sums.get("ctc/num_tokens", 0.0)),
+            "frames_per_token": ratio(sums.get("ctc/num_frames", 0.0), sums.get("ctc/num_tokens", 0.0)),
+            "too_short_utterances": sums.get("ctc/too_short", 0.0),
+            "transformer_frozen": ratio(sums.get("ctc/frozen", 0.0), sums.get("num_micro", 0.0)),
+        }
+
+
+# --- the Ray Train worker ---------------------------------------------------------------------
+
+
+def _progress(step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> str:
+    from pipeline.train.worker import _fmt_duration
+
+    frozen = " (Transformer frozen)" if metrics.get("transformer_frozen", 0.0) > 0 else ""
+    return (
+        f"[wavray] step {step}/{max_steps} ctc {metrics.get('loss', float('nan')):.4f}/char "
+        f"lr {metrics.get('lr', 0.0):.2e} audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
+        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {_fmt_duration(eta_s)}{frozen}"
+    )
+
+
+def _hooks_class() -> type:
+    from pipeline.train.worker import RayHooks
+
+    class FinetuneHooks(RayHooks):
+        """RayHooks with a CTC progress line."""
+
+        def on_log(self, step: int, metrics: dict[str, float], alarms: list[Alarm]) -> None:
+            if self.rank != 0:
+                return
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
+            print(_progress(step, self.cfg.train.max_steps, metrics, eta), flush=True)
+            if self.tracker is not None:
+                try:
+                    self.tracker.log_metrics(step, metrics)
+                except Exception as e:  # tracking must never stop training
+                    log.warning("MLflow logging failed at step %d: %s", step, e)
+
+    return FinetuneHooks
+
+
+def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) -> Path:
+    """The fine-tuned model for others: a Hugging Face ``Wav2Vec2ForCTC`` directory with
+    ``vocab.json`` (conv frontend), or a wavray checkpoint (``config.yaml`` +
+    ``model.safetensors``, log-mel frontend, which Hugging Face cannot represent)."""
+    from models.checkpoint import save_weights
+    from models.hf import save_hf_ctc
+    from pipeline.config import save_config
+
+    out = Path(out_dir)
+    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+    if cfg.finetune.frontend == "wav2vec2":
+        save_hf_ctc(model, cfg.model, out, pad_token_id=vocab.blank_id)
+    else:
+        save_weights(model, out)
+        save_config(cfg, out / WAVRAY_CONFIG)
+    vocab.save(out)
+    return out
+
+
+def finetune_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the fine-tuning ``TorchTrainer`` (keys as for pretraining:
+    ``config``, ``run_uri``, ``storage``, ``tracker``)."""
+    import shutil
+    import tempfile
+
+    import ray.train
+
+    from pipeline.data import storage
+    from pipeline.data.loader import iter_train_batches
+    from pipeline.data.position import DataPosition
+    from pipeline.tracking import install_log_redaction
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import build_engine
+    from pipeline.train.loop import NonFiniteLossError, TrainLoop
+    from pipeline.train.worker import ABORT_FILE
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    cfg = from_dict(loop_config["config"])
+    tracker = loop_config.get("tracker")
+    rank = ray.train.get_context().get_world_rank()
+    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+    targets = Targets.read(cfg, vocab)
+
+    torch.manual_seed(cfg.train.seed)  # identical fresh head (and encoder, from scratch) on every rank
+    model = build_model(cfg, len(vocab))
+    eng = build_engine(cfg, model)
+
+    start_step, skipped, position = 0, 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.load(d, engine=eng.engine, cfg=cfg)
+        start_step, skipped, position = state.step, state.skipped_steps, state.data_position
+        if rank == 0:
+            print(f"[wavray] resumed from step {start_step} ({resumed.path})", flush=True)
+    if start_step >= cfg.train.max_steps:
+        if rank == 0:
+            print(f"[wavray] nothing to do: the run is at step {start_step} of train.max_steps = "
+                  f"{cfg.train.max_steps}", flush=True)
+        return
+
+    batches = iter_train_batches(ray.train.get_dataset_shard("train"), cfg.data, position=position)
+    hooks = _hooks_class()(
+        cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
+        position=DataPosition(position), start_step=start_step,
+    )
+    loop = TrainLoop(cfg, eng, FinetuneStep(cfg, model, targets), start_step=start_step, hooks=hooks,
+                     skipped_steps=skipped)
+    try:
+        result = loop.run(batches)
+    except NonFiniteLossError as e:
+        if rank == 0:
+            log.error("%s", e)
+            storage.write_json(
+                storage.join(loop_config["run_uri"], ABORT_FILE),
+                {"step": loop.step, "reason": "nonfinite_loss", "message": str(e),
+                 "last_checkpoint_step": hooks.last_checkpoint_step},
+                loop_config["storage"],
+            )
+            if tracker is not None:
+                tracker.set_tag("stopped", str(e))
+        return
+
+    state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
+    if rank == 0 and tracker is not None and state is not None:
+        try:
+            final = build_model(_without_init(cfg), len(vocab))
+            final.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+            tmp = Path(tempfile.mkdtemp(prefix="wavray-ctc-"))
+            try:
+                save_inference_dir(final.eval(), cfg, tmp / "model")
+                tracker.log_artifacts(tmp / "model", "hf_model" if cfg.finetune.frontend == "wav2vec2" else "model")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as e:
+            log.warning("could not log the final model to MLflow: %s", e)
+    if rank == 0:
+        print(f"[wavray] finished at step {result.step} (skipped {result.skipped_steps} non-finite)", flush=True)
+
+
+def _without_init(cfg: Config) -> Config:
+    out = copy.deepcopy(cfg)
+    out.train.init_from = ""
+    return out
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def run_finetuning(cfg: Config, *, run_name: str | None = None) -> Any:
+    """Fit (or resume) the fine-tuning run of ``cfg`` on the connected Ray cluster.
+
+    Same run identity, storage, failure handling, data factory and MLflow run as
+    :func:`pipeline.train.trainer.run_pretraining`; only the worker differs. Returns a
+    :class:`pipeline.train.trainer.RunResult`.
+    """
+    import os
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.config import to_dict
+    from pipeline.data import storage
+    from pipeline.tracking import Tracker, install_log_redaction
+    from pipeline.train.trainer import (
+        RunResult,
+        RunStoppedError,
+        TrainDataFactory,
+        latest_checkpoint_uri,
+        make_run_name,
+        read_trainer_state,
+        storage_for,
+    )
+    from pipeline.train.worker import ABORT_FILE
+
+    install_log_redaction()
+    if not cfg.data.train_uri:
+        raise ValueError("data.train_uri: expected the prepared labelled dataset (jobs.prepare --output), got ''")
+    cfg = resolve_config(cfg)
+    Targets.read(cfg, Vocabulary.from_characters(cfg.train.ctc_vocab))  # fail before starting workers
+    run_name = run_name or make_run_name(cfg)
+    store = storage_for(cfg)
+    storage.ensure_bucket(cfg.checkpoint.storage_path, store)
+    fs, storage_path = storage.resolve(cfg.checkpoint.storage_path, store)
+    if not storage.is_s3(cfg.checkpoint.storage_path):
+        os.makedirs(storage_path, exist_ok=True)
+    run_uri = storage.join(cfg.checkpoint.storage_path, run_name)
+    abort_uri = storage.join(run_uri, ABORT_FILE)
+    if storage.exists(abort_uri, store):
+        fs.delete_file(storage.resolve(abort_uri, store)[1])
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    tracker = Tracker.open(cfg, run_name)
+    tracker.log_config(cfg)
+    tracker.set_tag("wavray.task", "finetune")
+    tracker.set_tag("wavray.preset", cfg.preset)
+    tracker.set_tag("wavray.run_uri", run_uri)
+    tracker.set_tag("wavray.init_from", cfg.train.init_from or f"scratch ({cfg.finetune.frontend})")
+
+    use_gpu = cfg.scaling.use_gpu
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        finetune_worker,
+        train_loop_config={"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
+        datasets={"train": TrainDataFactory(
+            cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
+        )},
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    if storage.exists(abort_uri, store):
+        info = storage.read_json(abort_uri, store)
+        tracker.end("FAILED")
+        raise RunStoppedError(info.get("message", "the run stopped"))
+    latest = latest_checkpoint_uri(run_uri, store)
+    step = read_trainer_state(latest, store).step if latest else None
+    version = None
+    if cfg.tracking.register_as and cfg.finetune.frontend == "wav2vec2":
+        version = tracker.register_model(cfg.tracking.register_as)
+    tracker.end("FINISHED")
+    return RunResult(
+        run_name=run_name, run_uri=run_uri, checkpoint_uri=latest, step=step, mlflow_uri=tracker.uri,
+        mlflow_run_id=tracker.run_id, ui_command=tracker.ui_command(), model_version=version,
+    )

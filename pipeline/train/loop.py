@@ -1,0 +1,326 @@
+"""The generic training loop: accumulation, global normalisation, finite checks, cadences.
+
+The loop knows nothing about wav2vec 2.0: a :class:`TrainStep` turns a batch into a loss
+*sum* and a *count* (masked frames for pretraining, target tokens for CTC) plus metric
+sums, and the loop does the rest, on any number of ranks:
+
+1. draw ``grad_accum`` micro-batches (the wait is timed: data-wait fraction);
+2. ``prepare`` each one on the device (masks and distractors are drawn here, from a
+   generator seeded by (seed, step, rank, micro-step)), so every count is known before
+   any forward; one all-reduce gives the global count N of the update;
+3. forward + backward each micro-batch with ``loss_sum * W / N``: DeepSpeed averages
+   gradients over the W ranks, so the update's gradient is
+   ``sum over ranks and micro-batches of grad(loss_sum) / N``: the same whether the
+   frames came as (batch 8, accumulation 1) or (batch 4, accumulation 2);
+4. a loss that is not finite on any rank sets the optimizer's ``found_inf`` flag (one
+   small all-reduce), and the fused update is skipped on the device and counted;
+   more than ``train.max_nonfinite_steps`` in a row stops the run
+   (:class:`NonFiniteLossError`);
+5. every ``train.log_every`` updates (and at checkpoints and the end) the metric sums are
+   reduced across ranks with one all-reduce and one host sync, and handed to the hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.train import engine as E
+from pipeline.train import seeding
+from pipeline.train.metrics import Alarm, AlarmState, MetricWindow, check_health, ratio
+from pipeline.train.schedule import lr_multiplier
+
+log = logging.getLogger("wavray.train")
+
+Batch = Mapping[str, np.ndarray]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss; the run must stop."""
+
+
+@dataclass
+class Prepared:
+    """A micro-batch on the device, ready for ``TrainStep.forward``."""
+
+    inputs: dict[str, Any]
+    count: torch.Tensor
+    """() units the loss is summed over (masked frames, target tokens), on the device."""
+    num_samples: int
+    """Audio samples in the micro-batch (not padding): the speed metrics' unit."""
+
+
+@dataclass
+class StepOutput:
+    """What a task step returns for one micro-batch."""
+
+    loss_sum: torch.Tensor
+    """() the loss summed over the micro-batch's ``count`` units."""
+    count: torch.Tensor
+    """() the same count as ``Prepared.count``."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """0-dim *sums* (or per-micro-batch values to be averaged over ``num_micro``)."""
+
+
+class TrainStep(Protocol):
+    """A task: pretraining (:class:`pipeline.train.pretrain.PretrainStep`), CTC, ..."""
+
+    def prepare(self, batch: Batch, *, step: int, micro: int, rank: int, device: torch.device) -> Prepared:
+        """Move a host batch to the device and draw its random inputs (no host sync)."""
+        ...
+
+    def begin_update(self, module: torch.nn.Module, step: int) -> None:
+        """Per-update model state (e.g. the Gumbel temperature) before the first forward."""
+        ...
+
+    def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        """Forward one micro-batch through ``model`` (the DeepSpeed engine)."""
+        ...
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Turn the reduced sums of a log interval into logged values."""
+        ...
+
+
+class LoopHooks:
+    """Callbacks of the loop; the defaults do nothing. All ranks call every hook."""
+
+    def on_batch(self, batch: Batch) -> None:
+        """A host batch was consumed (data position bookkeeping)."""
+
+    def on_log(self, step: int, metrics: dict[str, float], alarms: list[Alarm]) -> None:
+        """Reduced metrics of the last interval, after update ``step`` (1-based count)."""
+
+    def on_gradients(self, step: int) -> None:
+        """After the last backward of update ``step`` (0-based), before the optimizer step:
+        gradients are reduced over ranks and clipped (inspection, tests)."""
+
+    def should_checkpoint(self, step: int) -> bool:
+        return False
+
+    def on_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        """Save after update ``step``; called on every rank (collective)."""
+
+
+@dataclass
+class LoopResult:
+    step: int
+    """Updates done when the loop ended."""
+    metrics: dict[str, float]
+    """The last reduced metrics."""
+    skipped_steps: int
+
+
+class TrainLoop:
+    """Runs updates ``start_step .. cfg.train.max_steps`` of a task step on a DeepSpeed engine."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        eng: E.Engine,
+        task: TrainStep,
+        *,
+        start_step: int = 0,
+        hooks: LoopHooks | None = None,
+        skipped_steps: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.eng = eng
+        self.task = task
+        self.step = start_step
+        self.hooks = hooks or LoopHooks()
+        self.rank, self.world_size = E.world()
+        self.device = eng.device
+        self.lr_at = lr_multiplier(cfg.schedule, cfg.train.max_steps, cfg.optim.lr)
+        self.window = MetricWindow(self.device)
+        self.alarm_state = AlarmState()
+        self.skipped_steps = skipped_steps
+        self._nonfinite_run = torch.zeros((), device=self.device)  # updates in a row, now
+        self._nonfinite_max = torch.zeros((), device=self.device)  # longest run in the window
+        self._data_wait = 0.0
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self.last_metrics: dict[str, float] = {}
+        self._last_checkpoint = start_step
+
+    # -- one update ------------------------------------------------------------------
+
+    def _next_batches(self, batches: Iterator[Batch]) -> list[Batch] | None:
+        """The micro-batches of one update; None when the stream ended (on every rank at
+        once: the data is split equally)."""
+        t0 = time.perf_counter()
+        out = []
+        for _ in range(self.cfg.train.grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return None
+            self.hooks.on_batch(batch)
+            out.append(batch)
+        self._data_wait += time.perf_counter() - t0
+        return out
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def train_step(self, batches: Iterator[Batch]) -> bool:
+        """One optimizer update (``grad_accum`` micro-batches) on every rank; False when
+        the data ran out before the update could start."""
+        cfg, eng, step = self.cfg, self.eng, self.step
+        host_batches = self._next_batches(batches)
+        if host_batches is None:
+            return False
+        seeding.seed_global_rng(cfg.train.seed, step, self.rank)
+        prepared = [
+            self.task.prepare(b, step=step, micro=m, rank=self.rank, device=self.device)
+            for m, b in enumerate(host_batches)
+        ]
+        local_count = torch.stack([p.count.float() for p in prepared]).sum()
+        global_count = self._all_reduce(local_count.clone())
+        # DeepSpeed divides the summed gradients by W; scale so the result is sum / N.
+        scale = self.world_size / torch.clamp(global_count, min=1.0)
+        self.task.begin_update(eng.module, step)
+        eng.optimizer.set_lr(cfg.optim.lr * self.lr_at(step))
+
+        loss_total = torch.zeros((), device=self.device)
+        num_samples = 0
+        step_metrics: dict[str, torch.Tensor] = {}
+        last = len(prepared) - 1
+        for m, p in enumerate(prepared):
+            with eng.autocast_context():
+                out = self.task.forward(eng.engine, p, step=step)
+            loss = out.loss_sum.float() * scale
+            eng.engine.backward(loss, scale_wrt_gas=False)
+            loss_total = loss_total + out.loss_sum.detach().float()
+            num_samples += p.num_samples
+            for k, v in out.metrics.items():
+                step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+            if m == last:
+                measured = E.clip_and_measure(eng)
+                bad = (~torch.isfinite(loss_total)).float()
+                bad = torch.clamp(self._all_reduce(bad), max=1.0)
+                if measured is not None:  # grads are global already: every rank agrees
+                    bad = torch.maximum(bad, (~torch.isfinite(measured)).float())
+                eng.optimizer.found_inf = bad
+                self.hooks.on_gradients(step)
+            eng.engine.step()
+
+        norm = E.grad_norm(eng, measured)
+        good = 1.0 - bad
+        self._nonfinite_run = (self._nonfinite_run + 1.0) * bad
+        self._nonfinite_max = torch.maximum(self._nonfinite_max, self._nonfinite_run)
+        skip = bad > 0
+
+        def kept(v: torch.Tensor) -> torch.Tensor:  # a skipped update contributes nothing (NaN * 0 is NaN)
+            v = v.detach().float()
+            return torch.where(skip, torch.zeros_like(v), v)
+
+        self.window.add({
+            **{k: kept(v) for k, v in step_metrics.items()},
+            "num_micro": good * len(prepared),
+            "loss_sum": kept(loss_total),
+            "count": kept(local_count),
+            "num_samples": float(num_samples),
+            "num_updates": 1.0,
+            "num_good": good,
+            "skipped": bad,
+            "grad_norm_sum": kept(torch.nan_to_num(norm, nan=0.0, posinf=0.0)),
+        })
+        self.step += 1
+        self._window_steps += 1
+        return True
+
+    # -- reduction and cadences -------------------------------------------------------
+
+    def flush(self) -> dict[str, float]:
+        """Reduce the window across ranks (one all-reduce, one host sync) into log values."""
+        self.window.add({
+            "nonfinite_max": self._nonfinite_max, "nonfinite_now": self._nonfinite_run,
+            "data_wait_s": self._data_wait,
+        })
+        self._nonfinite_max = torch.zeros((), device=self.device)
+        sums, local = self.window.reduce()
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        W = self.world_size
+        rate = float(self.cfg.data.sample_rate)
+        num_updates = sums.get("num_updates", 0.0) / W
+        skipped = round(sums.get("skipped", 0.0) / W)
+        self.skipped_steps += skipped
+        metrics = self.task.summarize(sums)
+        metrics.update({
+            "loss": ratio(sums.get("loss_sum", 0.0), sums.get("count", 0.0)),
+            "lr": self.cfg.optim.lr * self.lr_at(max(self.step - 1, 0)),
+            "grad_norm": ratio(sums.get("grad_norm_sum", 0.0) / W, sums.get("num_good", 0.0) / W),
+            "loss_scale": E.loss_scale(self.eng),
+            "skipped_steps": float(self.skipped_steps),
+            "nonfinite_in_row": sums.get("nonfinite_max", 0.0) / W,
+            "nonfinite_now": sums.get("nonfinite_now", 0.0) / W,
+            "speed/audio_s_per_s": sums.get("num_samples", 0.0) / rate / elapsed,
+            "speed/audio_s_per_s_per_worker": local.get("num_samples", 0.0) / rate / elapsed,
+            "speed/data_wait_frac": sums.get("data_wait_s", 0.0) / W / elapsed,
+            "speed/step_time_s": elapsed / max(num_updates, 1.0),
+        })
+        self._data_wait = 0.0
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self.last_metrics = metrics
+        return metrics
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        alarms = check_health(
+            metrics, step=self.step, warmup_steps=self.cfg.schedule.warmup_steps,
+            num_negatives=self.cfg.model.loss.num_negatives, chance_margin=self.cfg.train.chance_margin,
+            min_perplexity=self.cfg.train.min_perplexity,
+        )
+        fresh = [a for a in alarms if a.key not in self.alarm_state.fired]
+        for a in fresh:
+            self.alarm_state.fired.add(a.key)
+            if self.rank == 0:
+                log.warning("HEALTH ALARM: %s", a.message)
+        self.hooks.on_log(self.step, metrics, fresh)
+        limit = self.cfg.train.max_nonfinite_steps
+        if metrics["nonfinite_in_row"] > limit:
+            raise NonFiniteLossError(
+                f"{int(metrics['nonfinite_in_row'])} consecutive updates had a non-finite loss "
+                f"(train.max_nonfinite_steps = {limit}), the last at update {self.step}; stopping. "
+                "Parameters were not changed by the skipped updates and the last checkpoint is intact: "
+                "lower optim.lr, set optim.clip_grad_norm, or check the data for silent/corrupt audio."
+            )
+
+    def run(self, batches: Iterator[Batch]) -> LoopResult:
+        """Train until ``train.max_steps`` updates are done (all ranks together)."""
+        max_steps = self.cfg.train.max_steps
+        self.eng.engine.train()
+        self._window_start = time.perf_counter()
+        while self.step < max_steps:
+            ran = self.train_step(batches)
+            if not ran:
+                if self.rank == 0:
+                    log.warning(
+                        "the training data ended after update %d of train.max_steps = %d "
+                        "(data.max_epochs = %d); finishing here", self.step, max_steps, self.cfg.data.max_epochs,
+                    )
+            at_end = not ran or self.step == max_steps
+            at_log = self.step % self.cfg.train.log_every == 0
+            at_ckpt = self.hooks.should_checkpoint(self.step) or at_end
+            if at_end and self.step == self._last_checkpoint:
+                break  # the data ended right after a checkpoint: nothing new to save
+            if at_log or at_ckpt:
+                metrics = self.flush()
+                self._log(metrics)
+                if at_ckpt and metrics["nonfinite_now"] == 0:
+                    self.hooks.on_checkpoint(self.step, metrics)
+                    self._last_checkpoint = self.step
+            if not ran:
+                break
+        return LoopResult(step=self.step, metrics=self.last_metrics, skipped_steps=self.skipped_steps)

@@ -1,0 +1,125 @@
+"""The wav2vec 2.0 pretraining step: a batch -> (loss sum over masked frames, count, metrics).
+
+Masks and distractors are drawn in :meth:`PretrainStep.prepare`, before any forward,
+from a generator seeded by (seed, step, rank, micro-step): the loop needs every
+micro-batch's count of masked frames up front to normalise by the global count. The
+same generator then drives the Gumbel noise of the forward, so a step is reproducible
+from its seed alone. A batch may carry precomputed ``mask_time_indices`` (B, T) and
+``negative_indices`` (B, T, K) arrays; they are used as given.
+
+Loss parts are logged per masked frame. The diversity loss and the feature penalty are
+batch statistics (fairseq's form: each micro-batch contributes ``num_masked * value``),
+so their logged value is the masked-frame-weighted mean over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.wav2vec2 import Wav2Vec2ForPretraining
+from pipeline.config import Config
+from pipeline.train import seeding
+from pipeline.train.loop import Prepared, StepOutput
+from pipeline.train.metrics import ratio
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class PretrainStep:
+    """The pretraining task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
+
+    def __init__(self, cfg: Config, model: Wav2Vec2ForPretraining) -> None:
+        self.cfg = cfg
+        self.model = model  # the unwrapped module: masks need only its shapes, no parameters
+        self.groups = cfg.model.quantizer.groups
+        self._layerdrop_gen: torch.Generator | None = None
+
+    def prepare(
+        self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
+    ) -> Prepared:
+        source_np = batch["source"]
+        if source_np.ndim != 2:
+            raise ValueError(f"batch['source']: expected (B, S) samples, got shape {source_np.shape}")
+        pad_np = batch.get("padding_mask")
+        has_pad = pad_np is not None and bool(pad_np.any())
+        num_samples = int(source_np.size - (int(pad_np.sum()) if has_pad else 0))
+
+        source = _to_device(source_np.astype(np.float32, copy=False), device)  # (B, S)
+        padding_mask = _to_device(pad_np.astype(bool, copy=False), device) if has_pad else None  # (B, S)
+        batch_size, num_samples_max = source.shape
+        gen = seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device)
+        fe = self.model.encoder.feature_encoder
+        frames = int(fe.output_lengths(torch.tensor(num_samples_max)).item())  # host arithmetic, CPU tensor
+        if padding_mask is not None:
+            lengths = fe.output_lengths((~padding_mask).long().sum(dim=1)).clamp(max=frames)  # (B,)
+        else:
+            lengths = torch.full((batch_size,), frames, dtype=torch.long, device=device)
+
+        if "mask_time_indices" in batch:
+            mask = _to_device(np.asarray(batch["mask_time_indices"], dtype=bool), device)  # (B, T)
+            if padding_mask is not None:
+                mask = mask & (torch.arange(frames, device=device).unsqueeze(0) < lengths.unsqueeze(1))
+            if "negative_indices" not in batch:
+                raise ValueError("batch: 'mask_time_indices' given without 'negative_indices'")
+            negatives = _to_device(np.asarray(batch["negative_indices"], dtype=np.int64), device)  # (B, T, K)
+        else:
+            mask, negatives = self.model.sample_masks(batch_size, frames, lengths, gen)
+        inputs: dict[str, Any] = {
+            "source": source,
+            "padding_mask": padding_mask,
+            "mask_time_indices": mask,
+            "negative_indices": negatives,
+            "generator": gen,
+        }
+        return Prepared(inputs=inputs, count=mask.sum(), num_samples=num_samples)
+
+    def begin_update(self, module: torch.nn.Module, step: int) -> None:
+        module.set_num_updates(step)
+        self._layerdrop_gen = seeding.layerdrop_generator(self.cfg.train.seed, step)
+
+    def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        inp = prepared.inputs
+        out = model(
+            inp["source"], inp["padding_mask"],
+            mask_time_indices=inp["mask_time_indices"], negative_indices=inp["negative_indices"],
+            generator=inp["generator"], layerdrop_generator=self._layerdrop_gen,
+        )
+        num_masked = out.num_masked.float()
+        metrics: dict[str, torch.Tensor] = {
+            "pt/contrastive_sum": out.contrastive_sum.detach().float(),
+            "pt/num_masked": num_masked,
+            "pt/num_correct": out.num_correct.float(),
+            "pt/diversity_w": out.diversity_loss.detach().float() * num_masked,
+            "pt/penalty_w": out.feature_penalty.detach().float() * num_masked,
+            "pt/temperature": out.temperature.float(),
+        }
+        code_ppl = out.code_perplexity.detach().float()  # (G,)
+        prob_ppl = out.prob_perplexity.detach().float()  # (G,)
+        for g in range(self.groups):
+            metrics[f"pt/code_ppl_{g}"] = code_ppl[g]
+            metrics[f"pt/prob_ppl_{g}"] = prob_ppl[g]
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        n = sums.get("pt/num_masked", 0.0)
+        micro = sums.get("num_micro", 0.0)
+        out = {
+            "loss/contrastive": ratio(sums.get("pt/contrastive_sum", 0.0), n),
+            "loss/diversity": ratio(sums.get("pt/diversity_w", 0.0), n),
+            "loss/feature_penalty": ratio(sums.get("pt/penalty_w", 0.0), n),
+            "accuracy": ratio(sums.get("pt/num_correct", 0.0), n),
+            "temperature": ratio(sums.get("pt/temperature", 0.0), micro),
+        }
+        for g in range(self.groups):
+            out[f"perplexity/code_{g}"] = ratio(sums.get(f"pt/code_ppl_{g}", 0.0), micro)
+            out[f"perplexity/prob_{g}"] = ratio(sums.get(f"pt/prob_ppl_{g}", 0.0), micro)
+        return out

@@ -1,0 +1,87 @@
+"""Learning-rate schedules over optimizer updates.
+
+Both are pure functions of the update number, so a resumed run only needs the step
+(the scheduler's ``state_dict`` holds it; DeepSpeed saves it with the engine state).
+
+- ``polynomial`` (pretraining, fairseq's ``polynomial_decay``): linear warm-up from 0 to
+  the peak over ``warmup_steps``, then ``(peak - end) * (1 - progress) ** power + end``
+  until ``train.max_steps``.
+- ``tri_stage`` (fine-tuning, fairseq's ``tri_stage``): linear warm-up from
+  ``final_lr_scale * peak``, hold at the peak for ``hold_ratio`` of the run, exponential
+  decay to ``final_lr_scale * peak`` over ``decay_ratio`` of the run, then constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from pipeline.config import ScheduleConfig
+
+
+def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callable[[int], float]:
+    """Return ``f(step) -> lr / peak_lr`` for the configured schedule.
+
+    ``step`` counts optimizer updates already taken (0 before the first update), so the
+    first update runs at ``f(0)``: 0 for the polynomial schedule's warm-up, which is why
+    the first update is a no-op there, as in fairseq.
+    """
+    if max_steps < 1:
+        raise ValueError(f"train.max_steps: expected >= 1, got {max_steps}")
+    if peak_lr <= 0:
+        raise ValueError(f"optim.lr: expected > 0, got {peak_lr}")
+    if cfg.kind == "polynomial":
+        warmup = cfg.warmup_steps
+        end_ratio = cfg.end_lr / peak_lr
+        if end_ratio > 1.0:
+            raise ValueError(f"schedule.end_lr ({cfg.end_lr}) must be <= optim.lr ({peak_lr})")
+
+        def poly(step: int) -> float:
+            if warmup > 0 and step < warmup:
+                return step / warmup
+            if step >= max_steps:
+                return end_ratio
+            span = max(1, max_steps - warmup)
+            progress = (step - warmup) / span
+            return (1.0 - end_ratio) * (1.0 - progress) ** cfg.power + end_ratio
+
+        return poly
+
+    if cfg.kind == "tri_stage":
+        if cfg.hold_ratio + cfg.decay_ratio > 1.0:
+            raise ValueError(
+                f"schedule.hold_ratio + schedule.decay_ratio must be <= 1, got "
+                f"{cfg.hold_ratio} + {cfg.decay_ratio}"
+            )
+        if not 0.0 < cfg.final_lr_scale <= 1.0:
+            raise ValueError(f"schedule.final_lr_scale: expected in (0, 1], got {cfg.final_lr_scale}")
+        warmup = cfg.warmup_steps
+        hold = int(cfg.hold_ratio * max_steps)
+        decay = int(cfg.decay_ratio * max_steps)
+        init_scale = cfg.final_lr_scale
+        final_scale = cfg.final_lr_scale
+        decay_rate = -math.log(final_scale) / decay if decay > 0 else 0.0
+
+        def tri(step: int) -> float:
+            if warmup > 0 and step < warmup:
+                return init_scale + (1.0 - init_scale) * step / warmup
+            step -= warmup
+            if step < hold:
+                return 1.0
+            step -= hold
+            if step <= decay:
+                return math.exp(-decay_rate * step)
+            return final_scale
+
+        return tri
+
+    raise ValueError(f"schedule.kind: expected 'polynomial' or 'tri_stage', got {cfg.kind!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int, peak_lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over ``optimizer`` whose base lr is the peak; stepped once per update."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, max_steps, peak_lr))

@@ -1,0 +1,212 @@
+"""The driver side of a pretraining run: a Ray Train V2 ``TorchTrainer`` and what it needs.
+
+- Run identity: ``checkpoint.storage_path`` + ``checkpoint.run_name``. Fitting again with
+  the same pair resumes from the newest checkpoint Ray Train recorded for the run
+  (``ray.train.get_checkpoint()`` in the workers; no ``resume_from_checkpoint``).
+- Failures: ``FailureConfig(max_failures=checkpoint.max_failures)``: a dead worker
+  restarts the worker group from the newest checkpoint.
+- Data: the training dataset is passed as a factory (:class:`TrainDataFactory`). Ray
+  Train calls it every time it starts a worker group, and it builds the stream from the
+  data position saved in the checkpoint the workers are about to resume from, so a
+  restart continues the epoch where the checkpoint left it instead of replaying the
+  stream from the start. Block order is preserved and the equal split is greedy, so
+  every rank sees the same batches in the same order as in an uninterrupted run.
+- Tracking: the driver opens the MLflow run (params, config) and closes it; rank 0
+  logs metrics, alarms and the final model during the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.config import Config, DataConfig, to_dict
+from pipeline.data import storage
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.worker import ABORT_FILE, train_worker
+
+log = logging.getLogger("wavray.train")
+
+# Ray Train V2 writes its checkpoint bookkeeping here, in the run folder.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+class RunStoppedError(RuntimeError):
+    """The run stopped on purpose (e.g. repeated non-finite losses); retrying would not help."""
+
+
+def make_run_name(cfg: Config) -> str:
+    """``checkpoint.run_name`` or ``<preset>-<UTC time>``."""
+    if cfg.checkpoint.run_name:
+        return cfg.checkpoint.run_name
+    return f"{cfg.preset}-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_for(cfg: Config) -> storage.Storage:
+    """How to reach s3:// URIs (endpoint/region from the data section or the AWS variables)."""
+    return storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+
+
+def latest_checkpoint_uri(run_uri: str, store: storage.Storage | None = None) -> str | None:
+    """The checkpoint Ray Train resumes ``run_uri`` from: the newest one it recorded.
+
+    Reads Ray Train's snapshot of the run (``checkpoint_manager_snapshot.json``); where
+    it is missing or unreadable, falls back to the newest complete ``checkpoint_*``
+    folder (``trainer_state.json`` present).
+    """
+    snap = storage.join(run_uri, RAY_SNAPSHOT_FILE)
+    try:
+        if storage.exists(snap, store):
+            state = storage.read_json(snap, store)
+            if isinstance(state, str):  # pydantic .json() output written as a JSON string
+                state = json.loads(state)
+            latest = (state or {}).get("latest_checkpoint_result")
+            if latest and latest.get("checkpoint_dir_name"):
+                return storage.join(run_uri, latest["checkpoint_dir_name"])
+            return None
+    except (OSError, ValueError) as e:
+        log.warning("could not read %s (%s); looking for the newest complete checkpoint instead", snap, e)
+    names = sorted(
+        info.base_name for info in storage.list_dir(run_uri, store)
+        if info.type == pafs.FileType.Directory and ckpt.CHECKPOINT_DIR_RE.match(info.base_name)
+    )
+    for name in reversed(names):
+        uri = storage.join(run_uri, name)
+        if storage.exists(storage.join(uri, ckpt.STATE_FILE), store):
+            return uri
+    return None
+
+
+def read_trainer_state(ckpt_uri: str, store: storage.Storage | None = None) -> ckpt.TrainerState:
+    uri = storage.join(ckpt_uri, ckpt.STATE_FILE)
+    return ckpt.TrainerState.from_json(storage.read_bytes(uri, store).decode("utf-8"), uri)
+
+
+@dataclass
+class TrainDataFactory:
+    """Builds the training dataset at each worker-group start, from the resume position."""
+
+    data: DataConfig
+    seed: int
+    num_workers: int
+    run_uri: str
+    store: storage.Storage
+
+    def position(self) -> dict[str, Any] | None:
+        uri = latest_checkpoint_uri(self.run_uri, self.store)
+        if uri is None:
+            return None
+        return read_trainer_state(uri, self.store).data_position
+
+    def __call__(self) -> Any:
+        from pipeline.data.loader import build_train_dataset
+
+        position = self.position()
+        ds = build_train_dataset(
+            self.data, split="train", position=position, seed=self.seed, num_splits=self.num_workers,
+        )
+        # The progress line of rank 0 says how training goes; Ray Data's bars for the
+        # split only interleave with it.
+        ds.context.enable_progress_bars = False
+        return ds
+
+
+@dataclass
+class RunResult:
+    """Where a finished run put things."""
+
+    run_name: str
+    run_uri: str
+    checkpoint_uri: str | None
+    step: int | None
+    mlflow_uri: str
+    mlflow_run_id: str
+    ui_command: str
+    model_version: str | None = None
+
+
+def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
+    """Fit (or resume) the pretraining run of ``cfg`` on the connected Ray cluster."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.tracking import Tracker, install_log_redaction
+
+    install_log_redaction()
+    if not cfg.data.train_uri:
+        raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
+    run_name = run_name or make_run_name(cfg)
+    store = storage_for(cfg)
+    storage.ensure_bucket(cfg.checkpoint.storage_path, store)
+    fs, storage_path = storage.resolve(cfg.checkpoint.storage_path, store)
+    if not storage.is_s3(cfg.checkpoint.storage_path):
+        os.makedirs(storage_path, exist_ok=True)
+    run_uri = storage.join(cfg.checkpoint.storage_path, run_name)
+    abort_uri = storage.join(run_uri, ABORT_FILE)
+    if storage.exists(abort_uri, store):
+        fs.delete_file(storage.resolve(abort_uri, store)[1])
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    tracker = Tracker.open(cfg, run_name)
+    tracker.log_config(cfg)
+    tracker.set_tag("wavray.preset", cfg.preset)
+    tracker.set_tag("wavray.run_uri", run_uri)
+
+    use_gpu = cfg.scaling.use_gpu
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
+        # Ray Train replaces the dataset's execution options with these: block order is
+        # preserved, so the greedy equal split hands every rank the same batches as in an
+        # uninterrupted run (exact resume after a fault; locality hints are ignored then).
+        dataset_config=ray.train.DataConfig(
+            execution_options={"train": ExecutionOptions(preserve_order=True)}, enable_shard_locality=False,
+        ),
+        datasets={"train": TrainDataFactory(
+            cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
+        )},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    if storage.exists(abort_uri, store):
+        info = storage.read_json(abort_uri, store)
+        tracker.end("FAILED")
+        raise RunStoppedError(info.get("message", "the run stopped"))
+
+    latest = latest_checkpoint_uri(run_uri, store)
+    step = read_trainer_state(latest, store).step if latest else None
+    version = None
+    if cfg.tracking.register_as:
+        version = tracker.register_model(cfg.tracking.register_as)
+    tracker.end("FINISHED")
+    del result
+    return RunResult(
+        run_name=run_name, run_uri=run_uri, checkpoint_uri=latest, step=step, mlflow_uri=tracker.uri,
+        mlflow_run_id=tracker.run_id, ui_command=tracker.ui_command(), model_version=version,
+    )

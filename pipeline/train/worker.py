@@ -1,0 +1,221 @@
+"""The Ray Train worker of a pretraining run: one of these runs on every training rank.
+
+It builds the model and the DeepSpeed engine from the resolved config, resumes from
+``ray.train.get_checkpoint()`` when the run has one, streams its part of the training
+data, and runs the generic loop with the pretraining step. Rank 0 alone talks to
+MLflow and prints the progress line; checkpoints are collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config, from_dict
+from pipeline.data import storage
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.engine import Engine, build_engine
+from pipeline.train.loop import LoopHooks, NonFiniteLossError, TrainLoop
+from pipeline.train.metrics import Alarm
+from pipeline.train.pretrain import PretrainStep
+
+log = logging.getLogger("wavray.train")
+
+ABORT_FILE = "wavray_abort.json"
+"""Written into the run folder when the run stops on purpose (non-finite losses): a
+worker error would make Ray Train retry from the last checkpoint, which would only
+repeat the same divergence."""
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout (Ray forwards it to the driver and the job log).
+
+    Written directly: Ray Train's patched ``print`` would also copy it into the log
+    records, and the driver would show it twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> str:
+    """``[wavray] step 50/200 loss 2.913 acc 0.214 audio-s/s 181 (90/worker) wait 3% ETA 1m35s``."""
+    return (
+        f"[wavray] step {step}/{max_steps} loss {metrics.get('loss', float('nan')):.4f} "
+        f"acc {metrics.get('accuracy', float('nan')):.3f} "
+        f"audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
+        f"({metrics.get('speed/audio_s_per_s_per_worker', 0.0):.0f}/worker) "
+        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {_fmt_duration(eta_s)}"
+    )
+
+
+class RayHooks(LoopHooks):
+    """Data position, MLflow, progress and checkpoints of a Ray Train worker."""
+
+    def __init__(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any, position: Any, start_step: int):
+        self.cfg = cfg
+        self.eng = eng
+        self.rank = rank
+        self.tracker = tracker
+        self.position = position
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self.last_checkpoint_step = start_step
+
+    def on_batch(self, batch: Any) -> None:
+        self.position.update(batch)
+
+    def on_log(self, step: int, metrics: dict[str, float], alarms: list[Alarm]) -> None:
+        if self.rank != 0:
+            return
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
+        say(progress_line(step, self.cfg.train.max_steps, metrics, eta))
+        if self.tracker is not None:
+            try:
+                self.tracker.log_metrics(step, metrics)
+                for alarm in alarms:
+                    self.tracker.set_tag(alarm.key, alarm.message)
+            except Exception as e:  # tracking must never stop training
+                log.warning("MLflow logging failed at step %d: %s", step, e)
+
+    def should_checkpoint(self, step: int) -> bool:
+        return step % self.cfg.checkpoint.every_steps == 0
+
+    def on_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        from pipeline.data.position import DataPosition
+
+        states: list[Any] = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+        if dist.is_initialized():
+            dist.all_gather_object(states, self.position.state_dict())
+        else:
+            states = [self.position.state_dict()]
+        merged = DataPosition.merge(states)
+        tmp = Path(tempfile.mkdtemp(prefix=f"wavray-ckpt-{step}-"))
+        try:
+            ckpt.save(
+                tmp, cfg=self.cfg, engine=self.eng.engine, step=step,
+                skipped_steps=int(metrics.get("skipped_steps", 0)), data_position=merged, metrics=metrics,
+            )
+            report = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+            report["step"] = step
+            ray.train.report(
+                report, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
+            )
+            self.last_checkpoint_step = step
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _full_model(cfg: Config, eng: Engine) -> torch.nn.Module | None:
+    """A plain model with the trained weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+    from models.factory import build_pretraining_model
+
+    state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
+    if state is None:
+        return None
+    model = build_pretraining_model(cfg.model)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the pretraining ``TorchTrainer``.
+
+    ``loop_config``: ``config`` (the resolved config as a dict), ``run_uri`` (the run's
+    folder in storage), ``storage`` (a :class:`pipeline.data.storage.Storage`),
+    ``tracker`` (a :class:`pipeline.tracking.Tracker` or None).
+    """
+    import ray.train
+
+    from models.checkpoint import load_pretrained_into
+    from models.factory import build_pretraining_model
+    from pipeline.data.loader import iter_train_batches
+    from pipeline.data.position import DataPosition
+    from pipeline.tracking import install_log_redaction, log_final_model
+
+    if not logging.getLogger().handlers:  # Ray Train usually installed its own already
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wavray").setLevel(logging.INFO)
+    install_log_redaction()
+    cfg = from_dict(loop_config["config"])
+    tracker = loop_config.get("tracker")
+    rank = ray.train.get_context().get_world_rank()
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_pretraining_model(cfg.model)
+    if cfg.train.init_from:
+        load_pretrained_into(model, cfg.train.init_from)
+    eng = build_engine(cfg, model)
+
+    start_step, skipped, position = 0, 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.load(d, engine=eng.engine, cfg=cfg)
+        start_step, skipped, position = state.step, state.skipped_steps, state.data_position
+        if rank == 0:
+            say(f"[wavray] resumed from step {start_step} ({resumed.path})")
+            if tracker is not None:
+                try:
+                    tracker.set_tag("wavray.resumed_from", start_step)
+                except Exception as e:  # tracking must never stop training
+                    log.warning("MLflow tag failed: %s", e)
+    if start_step >= cfg.train.max_steps:
+        if rank == 0:
+            say(f"[wavray] nothing to do: the run is at step {start_step} of train.max_steps = {cfg.train.max_steps}")
+        return
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter_train_batches(shard, cfg.data, position=position)
+    hooks = RayHooks(
+        cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
+        position=DataPosition(position), start_step=start_step,
+    )
+    loop = TrainLoop(cfg, eng, PretrainStep(cfg, model), start_step=start_step, hooks=hooks, skipped_steps=skipped)
+    try:
+        result = loop.run(batches)
+    except NonFiniteLossError as e:
+        if rank == 0:
+            log.error("%s", e)
+            storage.write_json(
+                storage.join(loop_config["run_uri"], ABORT_FILE),
+                {"step": loop.step, "reason": "nonfinite_loss", "message": str(e),
+                 "last_checkpoint_step": hooks.last_checkpoint_step},
+                loop_config["storage"],
+            )
+            if tracker is not None:
+                try:
+                    tracker.set_tag("stopped", str(e))
+                except Exception as tag_error:
+                    log.warning("MLflow tag failed: %s", tag_error)
+        return
+
+    full = _full_model(cfg, eng)
+    if rank == 0 and tracker is not None and full is not None:
+        try:
+            log_final_model(tracker, full, cfg)
+        except Exception as e:
+            log.warning("could not log the final model to MLflow: %s", e)
+    if rank == 0:
+        say(f"[wavray] finished at step {result.step} (skipped {result.skipped_steps} non-finite)")

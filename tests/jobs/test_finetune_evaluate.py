@@ -1,0 +1,150 @@
+"""End to end on a tiny budget: a pretrained checkpoint -> ``jobs.export`` (Hugging Face
+directory) -> ``jobs.finetune`` (Ray Train + DeepSpeed, MLflow) -> ``jobs.evaluate`` on the
+wavray checkpoint and on the Hugging Face ``Wav2Vec2ForCTC`` directory logged to MLflow.
+
+One Ray Train fit (the expensive part, ~30 s of start-up); everything else is seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.checkpoint import load_weights, save_weights
+from models.factory import build_pretraining_model
+from pipeline import config as C
+from pipeline.text import Vocabulary
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    from pipeline.data.runtime import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """About 40 s of transcribed speech from two voices, prepared (all in the train split)."""
+    from jobs.prepare import main as prepare_main
+    from pipeline.data.demo_corpus import VOICES, make_corpus
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed (infra/setup.sh installs it)")
+    base = tmp_path_factory.mktemp("labelled")
+    voices = [v for v in VOICES if v.name in ("espeak-us-m1", "espeak-gb-f4")]
+    make_corpus(base / "corpus", minutes=0.6, seed=3, voices=voices, workers=2, progress=lambda _: None)
+    assert prepare_main(["--input", str(base / "corpus"), "--output", str(base / "data"), "--preset", "tiny",
+                         "data.valid_fraction=0.0"]) == 0
+    return base / "data"
+
+
+def test_hf_export_finetunes_and_evaluates(tmp_path: Path, labelled: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main as evaluate_main
+    from jobs.export import main as export_main
+    from jobs.finetune import main as finetune_main
+
+    torch.set_num_threads(1)
+    # A "pretrained" tiny model as a wavray checkpoint, exported to Hugging Face format.
+    pre_cfg = C.tiny()
+    torch.manual_seed(0)
+    pre = build_pretraining_model(pre_cfg.model)
+    save_weights(pre, tmp_path / "pre")
+    C.save_config(pre_cfg, tmp_path / "pre" / "config.yaml")
+    assert export_main(["--checkpoint", str(tmp_path / "pre"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+    rc = finetune_main([
+        "--config", str(ROOT / "jobs/configs/finetune/tiny_10m.yaml"),
+        f"data.train_uri={labelled}", f"train.init_from={tmp_path / 'hf'}", f"checkpoint.storage_path={runs}",
+        "checkpoint.run_name=ft", "checkpoint.every_steps=4", "train.max_steps=8", "train.freeze_encoder_steps=2",
+        "train.log_every=2", "schedule.warmup_steps=1", "data.max_samples_per_batch=200000", f"tracking.uri={db}",
+        "scaling.cpus_per_worker=1",
+    ])
+    assert rc == 0
+    ckpt = runs / "ft" / "checkpoint_000000008"
+    assert (ckpt / "model.safetensors").is_file()
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert saved["train"]["init_from"] == str(tmp_path / "hf")
+    vocab = Vocabulary.from_characters(saved["train"]["ctc_vocab"])
+    state = load_weights(ckpt)
+    assert tuple(state["head.weight"].shape) == (len(vocab), pre_cfg.model.transformer.dim)
+    # The conv feature encoder was frozen: exactly the exported (= pretrained) weights.
+    for key, value in pre.state_dict().items():
+        if key.startswith("encoder.feature_encoder."):
+            assert torch.equal(state[key], value), key
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("wavray-finetune")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`wavray.run_name` = 'ft'")
+    assert run.data.tags["wavray.task"] == "finetune" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss/ctc")
+    assert [m.step for m in history][-1] == 8 and all(np.isfinite(m.value) for m in history)
+    frozen = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "transformer_frozen")}
+    assert frozen[2] == 1.0 and frozen[4] == 0.0
+    hf_ctc = Path(client.download_artifacts(run.info.run_id, "hf_model", str(tmp_path / "artifacts")))
+    assert Vocabulary.load(hf_ctc) == vocab
+
+    # Evaluate the wavray checkpoint (through its run folder) and the Hugging Face directory.
+    tables = {}
+    for name, source in (("ours", runs / "ft"), ("hf", hf_ctc)):
+        out = tmp_path / f"eval-{name}.tsv"
+        assert evaluate_main(["--checkpoint", str(source), "--data", str(labelled), "--output", str(out),
+                              "--tracking-uri", db, "--experiment", "wavray-eval", "--run-name", f"eval-{name}"]) == 0
+        with open(out) as f:
+            tables[name] = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = tables["ours"]
+    assert len(rows) >= 8 and all(r["reference"] and r["reference"] == vocab.normalize(r["reference"]) for r in rows)
+    assert [r["hypothesis"] for r in rows] == [r["hypothesis"] for r in tables["hf"]], "same weights, same output"
+    edits = sum(int(r["char_edits"]) for r in rows)
+    chars = sum(int(r["num_chars"]) for r in rows)
+    (ev,) = client.search_runs([client.get_experiment_by_name("wavray-eval").experiment_id],
+                               filter_string="tags.`wavray.run_name` = 'eval-ours'")
+    assert ev.data.metrics["eval/cer"] == pytest.approx(edits / chars)
+    assert ev.data.metrics["eval/num_utterances"] == len(rows)
+    assert ev.data.params["eval.data"] == str(labelled)
+
+    # The CTC directory is a real transformers model.
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.Wav2Vec2ForCTC.from_pretrained(str(hf_ctc)).eval()
+    assert hf_model.config.vocab_size == len(vocab) and hf_model.config.pad_token_id == vocab.blank_id
+
+
+def test_probe_sets_from_a_prepared_dataset(labelled: Path) -> None:
+    from pipeline.probe import probe_sets
+
+    cfg = C.apply_overrides(C.tiny(), [f"probe.train_uri={labelled}", "probe.train_split=all", "probe.dev_split=all",
+                                       "probe.train_minutes=0.3", "probe.dev_minutes=5"])
+    train, dev = probe_sets(cfg)
+    assert 0 < train.minutes <= 0.3 and len(dev) > 0
+    assert not set(train.ids) & set(dev.ids), "the dev set must not repeat training utterances"
+    assert all(t.strip() for t in train.transcripts + dev.transcripts)
+    assert all(a.dtype == np.float32 and a.ndim == 1 for a in train.audio)
+    again, _ = probe_sets(cfg)
+    assert again.ids == train.ids
+    with pytest.raises(ValueError, match="probe.train_uri"):
+        probe_sets(C.tiny())

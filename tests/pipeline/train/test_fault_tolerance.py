@@ -1,0 +1,145 @@
+"""A training worker killed with SIGKILL mid-run: Ray Train restarts the worker group from
+the newest checkpoint, the run finishes, and every update after the resume repeats the
+uninterrupted run's loss (fp32, CPU, same seed) to within 1e-4.
+
+Exact repetition needs the same batches on the same ranks after the resume: the dataset
+is rebuilt from the checkpoint's data position (``TrainDataFactory``), and masks,
+distractors and dropout are seeded by (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from pipeline import config as C
+from pipeline.tracking import Tracker
+from pipeline.train.trainer import RAY_SNAPSHOT_FILE, run_pretraining
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 12
+EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(local_ray, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from pipeline.data.demo_corpus import make_corpus
+    from pipeline.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("fault_data")
+    make_corpus(root / "corpus", minutes=1.5, seed=3, progress=lambda _: None)
+    prepare(str(root / "corpus"), str(root / "shards"), C.tiny().data, progress=lambda _: None)
+    return str(root / "shards")
+
+
+def _config(shards: str, storage: Path, name: str) -> C.Config:
+    return C.apply_overrides(C.tiny(), [
+        f"data.train_uri={shards}", f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}",
+        f"train.max_steps={STEPS}", "train.log_every=1", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
+        "checkpoint.max_failures=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "deepspeed.zero_stage=2", "data.decode_cpus=0.5", "data.max_samples_per_batch=64000",
+        "data.max_sample_size=32000",
+    ])
+
+
+def _history(cfg: C.Config, run_id: str) -> dict[int, float]:
+    """Step -> loss, the last value logged for each step (a resumed step is logged again)."""
+    client = Tracker(f"sqlite:///{Path(cfg.checkpoint.storage_path) / 'mlflow.db'}", "wavray", run_id).client
+    out: dict[int, float] = {}
+    for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp):
+        out[m.step] = m.value
+    return out
+
+
+def _our_train_workers() -> list[psutil.Process]:
+    """RayTrainWorker processes under this test's own Ray instance (never anyone else's)."""
+    found = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _kill_after_first_checkpoint(run_dir: Path, killed: list[int], stop: threading.Event) -> None:
+    snap = run_dir / RAY_SNAPSHOT_FILE
+    while not stop.is_set():
+        try:
+            state = json.loads(snap.read_text()) if snap.is_file() else None
+            if isinstance(state, str):
+                state = json.loads(state)
+        except (OSError, ValueError):
+            state = None
+        latest = (state or {}).get("latest_checkpoint_result") or {}
+        if latest.get("checkpoint_dir_name"):
+            time.sleep(0.5)  # an update or two past the checkpoint
+            workers = _our_train_workers()
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.1)
+
+
+def test_sigkill_worker_resumes_from_checkpoint_and_repeats_losses(shards: str, tmp_path: Path) -> None:
+    straight_cfg = _config(shards, tmp_path / "runs", "straight")
+    straight = run_pretraining(straight_cfg)
+    assert straight.step == STEPS
+
+    killed_cfg = _config(shards, tmp_path / "runs", "killed")
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(
+        target=_kill_after_first_checkpoint, args=(tmp_path / "runs" / "killed", killed, stop), daemon=True
+    )
+    killer.start()
+    try:
+        result = run_pretraining(killed_cfg)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+
+    assert killed, "no training worker was killed"
+    assert result.step == STEPS
+    tags = Tracker(result.mlflow_uri, "wavray", result.mlflow_run_id).client.get_run(result.mlflow_run_id).data.tags
+    resumed_from = int(tags["wavray.resumed_from"])
+    assert resumed_from % EVERY == 0 and EVERY <= resumed_from < STEPS
+
+    ref = _history(straight_cfg, straight.mlflow_run_id)
+    got = _history(killed_cfg, result.mlflow_run_id)
+    assert sorted(ref) == list(range(1, STEPS + 1)) == sorted(got)
+    after = [s for s in ref if s > resumed_from]
+    assert after, "no update ran after the resume"
+    for s in after:
+        assert got[s] == pytest.approx(ref[s], abs=1e-4), f"update {s}: resumed {got[s]} vs uninterrupted {ref[s]}"
+    # The newest two checkpoints are kept (the final one at STEPS), each a model checkpoint.
+    kept = sorted(p.name for p in (tmp_path / "runs" / "killed").glob("checkpoint_0*"))
+    assert kept == [f"checkpoint_{STEPS - EVERY:09d}", f"checkpoint_{STEPS:09d}"]
+    for k in kept:
+        assert (tmp_path / "runs" / "killed" / k / "model.safetensors").is_file()
+    # ... which the export job turns into a Hugging Face directory.
+    from jobs.export import main as export
+
+    out = tmp_path / "hf"
+    assert export(["--checkpoint", str(tmp_path / "runs" / "killed" / kept[-1]), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
