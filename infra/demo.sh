@@ -46,7 +46,7 @@ fi
 
 echo "== 3/4 prepare -> s3://$BUCKET/demo"
 python -m jobs.prepare --input demo_data/corpus --output "s3://$BUCKET/demo" --preset tiny \
-  data.shard_size_mb=2 --num-cpus 2
+  --num-cpus 2 data.shard_size_mb=2
 
 echo "== 4/4 pretrain (tiny preset, local Ray, checkpoints to s3://$BUCKET/runs)"
 python -m jobs.pretrain --config jobs/configs/pretrain/tiny.yaml \

@@ -98,7 +98,10 @@ def test_tiny_sweep_ranks_by_probe_registers_the_best_and_restores(corpus: Path)
         assert client.get_metric_history(r.run_id, "loss"), "pretraining losses are logged beside the probe"
         # ASHA: a trial stopped early never reached the last update; a completed one did.
         assert (r.outcome == "completed") == (r.step == MAX_STEPS), (r.trial_id, r.outcome, r.step)
-        assert run.info.status == ("FINISHED" if r.outcome == "completed" else "KILLED")
+        # A stopped trial's run is ended where it stood (KILLED), unless its training had
+        # already finished before the probe that stopped it (a slow probe on a busy machine).
+        assert run.info.status in (("FINISHED",) if r.outcome == "completed" else ("KILLED", "FINISHED"))
+        assert run.data.tags["wavray.sweep.outcome"] == r.outcome
 
     # The registered version: among the trials that reached the most updates, the lowest final
     # probe CER, as MLflow has them.
