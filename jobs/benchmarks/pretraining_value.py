@@ -164,12 +164,14 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
 
     from models.checkpoint import save_weights
     from models.factory import build_pretraining_model
-    from pipeline.config import load_config, save_config
+    from pipeline.config import load_config, save_config, to_flat_dict
 
     cfg = load_config(pretrained / "config.yaml")
-    torch.manual_seed(seed)
-    save_weights(build_pretraining_model(cfg.model), out)
-    save_config(cfg, out / "config.yaml")
+    out = out / f"s{seed}-{_tag([json.dumps(to_flat_dict(cfg.model), sort_keys=True, default=str)])}"
+    if not (out / "model.safetensors").is_file():  # the name is the content: fine-tuning runs stay reusable
+        torch.manual_seed(seed)
+        save_weights(build_pretraining_model(cfg.model), out)
+        save_config(cfg, out / "config.yaml")
     return out
 
 

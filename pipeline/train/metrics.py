@@ -21,54 +21,62 @@ import torch.distributed as dist
 
 
 class MetricWindow:
-    """Sums of named 0-dim tensors over micro-batches and updates, on the device."""
+    """Sums of named values over micro-batches and updates.
+
+    Tensor values are summed on their device (no copy to or from the host inside a step:
+    even a small host-to-device copy from pageable memory waits for the stream); plain
+    numbers are summed on the host. :meth:`reduce` joins both once per log interval.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.names: list[str] = []
-        self._index: dict[str, int] = {}
-        self._acc: torch.Tensor | None = None  # (M,) float64 on CPU, float32 on GPU
+        self._dev: dict[str, torch.Tensor] = {}
+        self._host: dict[str, float] = {}
 
     def _dtype(self) -> torch.dtype:
         # float64 keeps long CPU sums exact; some GPU collectives lack float64.
         return torch.float64 if self.device.type == "cpu" else torch.float32
 
+    @property
+    def names(self) -> list[str]:
+        return [*self._dev, *self._host]
+
     def add(self, values: Mapping[str, torch.Tensor | float]) -> None:
-        """Add each value into its running sum (new names extend the vector)."""
-        new = [k for k in values if k not in self._index]
-        if new:
-            for k in new:
-                self._index[k] = len(self.names)
-                self.names.append(k)
-            grown = torch.zeros(len(self.names), dtype=self._dtype(), device=self.device)
-            if self._acc is not None:
-                grown[: self._acc.numel()] = self._acc
-            self._acc = grown
-        assert self._acc is not None
-        idx = torch.tensor([self._index[k] for k in values], device=self.device)
-        vals = torch.stack([
-            v.detach().to(self._dtype()).reshape(()) if torch.is_tensor(v)
-            else torch.tensor(float(v), dtype=self._dtype(), device=self.device)
-            for v in values.values()
-        ])
-        self._acc.index_add_(0, idx, vals)
+        """Add each value into its running sum."""
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                v = value.detach().reshape(()).to(self._dtype())
+                self._dev[key] = self._dev[key] + v if key in self._dev else v
+                if key in self._host:  # a name seen as a host number first: keep one sum
+                    self._dev[key] = self._dev[key] + self._host.pop(key)
+            elif key in self._dev:
+                self._dev[key] = self._dev[key] + float(value)
+            else:
+                self._host[key] = self._host.get(key, 0.0) + float(value)
 
     def reduce(self, *, all_ranks: bool = True) -> tuple[dict[str, float], dict[str, float]]:
-        """(sums over all ranks, this rank's sums); resets the window. One host sync."""
-        if self._acc is None:
+        """(sums over all ranks, this rank's sums); empties the window.
+
+        One all-reduce and one host sync. Names are sorted, so ranks that added the same
+        names in another order still line up in the collective.
+        """
+        names = sorted({*self._dev, *self._host})
+        if not names:
             return {}, {}
-        local = self._acc
+        zero = torch.zeros((), dtype=self._dtype(), device=self.device)
+        dev = torch.stack([self._dev[k].to(self.device) if k in self._dev else zero for k in names])  # (M,)
+        host = torch.tensor([self._host.get(k, 0.0) for k in names], dtype=self._dtype())  # (M,)
+        local = dev + host.to(self.device)
         if all_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             total = local.clone()
             dist.all_reduce(total)
             both = torch.cat([total, local]).tolist()
         else:
             both = torch.cat([local, local]).tolist()
-        n = len(self.names)
-        out_global = dict(zip(self.names, both[:n], strict=True))
-        out_local = dict(zip(self.names, both[n:], strict=True))
-        self._acc = torch.zeros_like(local)
-        return out_global, out_local
+        n = len(names)
+        self._dev.clear()
+        self._host.clear()
+        return dict(zip(names, both[:n], strict=True)), dict(zip(names, both[n:], strict=True))
 
 
 def ratio(num: float, den: float) -> float:

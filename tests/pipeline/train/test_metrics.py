@@ -29,11 +29,13 @@ def test_codebook_collapse_alarm() -> None:
     assert _check({"perplexity/code_0": float("nan")}) == []
 
 
-def test_window_sums_and_resets() -> None:
+def test_window_sums_device_and_host_values_and_resets() -> None:
     w = MetricWindow(torch.device("cpu"))
     w.add({"a": torch.tensor(1.5), "b": 2.0})
-    w.add({"a": torch.tensor(0.5), "c": torch.tensor(3.0)})
+    w.add({"a": torch.tensor(0.5), "c": torch.tensor(3.0), "b": torch.tensor(1.0)})
     total, local = w.reduce()
-    assert total == {"a": 2.0, "b": 2.0, "c": 3.0} == local
+    assert total == {"a": 2.0, "b": 3.0, "c": 3.0} == local
+    assert list(total) == ["a", "b", "c"], "sorted: every rank lines up in the all-reduce"
     w.add({"b": 1.0})
-    assert w.reduce()[0] == {"a": 0.0, "b": 1.0, "c": 0.0}
+    assert w.reduce()[0] == {"b": 1.0}
+    assert w.reduce() == ({}, {})

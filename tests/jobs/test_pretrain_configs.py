@@ -1,0 +1,52 @@
+"""The shipped pretraining configs load, hold deltas only, and say what SPEC.md says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.pretrain import main
+from pipeline import config as C
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pretrain"
+
+
+@pytest.mark.parametrize("name", ["tiny", "base", "large", "large_lv60k"])
+def test_config_loads_and_names_its_preset(name: str) -> None:
+    path = CONFIGS / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["preset"] == name
+    cfg = C.load_config(path)
+    assert cfg.preset == name
+    # Deltas only: every value the file sets differs from the preset's.
+    preset = C.to_flat_dict(C.preset_config(name))
+    flat: dict = {}
+    _flatten("", {k: v for k, v in raw.items() if k != "preset"}, flat)
+    assert flat, "a config with no deltas is the preset itself"
+    for key, value in flat.items():
+        assert value != preset[key], f"{path.name}: {key} repeats the preset's value {value!r}"
+
+
+def _flatten(prefix: str, value: object, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def test_spec_scale() -> None:
+    base, large, lv = (C.load_config(CONFIGS / f"{n}.yaml") for n in ("base", "large", "large_lv60k"))
+    assert base.scaling.num_workers == 64 and base.scaling.use_gpu and base.optim.lr == 5e-4
+    assert base.train.max_steps == 400_000 and base.schedule.warmup_steps == 32_000
+    assert large.scaling.num_workers == lv.scaling.num_workers == 128 and large.optim.lr == 3e-4
+    assert lv.model.quantizer.temperature.end == 0.1 and lv.model.loss.feature_penalty_weight == 0.0
+    tiny = C.load_config(CONFIGS / "tiny.yaml")
+    assert tiny.scaling.num_workers == 2 and tiny.scaling.cpus_per_worker == 0.5 and tiny.deepspeed.zero_stage == 2
+
+
+def test_bad_override_fails_before_any_work(capsys) -> None:
+    assert main(["--config", str(CONFIGS / "tiny.yaml"), "train.max_stepz=3"]) == 2
+    assert "unknown config key 'train.max_stepz'" in capsys.readouterr().err
