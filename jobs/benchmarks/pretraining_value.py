@@ -167,7 +167,8 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
     from pipeline.config import load_config, save_config, to_flat_dict
 
     cfg = load_config(pretrained / "config.yaml")
-    out = out / f"s{seed}-{_tag([json.dumps(to_flat_dict(cfg.model), sort_keys=True, default=str)])}"
+    content = [json.dumps(to_flat_dict(cfg.model), sort_keys=True, default=str), str(cfg.data.normalize)]
+    out = out / f"s{seed}-{_tag(content)}"
     if not (out / "model.safetensors").is_file():  # the name is the content: fine-tuning runs stay reusable
         torch.manual_seed(seed)
         save_weights(build_pretraining_model(cfg.model), out)

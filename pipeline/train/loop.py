@@ -101,7 +101,8 @@ class LoopHooks:
 
     def on_gradients(self, step: int) -> None:
         """After the last backward of update ``step`` (0-based), before the optimizer step:
-        gradients are reduced over ranks and clipped (inspection, tests)."""
+        gradients are reduced over ranks (and clipped when ZeRO is off; under ZeRO
+        DeepSpeed clips inside its step). For inspection and tests."""
 
     def should_checkpoint(self, step: int) -> bool:
         return False

@@ -1,7 +1,8 @@
 """Learning-rate schedules over optimizer updates.
 
-Both are pure functions of the update number, so a resumed run only needs the step
-(the scheduler's ``state_dict`` holds it; DeepSpeed saves it with the engine state).
+Both are pure functions of the update number: the loop writes ``peak * f(step)`` into
+the optimizer before every update, so a resumed run needs nothing but its step, and an
+update that DeepSpeed or the finite check skips cannot shift the schedule.
 
 - ``polynomial`` (pretraining, fairseq's ``polynomial_decay``): linear warm-up from 0 to
   the peak over ``warmup_steps``, then ``(peak - end) * (1 - progress) ** power + end``
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
-import torch
 
 from pipeline.config import ScheduleConfig
 
@@ -79,9 +78,3 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
 
     raise ValueError(f"schedule.kind: expected 'polynomial' or 'tri_stage', got {cfg.kind!r}")
 
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int, peak_lr: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over ``optimizer`` whose base lr is the peak; stepped once per update."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, max_steps, peak_lr))
