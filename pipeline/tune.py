@@ -305,12 +305,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     where = f" (in {p})"
     if data.get("base") and data.get("preset"):
         raise SweepError(f"sweep file {str(p)!r}: give 'base' (a pretraining config file) or 'preset', not both")
-    config_deltas = data.get("config") or {}
+    for name in ("config", "sweep", "space"):
+        if not isinstance(data.get(name) or {}, Mapping):
+            raise SweepError(f"sweep file {str(p)!r}: '{name}' must be a mapping, got {type(data[name]).__name__}")
+    config_deltas = dict(data.get("config") or {})
     settings_data = dict(data.get("sweep") or {})
     space_data = dict(data.get("space") or {})
-    for name, value in (("config", config_deltas), ("sweep", settings_data), ("space", space_data)):
-        if not isinstance(value, Mapping):
-            raise SweepError(f"sweep file {str(p)!r}: '{name}' must be a mapping, got {type(value).__name__}")
 
     base_overrides: list[tuple[str, Any]] = []
     for text in overrides or []:
@@ -844,11 +844,44 @@ def _open_parent_run(spec: SweepSpec, cfg: Config) -> Any:
     return tracker
 
 
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's ``param_space``: the dotted config paths with their distributions."""
+    return {d.key: d.to_tune() for d in spec.space}
+
+
+def make_scheduler(s: SweepSettings, cfg: Config) -> Any:
+    """ASHA on the probe score at equal ``step`` (rungs from the grace period up to
+    ``train.max_steps``), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr=TIME_ATTR, max_t=cfg.train.max_steps,
+        grace_period=min(s.grace_period or probe_cadence(cfg), cfg.train.max_steps),
+        reduction_factor=s.reduction_factor,
+    )
+
+
+def make_searcher(s: SweepSettings) -> tuple[Any, int | None]:
+    """(search algorithm, ``max_concurrent_trials`` for ``TuneConfig``).
+
+    Tune applies ``max_concurrent_trials`` only to a ``Searcher`` (Optuna, which it wraps
+    in a ConcurrencyLimiter); the variant generator of grid and random search takes the
+    limit itself and would ignore the TuneConfig setting.
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if s.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=s.seed), s.max_concurrent_trials
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials), None
+
+
 def _build_tuner(spec: SweepSpec, cfg: Config, parent_run_id: str, experiment_path: str) -> Any:
     """A new Tuner, or the restored one when the sweep's folder holds a Tune experiment."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.data import storage
     from pipeline.train.trainer import storage_for
@@ -869,27 +902,12 @@ def _build_tuner(spec: SweepSpec, cfg: Config, parent_run_id: str, experiment_pa
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
 
-    if s.scheduler == "asha":
-        scheduler: Any = ASHAScheduler(
-            time_attr=TIME_ATTR, max_t=cfg.train.max_steps,
-            grace_period=min(s.grace_period or probe_cadence(cfg), cfg.train.max_steps),
-            reduction_factor=s.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    if s.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg: Any = OptunaSearch(seed=s.seed)
-        max_concurrent: int | None = s.max_concurrent_trials  # Tune wraps it in a ConcurrencyLimiter
-    else:
-        # Tune applies max_concurrent_trials only to Searchers; the variant generator has its own.
-        search_alg = BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent_trials)
-        max_concurrent = None
+    scheduler = make_scheduler(s, cfg)
+    search_alg, max_concurrent = make_searcher(s)
     parent_fs_path = storage.resolve(storage.join(cfg.checkpoint.storage_path, "sweeps"), store)[1]
     return tune.Tuner(
         trainable,
-        param_space={d.key: d.to_tune() for d in spec.space},
+        param_space=search_space(spec),
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=METRIC_MODE, search_alg=search_alg, scheduler=scheduler,
             num_samples=s.num_samples, max_concurrent_trials=max_concurrent, reuse_actors=False,

@@ -1,13 +1,14 @@
 """The sweep file, its search space, and the sweep's MLflow side (summary, plots, registry).
 
-Fast tests: no Ray. The MLflow side runs against the real default store (sqlite) and a
-real ``mlflow server`` started with ``infra/mlflow_server.sh``, on checkpoints of a real
-tiny model written in the training checkpoint layout. The end-to-end sweep is in
-``tests/jobs/test_sweep.py``.
+No Ray here. The MLflow side (marked e2e: it starts services) runs against the real
+default store (sqlite) and a real ``mlflow server`` started with ``infra/mlflow_server.sh``,
+on checkpoints of a real tiny model written in the training checkpoint layout. The
+end-to-end sweep is in ``tests/jobs/test_sweep.py``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -35,8 +36,10 @@ from pipeline.tune import (
     finish_child_runs,
     format_table,
     load_sweep,
+    make_searcher,
     register_best,
     resolve_paths,
+    search_space,
     trial_config,
     validate_space,
     write_summary,
@@ -242,6 +245,7 @@ def _wait_for_health(url: str, seconds: float) -> None:
     raise RuntimeError(f"mlflow server at {url} did not answer within {seconds} s")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_summary_plots_and_registration_of_the_best_trial(store: str, tmp_path: Path, request) -> None:
     from mlflow.tracking import MlflowClient
@@ -311,3 +315,29 @@ def test_summary_plots_and_registration_of_the_best_trial(store: str, tmp_path: 
     # Registering again (a restored sweep) reuses the version.
     assert register_best(best, base, sweep=sweep, model_name=name, tracking_uri=uri, experiment=experiment) == version
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_samplers_propose_trials_inside_the_space(searcher: str) -> None:
+    spec = load_sweep(SWEEP_DIR / "masking.yaml", [f"sweep.searcher={searcher}"])
+    alg, limit = make_searcher(spec.settings)
+    space = search_space(spec)
+    if searcher == "optuna":
+        assert limit == spec.settings.max_concurrent_trials  # Tune limits a Searcher's concurrency
+        assert alg.set_search_properties("probe_cer", "min", space)
+        proposals = [alg.suggest(f"trial{i}") for i in range(6)]
+    else:
+        assert limit is None  # the variant generator holds the limit itself
+        proposals = [{key: domain.sample() for key, domain in space.items()} for _ in range(6)]
+    dims = {d.key: d for d in spec.space}
+    for params in proposals:
+        assert set(params) == set(dims), params  # flat dotted keys, as the overrides take them
+        for key, value in params.items():
+            d = dims[key]
+            if d.kind == "choice":
+                assert value in d.values
+            else:
+                assert d.values[0] <= value <= d.values[1], (key, value)
+        cfg = trial_config(spec.config, params, sweep="s", trial_id="t")
+        assert cfg.model.mask.length == params["model.mask.length"]
+    assert len({json.dumps(p, sort_keys=True) for p in proposals}) > 1
