@@ -182,7 +182,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on GPU, fp32 on CPU."""
     compile: bool = False
-    """``torch.compile`` the model."""
+    """``torch.compile`` the feature encoder and each Transformer layer (regions; see
+    ``pipeline.train.engine``)."""
     activation_checkpointing: bool = False
     log_every: int = 10
     """Steps between metric reductions/logs (no host sync in between)."""

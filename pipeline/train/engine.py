@@ -15,8 +15,15 @@ What this module decides, and why:
   schedule cannot drift from the step when DeepSpeed skips an update on its own
   (ZeRO-1/2 do on a non-finite gradient norm), and the step is all a resume needs.
 - Parameters stay fp32 inside DeepSpeed; on GPU the forward runs under bf16 autocast.
+  DeepSpeed's engine turns off any autocast entered outside it unless its own
+  ``torch_autocast`` section is on, so the bf16 setting goes into the DeepSpeed config
+  (with no "lower-precision-safe" modules, so gradients are never reduced in bf16).
   Gradients, master weights and the all-reduce are fp32: the BASE model is small enough
   that this costs little, and the Gumbel quantizer and the losses keep full precision.
+- ``train.compile`` compiles regions, not the whole model: the feature encoder and each
+  Transformer layer (:func:`apply_regional_compile`). LayerDrop's per-update choice of
+  layers, the mask and Gumbel generators and the temperature stay outside the compiled
+  graphs, which would otherwise be recompiled for every update.
 - Gradient clipping: DeepSpeed's ZeRO-1/2/3 compute the global norm anyway and clip with
   it; with ZeRO disabled DeepSpeed computes no norm, so the loop clips and measures it
   itself (:func:`clip_and_measure`).
@@ -141,6 +148,24 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def apply_regional_compile(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` the feature encoder and each Transformer layer in place.
+
+    Returns how many regions were compiled; the state dict is untouched (``Module.compile``
+    keeps parameter names). Shapes that change between buckets are marked dynamic by
+    ``torch.compile`` after the first recompile.
+    """
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(getattr(encoder, "transformer", None), "layers", None)
+    feature_encoder = getattr(encoder, "feature_encoder", None)
+    if layers is None or feature_encoder is None:
+        raise ValueError("train.compile: the model has no encoder.feature_encoder and encoder.transformer.layers")
+    regions = [feature_encoder, *layers]
+    for region in regions:
+        region.compile(backend=backend)
+    return len(regions)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -189,8 +214,11 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, autocast: torch.dtype | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (no optimizer/scheduler entries: see module doc).
+
+    ``autocast`` (the dtype of :func:`autocast_dtype`) turns on DeepSpeed's
+    ``torch_autocast``: without it the engine's forward runs with autocast disabled.
 
     Batches are dicts of variable-size tensors the loop feeds itself, so DeepSpeed's
     ``train_micro_batch_size_per_gpu`` is a bookkeeping 1; what matters to DeepSpeed is
@@ -213,7 +241,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             stage3_prefetch_bucket_size=cfg.deepspeed.bucket_size,
             stage3_param_persistence_threshold=cfg.deepspeed.zero3_persistence_threshold,
         )
-    return {
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.grad_accum * world_size,
@@ -225,6 +253,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if autocast is not None:
+        out["torch_autocast"] = {
+            "enabled": True,
+            "dtype": str(autocast).removeprefix("torch."),
+            "lower_precision_safe_modules": [],  # reduce every gradient in fp32
+        }
+    return out
 
 
 @dataclass
@@ -266,6 +301,8 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Engine:
     model = model.to(device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_regional_compile(model)
     if cfg.deepspeed.zero_stage == 3:
         namedtuple_outputs(model)
     optimizer = GuardedAdamW(
@@ -275,17 +312,16 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Engine:
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
+    autocast = autocast_dtype(cfg, device)
     ds_engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, autocast),
         dist_init_required=False,
     )
-    if cfg.train.compile:
-        ds_engine.compile()
     return Engine(
         engine=ds_engine,
         optimizer=optimizer,
         device=device,
-        autocast=autocast_dtype(cfg, device),
+        autocast=autocast,
         zero_stage=cfg.deepspeed.zero_stage,
         clip_grad_norm=cfg.optim.clip_grad_norm,
     )
