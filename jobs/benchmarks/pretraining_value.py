@@ -20,7 +20,7 @@
    frozen pretrained encoder, on the same encoder with random weights, and on log-mel
    features; trained on the 10 minutes, scored on the held-out voices.
 
-Prints a table like CPC's and writes ``results.json`` in the work directory. Every
+Prints a table like CPC's and writes ``results-s<seed>.json`` in the work directory. Every
 random choice comes from ``--seed``; stages already done in the work directory (corpus,
 prepared data, finished runs) are reused, so a second call only re-evaluates.
 """
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-minutes", type=float, default=10.0)
     parser.add_argument("--test-minutes", type=float, default=4.0)
     parser.add_argument("--pretrain-steps", type=int, default=2000)
-    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--finetune-steps", type=int, default=1500)
     parser.add_argument("--probe-steps", type=int, default=300)
     parser.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra pretraining overrides (after PRETRAIN_OVERRIDES)")
