@@ -97,7 +97,8 @@ class LoopHooks:
         """A host batch was consumed (data position bookkeeping)."""
 
     def on_log(self, step: int, metrics: dict[str, float], alarms: list[Alarm]) -> None:
-        """Reduced metrics of the last interval, after update ``step`` (1-based count)."""
+        """Reduced metrics of the last interval, after update ``step`` (1-based count);
+        ``alarms``: the health alarms raised or cleared at this log (same key, a message)."""
 
     def on_gradients(self, step: int) -> None:
         """After the last backward of update ``step`` (0-based), before the optimizer step:
@@ -283,12 +284,13 @@ class TrainLoop:
             num_negatives=self.cfg.model.loss.num_negatives, chance_margin=self.cfg.train.chance_margin,
             min_perplexity=self.cfg.train.min_perplexity,
         )
-        fresh = [a for a in alarms if a.key not in self.alarm_state.fired]
-        for a in fresh:
-            self.alarm_state.fired.add(a.key)
-            if self.rank == 0:
+        raised, cleared = self.alarm_state.update(alarms, self.step)
+        if self.rank == 0:
+            for a in raised:
                 log.warning("HEALTH ALARM: %s", a.message)
-        self.hooks.on_log(self.step, metrics, fresh)
+            for a in cleared:
+                log.warning("HEALTH ALARM %s %s", a.key, a.message)
+        self.hooks.on_log(self.step, metrics, raised + cleared)
         limit = self.cfg.train.max_nonfinite_steps
         if metrics["nonfinite_in_row"] > limit:
             raise NonFiniteLossError(

@@ -94,9 +94,29 @@ class Alarm:
 
 @dataclass
 class AlarmState:
-    """Which alarms have fired (each is logged once per run, the tag is kept)."""
+    """Which alarms are raised, and since which step.
 
-    fired: set[str] = field(default_factory=set)
+    An alarm is logged and tagged once when it starts to hold; when a later log interval
+    no longer shows it (a run that sat at chance during warm-up and then learned), it is
+    reported once more as cleared, so the run's tag does not keep calling a healthy run
+    broken.
+    """
+
+    fired: dict[str, int] = field(default_factory=dict)
+
+    def update(self, alarms: list[Alarm], step: int) -> tuple[list[Alarm], list[Alarm]]:
+        """(newly raised, newly cleared) alarms after the log at ``step``."""
+        active = {a.key for a in alarms}
+        raised = [a for a in alarms if a.key not in self.fired]
+        for a in raised:
+            self.fired[a.key] = step
+        cleared = [
+            Alarm(key, f"cleared at step {step} (raised at step {since})")
+            for key, since in self.fired.items() if key not in active
+        ]
+        for a in cleared:
+            del self.fired[a.key]
+        return raised, cleared
 
 
 def check_health(

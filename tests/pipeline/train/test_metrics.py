@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.train.metrics import MetricWindow, check_health
+from pipeline.train.metrics import AlarmState, MetricWindow, check_health
 
 
 def _check(metrics: dict[str, float], step: int = 100):
@@ -27,6 +27,20 @@ def test_codebook_collapse_alarm() -> None:
     assert [a.key for a in alarms] == ["alarm_codebook_collapse"]
     assert "perplexity/prob_1 = 1.200" in alarms[0].message
     assert _check({"perplexity/code_0": float("nan")}) == []
+
+
+def test_an_alarm_is_reported_when_raised_and_when_cleared_once_each() -> None:
+    state = AlarmState()
+    at_chance = {"loss/contrastive": math.log(101), "perplexity/code_0": 200.0}
+    learning = {"loss/contrastive": 3.0, "perplexity/code_0": 200.0}
+    raised, cleared = state.update(_check(at_chance, step=20), 20)
+    assert [a.key for a in raised] == ["alarm_chance_level"] and cleared == []
+    assert state.update(_check(at_chance, step=30), 30) == ([], [])
+    raised, cleared = state.update(_check(learning, step=40), 40)
+    assert raised == [] and [(a.key, a.message) for a in cleared] == [
+        ("alarm_chance_level", "cleared at step 40 (raised at step 20)")]
+    assert state.update(_check(learning, step=50), 50) == ([], [])
+    assert [a.key for a in state.update(_check(at_chance, step=60), 60)[0]] == ["alarm_chance_level"]
 
 
 def test_window_sums_device_and_host_values_and_resets() -> None:
