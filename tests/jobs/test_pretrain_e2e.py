@@ -194,7 +194,7 @@ def test_job_submit_zero3(ray_head, s3_store, demo_uri: str, tmp_path: Path) -> 
     checkpoint still holds the consolidated model."""
     from models.checkpoint import load_weights
     from models.factory import build_pretraining_model
-    from pipeline.config import tiny
+    from pipeline.config import load_config
 
     db = tmp_path / "mlflow.db"
     runs_uri = s3_store.uri("runs3")
@@ -211,6 +211,6 @@ def test_job_submit_zero3(ray_head, s3_store, demo_uri: str, tmp_path: Path) -> 
     local.mkdir()
     (local / "model.safetensors").write_bytes(storage.read_bytes(f"{ckpt}/model.safetensors"))
     state = load_weights(local)
-    expected = build_pretraining_model(tiny().model).state_dict()
+    expected = build_pretraining_model(load_config(ROOT / "jobs" / "configs" / "pretrain" / "tiny.yaml").model).state_dict()
     assert state.keys() == expected.keys()
     assert all(state[k].shape == expected[k].shape for k in expected)
