@@ -464,14 +464,13 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
 
     import ray.train
 
-    from pipeline.data import storage
     from pipeline.data.loader import iter_train_batches
     from pipeline.data.position import DataPosition
     from pipeline.tracking import install_log_redaction
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.engine import build_engine
     from pipeline.train.loop import NonFiniteLossError, TrainLoop
-    from pipeline.train.worker import ABORT_FILE
+    from pipeline.train.worker import record_abort
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
@@ -510,15 +509,8 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
         result = loop.run(batches)
     except NonFiniteLossError as e:
         if rank == 0:
-            log.error("%s", e)
-            storage.write_json(
-                storage.join(loop_config["run_uri"], ABORT_FILE),
-                {"step": loop.step, "reason": "nonfinite_loss", "message": str(e),
-                 "last_checkpoint_step": hooks.last_checkpoint_step},
-                loop_config["storage"],
-            )
-            if tracker is not None:
-                tracker.set_tag("stopped", str(e))
+            record_abort(loop_config, e, step=loop.step, last_checkpoint_step=hooks.last_checkpoint_step,
+                         tracker=tracker)
         return
 
     state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
@@ -551,92 +543,15 @@ def run_finetuning(cfg: Config, *, run_name: str | None = None) -> Any:
     """Fit (or resume) the fine-tuning run of ``cfg`` on the connected Ray cluster.
 
     Same run identity, storage, failure handling, data factory and MLflow run as
-    :func:`pipeline.train.trainer.run_pretraining`; only the worker differs. Returns a
-    :class:`pipeline.train.trainer.RunResult`.
+    pretraining (:func:`pipeline.train.trainer.fit_run`); only the worker differs. Returns
+    a :class:`pipeline.train.trainer.RunResult`.
     """
-    import os
+    from pipeline.train.trainer import fit_run
 
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.config import to_dict
-    from pipeline.data import storage
-    from pipeline.tracking import Tracker, install_log_redaction
-    from pipeline.train.trainer import (
-        RunResult,
-        RunStoppedError,
-        TrainDataFactory,
-        latest_checkpoint_uri,
-        make_run_name,
-        read_trainer_state,
-        storage_for,
-    )
-    from pipeline.train.worker import ABORT_FILE
-
-    install_log_redaction()
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri: expected the prepared labelled dataset (jobs.prepare --output), got ''")
     cfg = resolve_config(cfg)
     Targets.read(cfg, Vocabulary.from_characters(cfg.train.ctc_vocab))  # fail before starting workers
-    run_name = run_name or make_run_name(cfg)
-    store = storage_for(cfg)
-    storage.ensure_bucket(cfg.checkpoint.storage_path, store)
-    fs, storage_path = storage.resolve(cfg.checkpoint.storage_path, store)
-    if not storage.is_s3(cfg.checkpoint.storage_path):
-        os.makedirs(storage_path, exist_ok=True)
-    run_uri = storage.join(cfg.checkpoint.storage_path, run_name)
-    abort_uri = storage.join(run_uri, ABORT_FILE)
-    if storage.exists(abort_uri, store):
-        fs.delete_file(storage.resolve(abort_uri, store)[1])
-
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    tracker = Tracker.open(cfg, run_name)
-    tracker.log_config(cfg)
-    tracker.set_tag("wavray.task", "finetune")
-    tracker.set_tag("wavray.preset", cfg.preset)
-    tracker.set_tag("wavray.run_uri", run_uri)
-    tracker.set_tag("wavray.init_from", cfg.train.init_from or f"scratch ({cfg.finetune.frontend})")
-
-    use_gpu = cfg.scaling.use_gpu
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        finetune_worker,
-        train_loop_config={"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
-        datasets={"train": TrainDataFactory(
-            cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
-        )},
-    )
-    try:
-        trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    if storage.exists(abort_uri, store):
-        info = storage.read_json(abort_uri, store)
-        tracker.end("FAILED")
-        raise RunStoppedError(info.get("message", "the run stopped"))
-    latest = latest_checkpoint_uri(run_uri, store)
-    step = read_trainer_state(latest, store).step if latest else None
-    version = None
-    if cfg.tracking.register_as and cfg.finetune.frontend == "wav2vec2":
-        version = tracker.register_model(cfg.tracking.register_as)
-    tracker.end("FINISHED")
-    return RunResult(
-        run_name=run_name, run_uri=run_uri, checkpoint_uri=latest, step=step, mlflow_uri=tracker.uri,
-        mlflow_run_id=tracker.run_id, ui_command=tracker.ui_command(), model_version=version,
-    )
+    tags = {"wavray.task": "finetune", "wavray.init_from": cfg.train.init_from or f"scratch ({cfg.finetune.frontend})"}
+    register = bool(cfg.tracking.register_as) and cfg.finetune.frontend == "wav2vec2"
+    return fit_run(cfg, finetune_worker, run_name=run_name, tags=tags, register=register)

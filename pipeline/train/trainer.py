@@ -21,6 +21,7 @@ import datetime
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,15 +134,33 @@ class RunResult:
 
 def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
     """Fit (or resume) the pretraining run of ``cfg`` on the connected Ray cluster."""
+    if not cfg.data.train_uri:
+        raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
+    return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as))
+
+
+def fit_run(
+    cfg: Config,
+    worker: Callable[[dict[str, Any]], None],
+    *,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    register: bool = False,
+) -> RunResult:
+    """Fit (or resume) a training run of ``worker`` (the Ray Train function) for ``cfg``.
+
+    Pretraining and fine-tuning differ only in the worker: run identity and storage, the
+    MLflow run (opened here, ended with the run's outcome), Ray Train's failure handling,
+    the data factory and the exact-resume data settings are this one function.
+    ``register``: register the final model as ``tracking.register_as``.
+    """
     import ray.train
-    from ray.data import ExecutionOptions
+    from ray.data import DataContext, ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.tracking import Tracker, install_log_redaction
 
     install_log_redaction()
-    if not cfg.data.train_uri:
-        raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
     run_name = run_name or make_run_name(cfg)
     store = storage_for(cfg)
     storage.ensure_bucket(cfg.checkpoint.storage_path, store)
@@ -153,20 +172,18 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
     if storage.exists(abort_uri, store):
         fs.delete_file(storage.resolve(abort_uri, store)[1])
 
-    from ray.data import DataContext
-
     DataContext.get_current().enable_progress_bars = False
     tracker = Tracker.open(cfg, run_name)
     tracker.log_config(cfg)
-    tracker.set_tag("wavray.preset", cfg.preset)
-    tracker.set_tag("wavray.run_uri", run_uri)
+    for key, value in {"wavray.preset": cfg.preset, "wavray.run_uri": run_uri, **(tags or {})}.items():
+        tracker.set_tag(key, value)
 
     use_gpu = cfg.scaling.use_gpu
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_worker,
+        worker,
         train_loop_config={"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -190,7 +207,7 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
         )},
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -201,11 +218,8 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
 
     latest = latest_checkpoint_uri(run_uri, store)
     step = read_trainer_state(latest, store).step if latest else None
-    version = None
-    if cfg.tracking.register_as:
-        version = tracker.register_model(cfg.tracking.register_as)
+    version = tracker.register_model(cfg.tracking.register_as) if register else None
     tracker.end("FINISHED")
-    del result
     return RunResult(
         run_name=run_name, run_uri=run_uri, checkpoint_uri=latest, step=step, mlflow_uri=tracker.uri,
         mlflow_run_id=tracker.run_id, ui_command=tracker.ui_command(), model_version=version,

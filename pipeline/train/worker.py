@@ -139,6 +139,25 @@ def _full_model(cfg: Config, eng: Engine) -> torch.nn.Module | None:
     return model.eval()
 
 
+def record_abort(
+    loop_config: dict[str, Any], error: Exception, *, step: int, last_checkpoint_step: int, tracker: Any
+) -> None:
+    """Rank 0, after repeated non-finite losses: write the run's abort file (the driver
+    reads it to fail the run with this message instead of letting Ray Train retry) and tag
+    the MLflow run."""
+    log.error("%s", error)
+    storage.write_json(
+        storage.join(loop_config["run_uri"], ABORT_FILE),
+        {"step": step, "reason": "nonfinite_loss", "message": str(error), "last_checkpoint_step": last_checkpoint_step},
+        loop_config["storage"],
+    )
+    if tracker is not None:
+        try:
+            tracker.set_tag("stopped", str(error))
+        except Exception as tag_error:  # tracking must never hide the real error
+            log.warning("MLflow tag failed: %s", tag_error)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the pretraining ``TorchTrainer``.
 
@@ -197,18 +216,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         result = loop.run(batches)
     except NonFiniteLossError as e:
         if rank == 0:
-            log.error("%s", e)
-            storage.write_json(
-                storage.join(loop_config["run_uri"], ABORT_FILE),
-                {"step": loop.step, "reason": "nonfinite_loss", "message": str(e),
-                 "last_checkpoint_step": hooks.last_checkpoint_step},
-                loop_config["storage"],
-            )
-            if tracker is not None:
-                try:
-                    tracker.set_tag("stopped", str(e))
-                except Exception as tag_error:
-                    log.warning("MLflow tag failed: %s", tag_error)
+            record_abort(loop_config, e, step=loop.step, last_checkpoint_step=hooks.last_checkpoint_step,
+                         tracker=tracker)
         return
 
     full = _full_model(cfg, eng)
