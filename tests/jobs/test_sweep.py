@@ -26,6 +26,7 @@ from pipeline.tune import BEST_ALIAS, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, load_swe
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "jobs" / "configs" / "sweep" / "tiny_demo.yaml"
 MAX_STEPS = 40
+FAULT_STEPS = 100
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,10 @@ def test_tiny_sweep_ranks_by_probe_registers_the_best_and_restores(corpus: Path)
 @pytest.mark.slow
 def test_a_trial_whose_driver_dies_is_retried_and_resumes_its_run(corpus: Path) -> None:
     """SIGKILL a trial's driver after its first probe report: Tune retries the trial, whose
-    run continues from its newest checkpoint under the same name, and the sweep finishes."""
+    run continues from its newest checkpoint under the same name, and the sweep finishes.
+
+    The trial runs FAULT_STEPS updates (probes every 20) so that, after the first probe
+    report, the watcher has several probe intervals to find and kill the driver."""
     import os
     import signal
     import threading
@@ -153,7 +157,7 @@ def test_a_trial_whose_driver_dies_is_retried_and_resumes_its_run(corpus: Path) 
     shards = corpus / "shards"
     spec = load_sweep(DEMO, [
         f"data.train_uri={shards}", f"probe.train_uri={shards}", f"checkpoint.storage_path={corpus / 'runs-fault'}",
-        f"train.max_steps={MAX_STEPS}", "sweep.name=fault", "sweep.scheduler=fifo", "sweep.max_failures=1",
+        f"train.max_steps={FAULT_STEPS}", "sweep.name=fault", "sweep.scheduler=fifo", "sweep.max_failures=1",
         "space.model.mask.prob={grid: [0.5]}", "space.model.quantizer.entries={grid: [32]}",
     ])
     address = ray.get_runtime_context().gcs_address
@@ -185,11 +189,11 @@ def test_a_trial_whose_driver_dies_is_retried_and_resumes_its_run(corpus: Path) 
     assert killed, "the trial finished before its driver could be killed"
 
     (record,) = result.records
-    assert record.outcome == "completed" and record.step == MAX_STEPS, record
+    assert record.outcome == "completed" and record.step == FAULT_STEPS, record
     assert result.best is not None and result.best.trial_id == record.trial_id
     client = MlflowClient(tracking_uri=result.tracking_uri)
     history = client.get_metric_history(record.run_id, "probe/cer")
-    assert max(m.step for m in history) == MAX_STEPS
+    assert max(m.step for m in history) == FAULT_STEPS
     # The last report came from the retried driver, not the killed one; the run it trained
     # is the same (one run folder, one MLflow run for the trial).
     exp = client.get_experiment_by_name(spec.config.tracking.experiment)
@@ -200,7 +204,7 @@ def test_a_trial_whose_driver_dies_is_retried_and_resumes_its_run(corpus: Path) 
     reports = [json.loads(line) for line in
                (Path(result.experiment_path) / record.trial_id / "result.json").read_text().splitlines()]
     assert reports[0]["pid"] == killed["pid"] and reports[-1]["pid"] != killed["pid"]
-    assert reports[-1]["step"] == MAX_STEPS and reports[-1]["trial_done"]
+    assert reports[-1]["step"] == FAULT_STEPS and reports[-1]["trial_done"]
     assert sorted(p.name for p in (corpus / "runs-fault").iterdir() if p.name.startswith("fault-")) == [
         f"fault-{record.trial_id}"
     ]
