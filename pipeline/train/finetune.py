@@ -43,7 +43,7 @@ from models.wav2vec2 import Wav2Vec2ForCTC
 from pipeline.config import Config, from_dict, load_config
 from pipeline.text import Vocabulary
 from pipeline.train import seeding
-from pipeline.train.loop import Prepared, StepOutput
+from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import Alarm, ratio
 
 log = logging.getLogger("wavray.train")
@@ -315,13 +315,6 @@ class _TransformerFreeze:
             self._saved = None
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
 class FinetuneStep:
     """The CTC task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
 
@@ -356,10 +349,10 @@ class FinetuneStep:
         pad_np = batch.get("padding_mask")
         has_pad = pad_np is not None and bool(pad_np.any())
         inputs: dict[str, Any] = {
-            "source": _to_device(source_np.astype(np.float32, copy=False), device),  # (B, S)
-            "padding_mask": _to_device(pad_np.astype(bool, copy=False), device) if has_pad else None,  # (B, S)
-            "targets": _to_device(np.concatenate(labels), device),  # (sum U,)
-            "target_lengths": _to_device(target_lengths, device),  # (B,)
+            "source": to_device(source_np.astype(np.float32, copy=False), device),  # (B, S)
+            "padding_mask": to_device(pad_np.astype(bool, copy=False), device) if has_pad else None,  # (B, S)
+            "targets": to_device(np.concatenate(labels), device),  # (sum U,)
+            "target_lengths": to_device(target_lengths, device),  # (B,)
             "generator": seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device),
         }
         count = torch.tensor(float(target_lengths.sum()), device=device)

@@ -47,6 +47,15 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a non-finite loss; the run must stop."""
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host batch array on the training device (pinned and asynchronous on CUDA), for
+    the tasks' ``prepare``."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 @dataclass
 class Prepared:
     """A micro-batch on the device, ready for ``TrainStep.forward``."""

@@ -23,15 +23,8 @@ import torch
 from models.wav2vec2 import Wav2Vec2ForPretraining
 from pipeline.config import Config
 from pipeline.train import seeding
-from pipeline.train.loop import Prepared, StepOutput
+from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import ratio
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 class PretrainStep:
@@ -53,8 +46,8 @@ class PretrainStep:
         has_pad = pad_np is not None and bool(pad_np.any())
         num_samples = int(source_np.size - (int(pad_np.sum()) if has_pad else 0))
 
-        source = _to_device(source_np.astype(np.float32, copy=False), device)  # (B, S)
-        padding_mask = _to_device(pad_np.astype(bool, copy=False), device) if has_pad else None  # (B, S)
+        source = to_device(source_np.astype(np.float32, copy=False), device)  # (B, S)
+        padding_mask = to_device(pad_np.astype(bool, copy=False), device) if has_pad else None  # (B, S)
         batch_size, num_samples_max = source.shape
         gen = seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device)
         fe = self.model.encoder.feature_encoder
@@ -65,12 +58,12 @@ class PretrainStep:
             lengths = torch.full((batch_size,), frames, dtype=torch.long, device=device)
 
         if "mask_time_indices" in batch:
-            mask = _to_device(np.asarray(batch["mask_time_indices"], dtype=bool), device)  # (B, T)
+            mask = to_device(np.asarray(batch["mask_time_indices"], dtype=bool), device)  # (B, T)
             if padding_mask is not None:
                 mask = mask & (torch.arange(frames, device=device).unsqueeze(0) < lengths.unsqueeze(1))
             if "negative_indices" not in batch:
                 raise ValueError("batch: 'mask_time_indices' given without 'negative_indices'")
-            negatives = _to_device(np.asarray(batch["negative_indices"], dtype=np.int64), device)  # (B, T, K)
+            negatives = to_device(np.asarray(batch["negative_indices"], dtype=np.int64), device)  # (B, T, K)
         else:
             mask, negatives = self.model.sample_masks(batch_size, frames, lengths, gen)
         inputs: dict[str, Any] = {
