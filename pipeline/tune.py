@@ -89,6 +89,9 @@ TRIAL_TAG = "wavray.trial_id"
 ROLE_TAG = "wavray.sweep.role"
 OUTCOME_TAG = "wavray.sweep.outcome"
 PARENT_TAG = "mlflow.parentRunId"
+DRIVER_TAG = "wavray.sweep.driver"
+"""Where the trial's driver process runs, ``<node ip>:<pid>``: the process to look at (or
+end) when a trial hangs. A retried trial overwrites it with its new driver."""
 BEST_ALIAS = "best"
 METRIC_MODE = "min"
 TIME_ATTR = "step"
@@ -612,7 +615,17 @@ def open_trial_run(cfg: Config, ctx: TrialContext, trial_id: str, params: Mappin
     client.set_tag(tracker.run_id, TRIAL_TAG, trial_id)
     client.set_tag(tracker.run_id, ROLE_TAG, "trial")
     client.set_tag(tracker.run_id, "wavray.sweep.params", json.dumps(dict(params), sort_keys=True))
+    client.set_tag(tracker.run_id, DRIVER_TAG, f"{_node_ip()}:{os.getpid()}")
     return tracker
+
+
+def _node_ip() -> str:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (a trial function called directly)
+        return "local"
 
 
 def trial_main(params: dict[str, Any], ctx: TrialContext) -> None:
