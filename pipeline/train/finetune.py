@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,7 +42,8 @@ from pipeline.config import Config, from_dict, load_config
 from pipeline.text import Vocabulary
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
-from pipeline.train.metrics import Alarm, ratio
+from pipeline.train.metrics import ratio
+from pipeline.train.worker import RayHooks, WorkerTask, format_duration, run_worker
 
 log = logging.getLogger("wavray.train")
 
@@ -399,35 +398,19 @@ class FinetuneStep:
 
 
 def _progress(step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> str:
-    from pipeline.train.worker import _fmt_duration
-
     frozen = " (Transformer frozen)" if metrics.get("transformer_frozen", 0.0) > 0 else ""
     return (
         f"[wavray] step {step}/{max_steps} ctc {metrics.get('loss', float('nan')):.4f}/char "
         f"lr {metrics.get('lr', 0.0):.2e} audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
-        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {_fmt_duration(eta_s)}{frozen}"
+        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {format_duration(eta_s)}{frozen}"
     )
 
 
-def _hooks_class() -> type:
-    from pipeline.train.worker import RayHooks
+class FinetuneHooks(RayHooks):
+    """The worker's hooks with the CTC progress line."""
 
-    class FinetuneHooks(RayHooks):
-        """RayHooks with a CTC progress line."""
-
-        def on_log(self, step: int, metrics: dict[str, float], alarms: list[Alarm]) -> None:
-            if self.rank != 0:
-                return
-            done = step - self.start_step
-            eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
-            print(_progress(step, self.cfg.train.max_steps, metrics, eta), flush=True)
-            if self.tracker is not None:
-                try:
-                    self.tracker.log_metrics(step, metrics)
-                except Exception as e:  # tracking must never stop training
-                    log.warning("MLflow logging failed at step %d: %s", step, e)
-
-    return FinetuneHooks
+    def progress(self, step: int, metrics: dict[str, float], eta_s: float) -> str:
+        return _progress(step, self.cfg.train.max_steps, metrics, eta_s)
 
 
 def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) -> Path:
@@ -449,67 +432,33 @@ def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) 
     return out
 
 
-def finetune_worker(loop_config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the fine-tuning ``TorchTrainer`` (keys as for pretraining:
-    ``config``, ``run_uri``, ``storage``, ``tracker``)."""
-    import shutil
-    import tempfile
+class FinetuneTask(WorkerTask):
+    """CTC fine-tuning; the final model goes to MLflow as an inference directory."""
 
-    import ray.train
+    hooks_class = FinetuneHooks
 
-    from pipeline.data.loader import iter_train_batches
-    from pipeline.data.position import DataPosition
-    from pipeline.tracking import install_log_redaction
-    from pipeline.train import checkpoint as ckpt
-    from pipeline.train.engine import build_engine
-    from pipeline.train.loop import NonFiniteLossError, TrainLoop
-    from pipeline.train.worker import record_abort
+    def __init__(self) -> None:
+        self.vocab: Vocabulary | None = None
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
-    cfg = from_dict(loop_config["config"])
-    tracker = loop_config.get("tracker")
-    rank = ray.train.get_context().get_world_rank()
-    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
-    targets = Targets.read(cfg, vocab)
+    def build_model(self, cfg: Config) -> torch.nn.Module:
+        self.vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+        return build_model(cfg, len(self.vocab))
 
-    torch.manual_seed(cfg.train.seed)  # identical fresh head (and encoder, from scratch) on every rank
-    model = build_model(cfg, len(vocab))
-    eng = build_engine(cfg, model)
+    def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
+        assert self.vocab is not None
+        return FinetuneStep(cfg, model, Targets.read(cfg, self.vocab))
 
-    start_step, skipped, position = 0, 0, None
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt.load(d, engine=eng.engine, cfg=cfg)
-        start_step, skipped, position = state.step, state.skipped_steps, state.data_position
-        if rank == 0:
-            print(f"[wavray] resumed from step {start_step} ({resumed.path})", flush=True)
-    if start_step >= cfg.train.max_steps:
-        if rank == 0:
-            print(f"[wavray] nothing to do: the run is at step {start_step} of train.max_steps = "
-                  f"{cfg.train.max_steps}", flush=True)
-        return
+    def finish(self, cfg: Config, eng: Any, *, rank: int, tracker: Any) -> None:
+        import shutil
+        import tempfile
 
-    batches = iter_train_batches(ray.train.get_dataset_shard("train"), cfg.data, position=position)
-    hooks = _hooks_class()(
-        cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
-        position=DataPosition(position), start_step=start_step,
-    )
-    loop = TrainLoop(cfg, eng, FinetuneStep(cfg, model, targets), start_step=start_step, hooks=hooks,
-                     skipped_steps=skipped)
-    try:
-        result = loop.run(batches)
-    except NonFiniteLossError as e:
-        if rank == 0:
-            record_abort(loop_config, e, step=loop.step, last_checkpoint_step=hooks.last_checkpoint_step,
-                         tracker=tracker)
-        return
+        from pipeline.train import checkpoint as ckpt
 
-    state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
-    if rank == 0 and tracker is not None and state is not None:
+        state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
+        if rank != 0 or tracker is None or state is None:
+            return
         try:
-            final = build_model(_without_init(cfg), len(vocab))
+            final = build_model(_without_init(cfg), len(Vocabulary.from_characters(cfg.train.ctc_vocab)))
             final.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             tmp = Path(tempfile.mkdtemp(prefix="wavray-ctc-"))
             try:
@@ -519,8 +468,12 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception as e:
             log.warning("could not log the final model to MLflow: %s", e)
-    if rank == 0:
-        print(f"[wavray] finished at step {result.step} (skipped {result.skipped_steps} non-finite)", flush=True)
+
+
+def finetune_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the fine-tuning ``TorchTrainer`` (keys as for pretraining,
+    see :func:`pipeline.train.worker.run_worker`)."""
+    run_worker(loop_config, FinetuneTask())
 
 
 def _without_init(cfg: Config) -> Config:

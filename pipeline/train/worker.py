@@ -46,7 +46,8 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``1h02m`` or ``3m05s`` for the progress line; ``?`` while there is no estimate."""
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
     seconds = int(seconds)
@@ -62,7 +63,7 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: f
         f"acc {metrics.get('accuracy', float('nan')):.3f} "
         f"audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
         f"({metrics.get('speed/audio_s_per_s_per_worker', 0.0):.0f}/worker) "
-        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {_fmt_duration(eta_s)}"
+        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {format_duration(eta_s)}"
     )
 
 
@@ -87,7 +88,7 @@ class RayHooks(LoopHooks):
             return
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
-        say(progress_line(step, self.cfg.train.max_steps, metrics, eta))
+        say(self.progress(step, metrics, eta))
         if self.tracker is not None:
             try:
                 self.tracker.log_metrics(step, metrics)
@@ -95,6 +96,10 @@ class RayHooks(LoopHooks):
                     self.tracker.set_tag(alarm.key, alarm.message)
             except Exception as e:  # tracking must never stop training
                 log.warning("MLflow logging failed at step %d: %s", step, e)
+
+    def progress(self, step: int, metrics: dict[str, float], eta_s: float) -> str:
+        """The task's progress line."""
+        return progress_line(step, self.cfg.train.max_steps, metrics, eta_s)
 
     def should_checkpoint(self, step: int) -> bool:
         return step % self.cfg.checkpoint.every_steps == 0
@@ -158,8 +163,53 @@ def record_abort(
             log.warning("MLflow tag failed: %s", tag_error)
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the pretraining ``TorchTrainer``.
+class WorkerTask:
+    """What a task brings to the shared worker: its model, its step, its hooks and what
+    it leaves behind at the end. Everything else (engine, resume, data position,
+    checkpoints, MLflow, the non-finite stop) is :func:`run_worker`'s, for every task."""
+
+    hooks_class: type[RayHooks] = RayHooks
+
+    def build_model(self, cfg: Config) -> torch.nn.Module:
+        """The model, before the engine wraps it (same seed on every rank: same weights)."""
+        raise NotImplementedError
+
+    def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
+        """The task's step (:class:`pipeline.train.loop.TaskStep`) for the wrapped model."""
+        raise NotImplementedError
+
+    def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
+        """After the last update, on every rank (gathering ZeRO-3 weights is collective)."""
+
+
+class PretrainTask(WorkerTask):
+    """Self-supervised pretraining; the final model goes to MLflow in Hugging Face format."""
+
+    def build_model(self, cfg: Config) -> torch.nn.Module:
+        from models.checkpoint import load_pretrained_into
+        from models.factory import build_pretraining_model
+
+        model = build_pretraining_model(cfg.model)
+        if cfg.train.init_from:
+            load_pretrained_into(model, cfg.train.init_from)
+        return model
+
+    def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
+        return PretrainStep(cfg, model)
+
+    def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
+        from pipeline.tracking import log_final_model
+
+        full = _full_model(cfg, eng)
+        if rank == 0 and tracker is not None and full is not None:
+            try:
+                log_final_model(tracker, full, cfg)
+            except Exception as e:
+                log.warning("could not log the final model to MLflow: %s", e)
+
+
+def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
+    """The body of every task's ``train_loop_per_worker``.
 
     ``loop_config``: ``config`` (the resolved config as a dict), ``run_uri`` (the run's
     folder in storage), ``storage`` (a :class:`pipeline.data.storage.Storage`),
@@ -167,11 +217,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
 
-    from models.checkpoint import load_pretrained_into
-    from models.factory import build_pretraining_model
     from pipeline.data.loader import iter_train_batches
     from pipeline.data.position import DataPosition
-    from pipeline.tracking import install_log_redaction, log_final_model
+    from pipeline.tracking import install_log_redaction
 
     if not logging.getLogger().handlers:  # Ray Train usually installed its own already
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -182,9 +230,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_pretraining_model(cfg.model)
-    if cfg.train.init_from:
-        load_pretrained_into(model, cfg.train.init_from)
+    model = task.build_model(cfg)
     eng = build_engine(cfg, model)
 
     start_step, skipped, position = 0, 0, None
@@ -207,11 +253,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     batches = iter_train_batches(shard, cfg.data, position=position)
-    hooks = RayHooks(
+    hooks = task.hooks_class(
         cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
         position=DataPosition(position), start_step=start_step,
     )
-    loop = TrainLoop(cfg, eng, PretrainStep(cfg, model), start_step=start_step, hooks=hooks, skipped_steps=skipped)
+    loop = TrainLoop(cfg, eng, task.build_step(cfg, model), start_step=start_step, hooks=hooks,
+                     skipped_steps=skipped)
     try:
         result = loop.run(batches)
     except NonFiniteLossError as e:
@@ -220,11 +267,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                          tracker=tracker)
         return
 
-    full = _full_model(cfg, eng)
-    if rank == 0 and tracker is not None and full is not None:
-        try:
-            log_final_model(tracker, full, cfg)
-        except Exception as e:
-            log.warning("could not log the final model to MLflow: %s", e)
+    task.finish(cfg, eng, rank=rank, tracker=tracker)
     if rank == 0:
         say(f"[wavray] finished at step {result.step} (skipped {result.skipped_steps} non-finite)")
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the pretraining ``TorchTrainer`` (see :func:`run_worker`)."""
+    run_worker(loop_config, PretrainTask())
