@@ -19,54 +19,35 @@ directory with ``vocab.json`` (``hf_model`` artifact).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
+from jobs.training_cli import connect, error, load_job_config, print_result, run_training, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config: a preset and its deltas")
-    parser.add_argument("overrides", nargs="*", help="a.b.c=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args = training_parser("python -m jobs.finetune", __doc__).parse_args(argv)
+    cfg = load_job_config(args)
+    if cfg is None:
         return 2
 
-    from jobs.pretrain import connect_ray
-    from pipeline.data.storage import StorageError
     from pipeline.train.finetune import resolve_config, run_finetuning
-    from pipeline.train.trainer import RunStoppedError, make_run_name
+    from pipeline.train.trainer import make_run_name
 
     try:
         cfg = resolve_config(cfg)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     run_name = make_run_name(cfg)
-    where = connect_ray()
+    where = connect(args)
     source = cfg.train.init_from or f"scratch ({cfg.finetune.frontend} frontend)"
     print(f"[wavray] fine-tuning run {run_name!r} from {source}: {cfg.scaling.num_workers} workers, "
           f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.max_steps} updates, Transformer frozen for "
           f"{cfg.train.freeze_encoder_steps} (Ray: {where})", flush=True)
-    try:
-        result = run_finetuning(cfg, run_name=run_name)
-    except (StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RunStoppedError as e:
-        print(f"error: the run stopped: {e}", file=sys.stderr)
-        return 3
-    print(f"[wavray] checkpoint: {result.checkpoint_uri} (step {result.step})")
-    print(f"[wavray] evaluate: python -m jobs.evaluate --checkpoint {result.checkpoint_uri} --data URI")
-    print(f"[wavray] MLflow run: {result.mlflow_run_id} in {result.mlflow_uri} "
-          f"(experiment {cfg.tracking.experiment!r})")
-    if result.model_version:
-        print(f"[wavray] registered model {cfg.tracking.register_as!r} version {result.model_version}")
-    print(f"[wavray] MLflow UI: {result.ui_command}", flush=True)
+    result, code = run_training(lambda c: run_finetuning(c, run_name=run_name), cfg)
+    if result is None:
+        return code
+    print_result(cfg, result, [f"evaluate: python -m jobs.evaluate --checkpoint {result.checkpoint_uri} --data URI"])
     return 0
 
 

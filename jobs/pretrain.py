@@ -15,6 +15,9 @@ data and checkpoint locations as absolute paths or s3:// URIs. Environment for t
 workers (``AWS_*`` for the object store) goes through ``--runtime-env-json
 '{"env_vars": {...}}'`` or the cluster's environment.
 
+Run directly, the job joins ``--address`` (``auto``: the cluster ``ray start`` left on
+this machine) or ``RAY_ADDRESS``, else starts a local Ray instance on 127.0.0.1.
+
 The same ``checkpoint.run_name`` and ``checkpoint.storage_path`` resume the run from its
 newest checkpoint. The job prints a progress line every ``train.log_every`` updates and,
 at the end, where the checkpoint, the MLflow run and the UI command are.
@@ -22,69 +25,27 @@ at the end, where the checkpoint, the MLflow run and the UI command are.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-
-RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
-
-
-def connect_ray() -> str:
-    """Join ``RAY_ADDRESS`` or a cluster started on this machine, else start Ray on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return "already connected"
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return address
-    if RAY_CLUSTER_FILE.exists():
-        try:
-            ray.init(address="auto", log_to_driver=True)
-            return "auto"
-        except (ConnectionError, RuntimeError):
-            pass  # a stale file from a stopped cluster: start our own
-    # The dashboard (on 127.0.0.1) serves the state API Ray Train's clean-up polls.
-    ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True)
-    return "local"
+from jobs.training_cli import connect, load_job_config, print_result, run_training, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config: a preset and its deltas")
-    parser.add_argument("overrides", nargs="*", help="a.b.c=value config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args = training_parser("python -m jobs.pretrain", __doc__).parse_args(argv)
+    cfg = load_job_config(args)
+    if cfg is None:
         return 2
 
-    from pipeline.data.storage import StorageError
-    from pipeline.train.trainer import RunStoppedError, make_run_name, run_pretraining
+    from pipeline.train.trainer import make_run_name, run_pretraining
 
     run_name = make_run_name(cfg)
-    where = connect_ray()
+    where = connect(args)
     print(f"[wavray] run {run_name!r}: preset {cfg.preset}, {cfg.scaling.num_workers} workers, "
           f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.max_steps} updates (Ray: {where})", flush=True)
-    try:
-        result = run_pretraining(cfg, run_name=run_name)
-    except (StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RunStoppedError as e:
-        print(f"error: the run stopped: {e}", file=sys.stderr)
-        return 3
-    print(f"[wavray] checkpoint: {result.checkpoint_uri} (step {result.step})")
-    print(f"[wavray] MLflow run: {result.mlflow_run_id} in {result.mlflow_uri} "
-          f"(experiment {cfg.tracking.experiment!r})")
-    if result.model_version:
-        print(f"[wavray] registered model {cfg.tracking.register_as!r} version {result.model_version}")
-    print(f"[wavray] MLflow UI: {result.ui_command}")
+    result, code = run_training(lambda c: run_pretraining(c, run_name=run_name), cfg)
+    if result is None:
+        return code
+    print_result(cfg, result)
     print(f"[wavray] resume or extend: the same command with checkpoint.run_name={result.run_name}", flush=True)
     return 0
 

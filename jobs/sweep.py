@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.tune import SweepError, SweepInterrupted, connect_ray, load_sweep
+from pipeline.cluster import connect_ray
+from pipeline.tune import SweepError, SweepInterrupted, load_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

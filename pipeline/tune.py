@@ -61,7 +61,6 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -105,8 +104,6 @@ with; run identity and tracking belong to the sweep."""
 PATH_FIELDS = ("data.train_uri", "probe.train_uri", "probe.dev_uri", "checkpoint.storage_path", "train.init_from")
 """Local paths made absolute in the driver: Tune runs each trial in its own directory."""
 MAX_GRID_CHECK = 512
-START_ATTEMPTS = 3
-"""Tries to start a local Ray instance (see :func:`connect_ray`)."""
 
 Outcome = Literal["completed", "early_stopped", "failed"]
 
@@ -767,64 +764,6 @@ def best_record(records: list[TrialRecord]) -> TrialRecord | None:
     scored = [r for r in records
               if r.outcome != "failed" and not math.isnan(r.probe_cer) and r.checkpoint_uri and r.step is not None]
     return min(scored, key=_rank_key) if scored else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
-    """Connect to one Ray instance and return its GCS address.
-
-    A Train run inside a Tune trial releases its workers' CPUs through a detached
-    clean-up actor that asks the state API whether the trial's Train controller is alive;
-    that needs the dashboard and the address of this instance in every worker's
-    environment (``RAY_ADDRESS``), since several Ray instances may share the machine.
-    ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) joins a cluster; without
-    one, a local instance starts on 127.0.0.1 with its GCS on a port chosen here.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return str(ray.get_runtime_context().gcs_address)
-    address = address or os.environ.get("RAY_ADDRESS") or ""
-    if address == "auto":
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if not current.is_file():
-            raise ValueError("--address auto: no Ray cluster started on this machine (ray start --head)")
-        address = current.read_text().strip()
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, log_to_driver=True)
-        return address
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    try:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            port = _free_port()
-            address = f"127.0.0.1:{port}"
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            try:
-                ray.init(
-                    num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
-                    dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                    runtime_env={"env_vars": {"RAY_ADDRESS": address}},
-                    configure_logging=True, logging_level="WARNING", log_to_driver=True,
-                )
-                return address
-            except Exception as e:
-                # The raylet gives its agents a fixed few seconds to come up, which a loaded
-                # machine can miss; a failed start leaves nothing running, so try again.
-                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
-                    raise
-                log.warning("Ray did not start (%s); retrying (%d/%d)", e, attempt, START_ATTEMPTS)
-                ray.shutdown()
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-    raise AssertionError("unreachable")
 
 
 def _open_parent_run(spec: SweepSpec, cfg: Config) -> Any:

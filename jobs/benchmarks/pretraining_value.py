@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jobs.evaluate import evaluate
-    from jobs.pretrain import connect_ray
+    from pipeline.cluster import connect_ray
     from pipeline.config import load_config
 
     torch.set_num_threads(1)  # the probe in this process; 2 shared cores gain nothing from more

@@ -35,10 +35,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
     held-out split for the probe's dev set."""
     import ray
 
+    from pipeline.cluster import connect_ray
     from pipeline.config import load_config
     from pipeline.data.demo_corpus import make_corpus
     from pipeline.data.prepare import prepare
-    from pipeline.tune import connect_ray
 
     root = tmp_path_factory.mktemp("sweep")
     make_corpus(root / "corpus", minutes=3.0, seed=3, progress=lambda _: None)
