@@ -64,6 +64,10 @@ class DataConfig:
     small datasets need small shards, since a shard is the unit of decode parallelism."""
     valid_fraction: float = 0.01
     """prepare: share of utterances in the valid split, chosen by a hash of the id."""
+    valid_speakers: list[str] = field(default_factory=list)
+    """prepare: speakers (the sidecar's ``speaker`` column) whose every utterance goes to
+    the valid split, on top of ``valid_fraction``: a dev set of voices never heard in
+    training, as a probe or an evaluation of generalisation needs."""
     prepare_min_seconds: float = 0.1
     """prepare: shorter files are rejected (``too_short``)."""
     prepare_max_seconds: float = 3600.0
@@ -103,6 +107,8 @@ class DataConfig:
             raise ValueError(f"data.shard_size_mb: expected > 0, got {self.shard_size_mb}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"data.valid_fraction: expected a value in [0, 1), got {self.valid_fraction}")
+        if any(not isinstance(v, str) or not v for v in self.valid_speakers):
+            raise ValueError(f"data.valid_speakers: expected a list of speaker names, got {self.valid_speakers!r}")
         if self.prepare_min_seconds < 0:
             raise ValueError(f"data.prepare_min_seconds: expected >= 0, got {self.prepare_min_seconds}")
         if self.prepare_max_seconds <= self.prepare_min_seconds:

@@ -91,12 +91,14 @@ class Settings:
     valid_fraction: float
     min_seconds: float
     max_seconds: float
+    valid_speakers: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Settings:
         return cls(
             sample_rate=cfg.sample_rate, shard_size_mb=cfg.shard_size_mb, valid_fraction=cfg.valid_fraction,
             min_seconds=cfg.prepare_min_seconds, max_seconds=cfg.prepare_max_seconds,
+            valid_speakers=tuple(sorted(set(cfg.valid_speakers))),
         )
 
 
@@ -164,9 +166,27 @@ def _hash01(text: str, salt: str) -> float:
     return int.from_bytes(h, "big") / 2**64
 
 
-def split_of(utt_id: str, valid_fraction: float) -> str:
-    """Deterministic train/valid split from the id alone."""
+def split_of(utt_id: str, valid_fraction: float, speaker: str | None = None,
+             valid_speakers: tuple[str, ...] | frozenset[str] = ()) -> str:
+    """Deterministic train/valid split: every utterance of ``valid_speakers``, and a
+    ``valid_fraction`` of the rest chosen by the id alone."""
+    if speaker is not None and speaker in valid_speakers:
+        return "valid"
     return "valid" if _hash01(utt_id, "split") < valid_fraction else "train"
+
+
+def check_valid_speakers(wanted: tuple[str, ...], known: set[str], sidecar_uri: str | None) -> None:
+    """Every speaker named for the valid split must have utterances: a misspelt name would
+    otherwise leave its voice in training without a word."""
+    if not wanted:
+        return
+    if not known:
+        where = f"the sidecar {sidecar_uri} has" if sidecar_uri else "there is no sidecar, so there are"
+        raise ValueError(f"data.valid_speakers {list(wanted)}: {where} no speakers (a 'speaker' column)")
+    missing = [s for s in wanted if s not in known]
+    if missing:
+        shown = ", ".join(sorted(known)[:20]) + (" ..." if len(known) > 20 else "")
+        raise ValueError(f"data.valid_speakers: no utterances of {missing}; the input's speakers are: {shown}")
 
 
 # --- stage 3: group ----------------------------------------------------------------------
@@ -373,7 +393,10 @@ def _convert_group_batch(batch: pa.Table, *, out_root: str, version: str, settin
 
 def fingerprint(files: list[pafs.FileInfo], settings: Settings, sidecar: bytes | None) -> str:
     h = hashlib.sha1()
-    h.update(json.dumps({"format": FORMAT_VERSION, "settings": settings.__dict__}, sort_keys=True).encode())
+    described = dict(settings.__dict__)
+    if not described["valid_speakers"]:
+        del described["valid_speakers"]  # outputs prepared before the setting existed stay current
+    h.update(json.dumps({"format": FORMAT_VERSION, "settings": described}, sort_keys=True).encode())
     for f in files:
         h.update(f"{f.path}\t{f.size}\t{f.mtime_ns or 0}\n".encode())
     h.update(hashlib.sha1(sidecar or b"").digest())
@@ -423,8 +446,10 @@ def prepare(
         matched += (rel in labels) or (utt_id in labels)
         files.append(InputFile(
             uri=storage.join(input_uri, rel), rel=rel, id=utt_id, size=int(info.size or 0),
-            split=split_of(utt_id, settings.valid_fraction), transcript=transcript, speaker=speaker,
+            split=split_of(utt_id, settings.valid_fraction, speaker, settings.valid_speakers),
+            transcript=transcript, speaker=speaker,
         ))
+    check_valid_speakers(settings.valid_speakers, {f.speaker for f in files if f.speaker}, sidecar_uri)
     version = fingerprint(listed, settings, sidecar_bytes)
     summary_uri = storage.join(output_uri, S.SUMMARY_FILE)
     if not force and storage.exists(summary_uri, store):

@@ -215,3 +215,33 @@ def test_data_benchmark_measures_both_paths(prepared: dict) -> None:
     assert plain.per_cpu_second > 0 and ray_row.cpu_s > 0 and "decode" in (ray_row.cpu_roles or {})
     table = format_rows([plain, ray_row])
     assert "plain soundfile" in table and "input (whole)" in table and "x" in table
+
+
+def test_valid_speakers_hold_out_whole_voices(tmp_path: Path, ray_local: None) -> None:
+    """``data.valid_speakers``: every utterance of the named speakers, and nothing else (with
+    ``valid_fraction`` 0), lands in the valid split; a name with no utterances is an error
+    that lists the speakers there are, before anything is converted."""
+    from jobs.prepare import main
+
+    raw = tmp_path / "raw"
+    rows = ["path\ttranscript\tspeaker"]
+    for i in range(9):
+        spk = f"voice{i % 3}"
+        (raw / spk).mkdir(parents=True, exist_ok=True)
+        (raw / spk / f"u{i}.wav").write_bytes(T.encode(T.tone(0.5 + i / 8, 16000, seed=i), 16000))
+        rows.append(f"{spk}/u{i}.wav\tline {i}\t{spk}")
+    (raw / S.SIDECAR_FILE).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    base = ["--input", str(raw), "--output", str(out), "--preset", "tiny", "data.shard_size_mb=0.03",
+            "data.valid_fraction=0.0"]
+    assert main(base + ["data.valid_speakers=[voice1]"]) == 0
+    manifest = pq.read_table(out / S.MANIFEST_FILE).to_pylist()
+    assert len(manifest) == 9
+    for m in manifest:
+        assert m[S.SPLIT] == ("valid" if m[S.SPEAKER] == "voice1" else "train"), m
+
+    bad = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"no utterances of \['voice9'\].*voice0, voice1, voice2"):
+        prepare(str(raw), str(bad), replace(tiny().data, valid_fraction=0.0, valid_speakers=["voice9"]),
+                progress=lambda _: None)
+    assert not bad.exists()
