@@ -43,7 +43,7 @@ from pipeline.text import Vocabulary
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import ratio
-from pipeline.train.worker import RayHooks, WorkerTask, format_duration, run_worker
+from pipeline.train.worker import RayHooks, WorkerTask, consolidated_model, format_duration, run_worker
 
 log = logging.getLogger("wavray.train")
 
@@ -437,32 +437,24 @@ class FinetuneTask(WorkerTask):
 
     hooks_class = FinetuneHooks
 
-    def __init__(self) -> None:
-        self.vocab: Vocabulary | None = None
-
     def build_model(self, cfg: Config) -> torch.nn.Module:
-        self.vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
-        return build_model(cfg, len(self.vocab))
+        return build_model(cfg, len(Vocabulary.from_characters(cfg.train.ctc_vocab)))
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
-        assert self.vocab is not None
-        return FinetuneStep(cfg, model, Targets.read(cfg, self.vocab))
+        return FinetuneStep(cfg, model, Targets.read(cfg, Vocabulary.from_characters(cfg.train.ctc_vocab)))
 
     def finish(self, cfg: Config, eng: Any, *, rank: int, tracker: Any) -> None:
         import shutil
         import tempfile
 
-        from pipeline.train import checkpoint as ckpt
-
-        state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
-        if rank != 0 or tracker is None or state is None:
+        # The weights are already trained: the architecture alone, no second load of init_from.
+        final = consolidated_model(eng, lambda: self.build_model(_without_init(cfg)))
+        if rank != 0 or tracker is None or final is None:
             return
         try:
-            final = build_model(_without_init(cfg), len(Vocabulary.from_characters(cfg.train.ctc_vocab)))
-            final.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
             tmp = Path(tempfile.mkdtemp(prefix="wavray-ctc-"))
             try:
-                save_inference_dir(final.eval(), cfg, tmp / "model")
+                save_inference_dir(final, cfg, tmp / "model")
                 tracker.log_artifacts(tmp / "model", "hf_model" if cfg.finetune.frontend == "wav2vec2" else "model")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,13 @@ class RayHooks(LoopHooks):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _full_model(cfg: Config, eng: Engine) -> torch.nn.Module | None:
-    """A plain model with the trained weights on rank 0 (None elsewhere); collective under ZeRO-3."""
-    from models.factory import build_pretraining_model
-
+def consolidated_model(eng: Engine, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+    """A plain fp32 model (from ``build``) with the trained weights on rank 0, None elsewhere;
+    collective under ZeRO-3, so every rank calls it."""
     state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
     if state is None:
         return None
-    model = build_pretraining_model(cfg.model)
+    model = build()
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()
 
@@ -198,9 +198,10 @@ class PretrainTask(WorkerTask):
         return PretrainStep(cfg, model)
 
     def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
+        from models.factory import build_pretraining_model
         from pipeline.tracking import log_final_model
 
-        full = _full_model(cfg, eng)
+        full = consolidated_model(eng, lambda: build_pretraining_model(cfg.model))
         if rank == 0 and tracker is not None and full is not None:
             try:
                 log_final_model(tracker, full, cfg)
