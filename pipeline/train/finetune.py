@@ -397,20 +397,16 @@ class FinetuneStep:
 # --- the Ray Train worker ---------------------------------------------------------------------
 
 
-def _progress(step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> str:
-    frozen = " (Transformer frozen)" if metrics.get("transformer_frozen", 0.0) > 0 else ""
-    return (
-        f"[wavray] step {step}/{max_steps} ctc {metrics.get('loss', float('nan')):.4f}/char "
-        f"lr {metrics.get('lr', 0.0):.2e} audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
-        f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {format_duration(eta_s)}{frozen}"
-    )
-
-
 class FinetuneHooks(RayHooks):
     """The worker's hooks with the CTC progress line."""
 
     def progress(self, step: int, metrics: dict[str, float], eta_s: float) -> str:
-        return _progress(step, self.cfg.train.max_steps, metrics, eta_s)
+        frozen = " (Transformer frozen)" if metrics.get("transformer_frozen", 0.0) > 0 else ""
+        return (
+            f"[wavray] step {step}/{self.cfg.train.max_steps} ctc {metrics.get('loss', float('nan')):.4f}/char "
+            f"lr {metrics.get('lr', 0.0):.2e} audio-s/s {metrics.get('speed/audio_s_per_s', 0.0):.0f} "
+            f"wait {100 * metrics.get('speed/data_wait_frac', 0.0):.0f}% ETA {format_duration(eta_s)}{frozen}"
+        )
 
 
 def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) -> Path:
