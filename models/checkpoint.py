@@ -1,9 +1,12 @@
-"""The weights file of a wavray model checkpoint: ``model.safetensors``.
+"""Weights files: ``model.safetensors`` read and written one way, for every format.
 
 A wavray model checkpoint is a directory holding ``config.yaml`` (the resolved run
 config, written by ``pipeline.config.save_config``) and ``model.safetensors`` (the plain
-state dict of ``Wav2Vec2ForPretraining`` or ``Wav2Vec2ForCTC``). This module reads and
-writes the weights; the config belongs to ``pipeline``.
+state dict of a pretraining or CTC model); a Hugging Face directory holds
+``config.json`` and a ``model.safetensors`` in Hugging Face's key names. This module
+reads and writes the weights files of both (atomically), checks shapes, and loads a
+state dict into a model; locations and configs belong to ``pipeline``
+(``pipeline.model_io``).
 
 safetensors holds tensors only, so loading a file cannot run code.
 """
@@ -17,8 +20,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-from models.hf import read_hf_state_dict, split_hf_state
 
 WEIGHTS_NAME = "model.safetensors"
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -77,32 +78,52 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise ValueError(f"{p}: not a readable safetensors file: {e}") from None
 
 
-def load_pretrained_into(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Initialise ``model`` from a wavray checkpoint or a Hugging Face directory.
+def check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], where: str) -> None:
+    """Every tensor of ``state`` that ``expected`` also names has the same shape; the error
+    names the source, the key and both shapes."""
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{where}: {key}: shape {tuple(value.shape)} does not match the model's {tuple(expected[key].shape)}"
+            )
 
-    Continued pretraining from a public checkpoint and fine-tuning from our own both go
-    through here. Encoder weights must all be present with matching shapes; heads the
-    source lacks (the quantizer of a CTC model, the CTC head of a pretraining model)
-    keep their initialisation. Returns the names of the parameters left as they were.
+
+def load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> list[str]:
+    """Initialise ``model`` from ``state`` (our key names): continued pretraining from a
+    public checkpoint and fine-tuning from our own both end here.
+
+    Encoder weights must all be present with matching shapes; heads the source lacks (the
+    quantizer of a CTC model, the CTC head of a pretraining model) keep their
+    initialisation, and weights the model has no place for are ignored. Returns the names
+    of the parameters left as they were.
     """
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file():
-        enc, heads, ctc = split_hf_state(read_hf_state_dict(p))
-        state = {**enc, **heads, **ctc}
-    else:
-        state = clean_state_dict(load_weights(p))
+    state = clean_state_dict(state)
     expected = model.state_dict()
     usable = {k: v for k, v in state.items() if k in expected}
-    for key, value in usable.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{path}: {key}: shape {tuple(value.shape)} does not match the model's {tuple(expected[key].shape)}"
-            )
+    check_shapes(usable, expected, where)
     missing_encoder = [k for k in expected if k.startswith("encoder.") and k not in usable]
     if missing_encoder:
-        raise ValueError(f"{path}: encoder weights missing: {missing_encoder[:5]}{' ...' if len(missing_encoder) > 5 else ''}")
+        raise ValueError(f"{where}: encoder weights missing: {missing_encoder[:5]}{' ...' if len(missing_encoder) > 5 else ''}")
     left = sorted(k for k in expected if k not in usable)
     if left:
-        warnings.warn(f"{path}: kept the initialisation of {left}", stacklevel=2)
+        warnings.warn(f"{where}: kept the initialisation of {left}", stacklevel=2)
     model.load_state_dict(usable, strict=False)
     return left
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The weights of a local model directory in our key names: a Hugging Face directory
+    (``config.json``; converted) or a wavray checkpoint (``model.safetensors``)."""
+    from models.hf import HF_CONFIG, read_hf_state_dict, split_hf_state  # hf writes through this module
+
+    p = Path(path)
+    if p.is_dir() and (p / HF_CONFIG).is_file():
+        enc, heads, ctc = split_hf_state(read_hf_state_dict(p))
+        return {**enc, **heads, **ctc}
+    return clean_state_dict(load_weights(p))
+
+
+def load_pretrained_into(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Initialise ``model`` from a local wavray checkpoint or Hugging Face directory
+    (:func:`load_into`); returns the names of the parameters left as they were."""
+    return load_into(model, read_state_dict(path), str(path))

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
     LossConfig,
@@ -40,7 +41,8 @@ from models.wav2vec2 import Wav2Vec2ForCTC, Wav2Vec2ForPretraining
 
 HF_PRETRAINING = "Wav2Vec2ForPreTraining"
 HF_CTC = "Wav2Vec2ForCTC"
-HF_BASE = "Wav2Vec2Model"
+HF_CONFIG = "config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 _BASE_PREFIX = "wav2vec2."
 
 # --- state dict: our key (relative to ``encoder.``) <-> HF key (relative to the base model) --
@@ -406,31 +408,47 @@ def _write_dir(out_dir: str | os.PathLike, config: dict[str, Any], state: dict[s
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output directory {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / "model.safetensors"
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_weights(state, out)
+    (out / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
-def save_hf_pretraining(model: Wav2Vec2ForPretraining, cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
-    """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (config.json + model.safetensors)."""
+def write_preprocessor_config(out_dir: str | os.PathLike, *, normalize: bool, sample_rate: int = 16000) -> Path:
+    """``preprocessor_config.json`` of a ``Wav2Vec2FeatureExtractor``: how the model's input is
+    scaled (``do_normalize``: zero mean, unit variance per utterance, ``data.normalize``)."""
+    path = Path(out_dir) / PREPROCESSOR_CONFIG
+    path.write_text(json.dumps({
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": sample_rate,
+        "padding_value": 0.0, "padding_side": "right", "do_normalize": normalize, "return_attention_mask": True,
+    }, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def save_hf_pretraining(
+    model: Wav2Vec2ForPretraining, cfg: ModelConfig, out_dir: str | os.PathLike, *, normalize: bool = False
+) -> Path:
+    """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (config.json, model.safetensors,
+    preprocessor_config.json); ``normalize``: the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(
         cfg, architecture=HF_PRETRAINING, temperature=float(model.quantizer.temperature.float().cpu())
     )
-    return _write_dir(out_dir, config, pretraining_state_to_hf(state))
+    out = _write_dir(out_dir, config, pretraining_state_to_hf(state))
+    write_preprocessor_config(out, normalize=normalize)
+    return out
 
 
 def save_hf_ctc(
-    model: Wav2Vec2ForCTC, cfg: ModelConfig, out_dir: str | os.PathLike, *, pad_token_id: int = 0
+    model: Wav2Vec2ForCTC, cfg: ModelConfig, out_dir: str | os.PathLike, *, pad_token_id: int = 0,
+    normalize: bool = False,
 ) -> Path:
-    """Write ``model`` as a HF ``Wav2Vec2ForCTC`` directory; ``pad_token_id`` is the CTC blank."""
+    """Write ``model`` as a HF ``Wav2Vec2ForCTC`` directory; ``pad_token_id`` is the CTC blank,
+    ``normalize`` the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(cfg, architecture=HF_CTC, vocab_size=model.vocab_size, pad_token_id=pad_token_id)
-    return _write_dir(out_dir, config, ctc_state_to_hf(state))
+    out = _write_dir(out_dir, config, ctc_state_to_hf(state))
+    write_preprocessor_config(out, normalize=normalize)
+    return out
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -438,9 +456,9 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"Hugging Face directory {str(p)!r} does not exist or is not a directory")
-    cfg_path = p / "config.json"
+    cfg_path = p / HF_CONFIG
     if not cfg_path.is_file():
-        raise ValueError(f"Hugging Face directory {str(p)!r}: no config.json")
+        raise ValueError(f"Hugging Face directory {str(p)!r}: no {HF_CONFIG}")
     try:
         data = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -467,7 +485,7 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             for shard in sorted(set(weight_map.values())):
                 state.update(_load_weight_file(p / shard))
             return state
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (p / name).is_file():
             return _load_weight_file(p / name)
     raise ValueError(
@@ -506,12 +524,7 @@ def load_hf(
     unexpected = sorted(k for k in state if k not in expected)
     if unexpected:
         raise ValueError(f"Hugging Face directory {str(path)!r}: weights our model has no place for: {unexpected}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"Hugging Face directory {str(path)!r}: {key}: shape {tuple(value.shape)} does not match "
-                f"config.json ({tuple(expected[key].shape)})"
-            )
+    check_shapes(state, expected, f"Hugging Face directory {str(path)!r} (shapes from its {HF_CONFIG})")
     if missing:
         fresh_heads = [k for k in missing if not k.startswith("encoder.")]
         fresh_other = [k for k in missing if k.startswith("encoder.")]

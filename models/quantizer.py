@@ -11,7 +11,7 @@ The temperature lives in a buffer so that it is saved and restored with the mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,7 @@ def perplexity(probs: Tensor) -> Tensor:
     return torch.exp(-torch.xlogy(probs, probs).sum(dim=-1))
 
 
-@dataclass
-class QuantizerOutput:
+class QuantizerOutput(NamedTuple):
     """What the quantizer returns for a (B, T, C) input."""
 
     vectors: Tensor

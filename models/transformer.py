@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -132,6 +133,9 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
+        self.checkpoint_activations = False
+        """Recompute each layer in the backward instead of keeping its activations
+        (``train.activation_checkpointing``): memory for compute."""
         self.pos_conv = PositionalConvEmbedding(dim, pos_conv_kernel, pos_conv_groups)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -179,8 +183,12 @@ class TransformerEncoder(nn.Module):
         if not self.layer_norm_first:
             x = self.norm(x)
         x = self.dropout(x)
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for layer, keep in zip(self.layers, self.kept_layers(layerdrop_generator), strict=True):
-            if keep:
+            if keep and recompute:
+                # Non-reentrant: the RNG is restored for the recomputation, so dropout matches.
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            elif keep:
                 x = layer(x, attn_mask)
         if self.layer_norm_first:
             x = self.norm(x)

@@ -13,7 +13,7 @@ waits on the accelerator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -104,9 +104,12 @@ def _check_mask(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
 
 
-@dataclass
-class PretrainOutput:
+class PretrainOutput(NamedTuple):
     """Everything a pretraining step logs or differentiates; all tensors, no host values.
+
+    A named tuple, like every output of the models: ZeRO-3 re-gathers a module's
+    partitioned parameters for its backward through hooks on the tensors the module
+    returns, and finds them inside tensors, tuples, lists and dicts only.
 
     ``loss_sum`` = ``contrastive_sum + num_masked * (diversity_weight * diversity_loss
     + feature_penalty_weight * feature_penalty)``: divide by the global ``num_masked``.
@@ -269,8 +272,7 @@ class Wav2Vec2ForPretraining(nn.Module):
         )
 
 
-@dataclass
-class CTCOutput:
+class CTCOutput(NamedTuple):
     """Frame logits for CTC and the lengths to pass to ``ctc_loss``."""
 
     logits: Tensor
