@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cluster import connect_ray
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepare import prepare
-from pipeline.data.runtime import ensure_ray
 from pipeline.data.storage import StorageError
 
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (preset + deltas)")
     parser.add_argument("--preset", default=None, help="preset when no --config (tiny, base, large, ...)")
     parser.add_argument("--force", action="store_true", help="convert again even if the output is up to date")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join ('auto': the one `ray start` left on this machine; "
+                             "default: RAY_ADDRESS, else a local instance on 127.0.0.1)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     parser.add_argument("overrides", nargs="*", help="a.b.c=value config overrides")
     args = parser.parse_args(argv)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ensure_ray(args.num_cpus)
+    connect_ray(args.address, num_cpus=args.num_cpus, dashboard=False)
     try:
         prepare(args.input, args.output, cfg.data, sidecar_uri=args.sidecar, force=args.force)
     except (StorageError, ValueError) as e:

@@ -1,42 +1,35 @@
-"""Joining or starting the Ray instance a job runs on.
+"""Joining or starting the Ray instance a job runs on: one way for every job.
 
-Every job connects the same way: an explicit address (``--address``; ``auto`` is the
-cluster ``ray start`` left on this machine), else ``RAY_ADDRESS`` (set by ``ray job
-submit``), else a local instance bound to 127.0.0.1. Never a cluster found by chance: a
-machine may run other people's clusters.
+An explicit address (``--address``; ``auto`` is the cluster ``ray start`` left on this
+machine), else ``RAY_ADDRESS`` (set by ``ray job submit``), else a local instance whose
+every process listens on 127.0.0.1, whatever the shell's environment holds
+(:func:`pipeline.ray_compat.start_local`). Never a cluster found by chance: a machine may
+run other people's clusters.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger("wavray")
 
-START_ATTEMPTS = 3
-"""Tries to start a local Ray instance (see :func:`connect_ray`)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
-    """Connect to one Ray instance and return its GCS address.
+def connect_ray(
+    address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
+) -> str:
+    """Connect to one Ray instance and return its address.
 
     A Train run inside a Tune trial releases its workers' CPUs through a detached
     clean-up actor that asks the state API whether the trial's Train controller is alive;
     that needs the dashboard and the address of this instance in every worker's
     environment (``RAY_ADDRESS``), since several Ray instances may share the machine.
-    ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) joins a cluster; without
-    one, a local instance starts on 127.0.0.1 with its GCS on a port chosen here.
+    ``dashboard=False`` suits jobs without Ray Train (``jobs.prepare``): a faster start.
+    ``verbose``: Ray's own INFO logs on the console (WARNING and up otherwise).
     """
     import ray
+
+    from pipeline.ray_compat import start_local
 
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
@@ -49,30 +42,4 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     if address:
         ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, log_to_driver=True)
         return address
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    try:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            port = _free_port()
-            address = f"127.0.0.1:{port}"
-            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-            try:
-                ray.init(
-                    num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=True,
-                    dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                    runtime_env={"env_vars": {"RAY_ADDRESS": address}},
-                    configure_logging=True, logging_level="WARNING", log_to_driver=True,
-                )
-                return address
-            except Exception as e:
-                # The raylet gives its agents a fixed few seconds to come up, which a loaded
-                # machine can miss; a failed start leaves nothing running, so try again.
-                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
-                    raise
-                log.warning("Ray did not start (%s); retrying (%d/%d)", e, attempt, START_ATTEMPTS)
-                ray.shutdown()
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-    raise AssertionError("unreachable")
+    return start_local(num_cpus=num_cpus, dashboard=dashboard, logging_level=logging.INFO if verbose else logging.WARNING)

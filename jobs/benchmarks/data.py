@@ -41,11 +41,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import soundfile as sf
 
+from pipeline.cluster import connect_ray
 from pipeline.config import DataConfig, tiny
 from pipeline.data import objectstore, storage
 from pipeline.data import schema as S
 from pipeline.data.loader import build_train_dataset, iter_train_batches, read_dataset_info
-from pipeline.data.runtime import ensure_ray
 
 
 @dataclass
@@ -183,7 +183,7 @@ def _make_dataset(work: Path, minutes: float, shard_size_mb: float) -> str:
     from pipeline.data.prepare import prepare
 
     make_corpus(work / "corpus", minutes=minutes, progress=lambda _: None)
-    ensure_ray()
+    connect_ray(dashboard=False)
     cfg = replace(tiny().data, shard_size_mb=shard_size_mb)
     prepare(str(work / "corpus"), str(work / "shards"), cfg, progress=lambda m: print(m, flush=True))
     return str(work / "shards")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"data benchmark: {sum(s.num_samples for s in train) / info.sample_rate / 60:.1f} min of train "
                   f"audio in {len(train)} shards, {sum(s.num_bytes for s in train) / 2**20:.1f} MiB of FLAC; "
                   f"Ray with {args.num_cpus} CPU(s), {args.epochs} epochs", flush=True)
-            ensure_ray(args.num_cpus)
+            connect_ray(num_cpus=args.num_cpus, dashboard=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             rows = []
             for uri in sources:

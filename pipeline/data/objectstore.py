@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.net import free_port, free_ports, port_in_use
 
 # weed mini's listening services, each given an explicit port.
 PORT_FLAGS = (
@@ -82,33 +83,6 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(n: int, exclude: set[int] = frozenset()) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (whose +10000 twins are below 65536)."""
-    ports: list[int] = []
-    held = []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            held.append(s)
-            if port not in exclude and port not in ports:
-                ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def start(
     state_dir: str | Path,
     *,
@@ -127,14 +101,14 @@ def start(
     running = load(state)
     if running is not None:
         raise RuntimeError(f"object store already running from {state} (pid {running.pid}, {running.endpoint})")
-    if port and _port_in_use(port):
+    if port and port_in_use(port):
         raise RuntimeError(f"object store: port {port} on 127.0.0.1 is taken; choose another with --port")
     state.mkdir(parents=True, exist_ok=True)
     data = state / "data"
     data.mkdir(exist_ok=True)
     # weed mini saves its flags in the data directory and reloads them on start; ours are all explicit.
     (data / "mini.options").unlink(missing_ok=True)
-    s3_port = port or free_ports(1)[0]
+    s3_port = port or free_port()
     others = free_ports(len(PORT_FLAGS) - 1, exclude={s3_port})
     ports = dict(zip(PORT_FLAGS, [s3_port, *others], strict=True))
     access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID") or "wavray-" + secrets.token_hex(4)

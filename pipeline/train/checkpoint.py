@@ -34,11 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.checkpoint import save_weights
-from pipeline.config import Config, save_config
+from models.checkpoint import WEIGHTS_NAME, save_weights
+from pipeline.config import CONFIG_FILE, Config, save_config
+from pipeline.train.deepspeed_compat import (
+    consolidated_state_dict,
+    optimizer_state_files,
+    optimizer_state_pattern,
+)
 
 STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
 DS_DIR = "deepspeed"
 RNG_DIR = "rng"
 FORMAT_VERSION = 1
@@ -106,16 +110,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """The full model state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank != 0:
-        return None
-    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
-
-
 def save(
     out_dir: str | os.PathLike,
     *,
@@ -167,11 +161,11 @@ def validate(ckpt_dir: str | os.PathLike) -> TrainerState:
     d = Path(ckpt_dir)
     state = read_state(d)
     ds = d / DS_DIR / state.tag
-    missing = [str(p.relative_to(d)) for p in (d / CONFIG_FILE, d / "model.safetensors", ds) if not p.exists()]
+    missing = [str(p.relative_to(d)) for p in (d / CONFIG_FILE, d / WEIGHTS_NAME, ds) if not p.exists()]
     if state.zero_stage >= 1 and ds.is_dir():
         for r in range(state.world_size):
-            if not list(ds.glob(f"*zero_pp_rank_{r}_*optim_states.pt")):
-                missing.append(f"{DS_DIR}/{state.tag}/zero_pp_rank_{r}_*optim_states.pt")
+            if not optimizer_state_files(ds, r):
+                missing.append(f"{DS_DIR}/{state.tag}/{optimizer_state_pattern(r)}")
     if missing:
         raise ValueError(f"checkpoint {str(d)!r} is incomplete: missing {missing}")
     return state

@@ -27,29 +27,22 @@ What this module decides, and why:
 - Gradient clipping: DeepSpeed's ZeRO-1/2/3 compute the global norm anyway and clip with
   it; with ZeRO disabled DeepSpeed computes no norm, so the loop clips and measures it
   itself (:func:`clip_and_measure`).
-- ZeRO-3 re-gathers a module's partitioned parameters for its backward through hooks on
-  the tensors the module returns, and finds them only inside tensors, tuples, lists and
-  dicts. The model returns dataclasses (``QuantizerOutput``, ``PretrainOutput``), so under
-  ZeRO-3 every module's output dataclass is turned into a namedtuple with the same
-  fields (:func:`namedtuple_outputs`): attribute access is unchanged and the hooks see
-  the tensors.
+- Activation checkpointing is the encoders' own (``checkpoint_activations``, torch's
+  non-reentrant checkpoint around each layer); nothing is patched.
 - DeepSpeed compiles a CPU shared-memory all-reduce op (``deepspeed_shm_comm``, about
   50 s) when its comm backend starts. Only its inference all-reduce uses that op;
   training collectives go through the torch process group (gloo on CPU). Unless
   ``deepspeed.cpu_shm_comm`` is set, the op is marked unavailable before DeepSpeed
-  starts, so no worker ever compiles it (:func:`skip_cpu_shm_comm_op`).
+  starts, so no worker ever compiles it. That and every other use of DeepSpeed beyond
+  its documented API is in :mod:`pipeline.train.deepspeed_compat`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import datetime
-import functools
 import os
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +50,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
+from pipeline.net import free_port
+from pipeline.train.deepspeed_compat import skip_cpu_shm_comm_op
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -81,71 +76,17 @@ class GuardedAdamW(torch.optim.AdamW):
             group["lr"] = lr
 
 
-def skip_cpu_shm_comm_op() -> None:
-    """Mark DeepSpeed's CPU shared-memory comm op unavailable so it is never compiled.
+def enable_activation_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on every encoder's activation checkpointing; returns how many layers it covers.
 
-    DeepSpeed builds the op when its comm backend starts and uses it only for
-    ``inference_all_reduce``; gradients are reduced through the torch process group.
-    ``deepspeed.ops.__compatible_ops__`` is the table DeepSpeed consults before building
-    (computed once per process), so editing it before ``deepspeed.initialize`` is enough.
+    The state dict is untouched.
     """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-_TUPLE_TYPES: dict[type, type] = {}
-
-
-def _as_namedtuple(out: Any) -> Any:
-    if not dataclasses.is_dataclass(out) or isinstance(out, type):
-        return out
-    cls = type(out)
-    names = [f.name for f in dataclasses.fields(cls)]
-    tuple_type = _TUPLE_TYPES.get(cls)
-    if tuple_type is None:
-        tuple_type = _TUPLE_TYPES[cls] = collections.namedtuple(cls.__name__, names)  # type: ignore[misc]
-    return tuple_type(*(getattr(out, n) for n in names))
-
-
-def namedtuple_outputs(model: torch.nn.Module) -> None:
-    """Make every submodule of ``model`` return a namedtuple where it returned a dataclass.
-
-    Needed under ZeRO-3 only (module doc). Patches the instances' ``forward``; the
-    classes and the state dict are untouched.
-    """
-    for module in model.modules():
-        original: Callable[..., Any] = module.forward
-
-        @functools.wraps(original)
-        def forward(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-            return _as_namedtuple(_original(*args, **kwargs))
-
-        module.forward = forward  # type: ignore[method-assign]
-
-
-def apply_activation_checkpointing(model: torch.nn.Module) -> int:
-    """Recompute each Transformer layer in the backward instead of storing its activations.
-
-    Non-reentrant ``torch.utils.checkpoint`` (it restores the RNG, so dropout matches).
-    Returns how many layers were wrapped; the state dict is untouched.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    layers = getattr(getattr(getattr(model, "encoder", None), "transformer", None), "layers", None)
-    if layers is None:
-        raise ValueError("train.activation_checkpointing: the model has no encoder.transformer.layers")
-    for layer in layers:
-        original: Callable[..., Any] = layer.forward
-
-        @functools.wraps(original)
-        def forward(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = forward  # type: ignore[method-assign]
-    return len(layers)
+    encoders = [m for m in model.modules() if hasattr(m, "checkpoint_activations")]
+    if not encoders:
+        raise ValueError("train.activation_checkpointing: the model has no encoder that supports it")
+    for m in encoders:
+        m.checkpoint_activations = True
+    return sum(len(m.layers) for m in encoders)
 
 
 def apply_regional_compile(model: torch.nn.Module, backend: str = "inductor") -> int:
@@ -166,12 +107,6 @@ def apply_regional_compile(model: torch.nn.Module, backend: str = "inductor") ->
     return len(regions)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def ensure_process_group(backend: str | None = None) -> None:
     """Start a one-process group on loopback when none exists (benchmarks, tests).
 
@@ -181,7 +116,7 @@ def ensure_process_group(backend: str | None = None) -> None:
     if dist.is_available() and dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -300,11 +235,9 @@ def build_engine(cfg: Config, model: torch.nn.Module) -> Engine:
         torch.cuda.set_device(device)
     model = model.to(device)
     if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     if cfg.train.compile:
         apply_regional_compile(model)
-    if cfg.deepspeed.zero_stage == 3:
-        namedtuple_outputs(model)
     optimizer = GuardedAdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,

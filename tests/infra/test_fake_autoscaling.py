@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import psutil
 import pytest
 from infra_specs import AWS_YAML, launcher_worker_groups, prepared_cluster_config
 from ray.cluster_utils import AutoscalingCluster
+
+from pipeline.net import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -52,18 +53,12 @@ def _is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LoopbackAutoscalingCluster(AutoscalingCluster):
     """A fake autoscaling cluster on 127.0.0.1 that stops only the processes it started."""
 
     def __init__(self, head_resources: dict[str, Any], worker_node_types: dict[str, Any], *,
                  idle_timeout_minutes: float) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="wr-as-", dir="/tmp"))  # short: unix socket paths
         self._idle_timeout_minutes = idle_timeout_minutes
         self._proc: subprocess.Popen[bytes] | None = None
@@ -129,9 +124,9 @@ class LoopbackAutoscalingCluster(AutoscalingCluster):
             f"--num-cpus={head.pop('CPU', 0)}",
             f"--object-store-memory={head.pop('object_store_memory', OBJECT_STORE_BYTES)}",
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats",
         ]
         if head:

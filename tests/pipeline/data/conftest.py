@@ -20,11 +20,11 @@ def ray_local(s3_store: S3Store) -> Iterator[None]:
     """
     import ray
 
-    from pipeline.data.runtime import ensure_ray
+    from pipeline.cluster import connect_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ensure_ray(num_cpus=2)
+    connect_ray(num_cpus=2, dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield

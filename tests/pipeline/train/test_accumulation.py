@@ -23,6 +23,7 @@ import torch
 
 from models.factory import build_pretraining_model
 from pipeline import config as C
+from pipeline.net import free_port
 from pipeline.train import engine as E
 from pipeline.train.loop import LoopHooks, TrainLoop
 from pipeline.train.pretrain import PretrainStep
@@ -123,7 +124,7 @@ def test_batch8_equals_batch4_accum2_equals_two_ranks(single_process_group, tmp_
     assert any(g.abs().sum() > 0 for g in grads_a.values())
 
     out = tmp_path / "rank0.pt"
-    port = E._free_port()
+    port = free_port()
     torch.multiprocessing.spawn(_rank_main, args=(port, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     assert loss_a == pytest.approx(two["loss"], rel=1e-6)

@@ -1,0 +1,55 @@
+"""What wavray relies on in DeepSpeed beyond its documented API, in one place.
+
+Upgrading DeepSpeed should break this module and its test
+(``tests/pipeline/train/test_deepspeed_compat.py``), not a run:
+
+- :func:`skip_cpu_shm_comm_op`: DeepSpeed builds its CPU shared-memory all-reduce op
+  (``deepspeed_shm_comm``, about 50 s of compiling) when its comm backend starts, and
+  uses it only for ``inference_all_reduce``; training collectives go through the torch
+  process group. ``deepspeed.ops.__compatible_ops__`` is the table DeepSpeed consults
+  before building (computed once per process), so marking the op unavailable there
+  before ``deepspeed.initialize`` keeps every worker from compiling it.
+- :func:`consolidated_state_dict`: under ZeRO-3 the full weights are gathered by the
+  engine's ``_zero3_consolidated_16bit_state_dict`` (what ``save_16bit_model`` calls),
+  collective, the result on rank 0 only.
+- :func:`optimizer_state_files`: the file names DeepSpeed gives each rank's ZeRO optimizer
+  shard (``*zero_pp_rank_<r>_*optim_states.pt``), by which a checkpoint is known complete.
+- ZeRO-3 re-gathers a module's partitioned parameters for its backward through hooks on
+  the tensors the module returns, found only inside tensors, tuples (named ones
+  included), lists and dicts: the models return named tuples for that reason
+  (``models/wav2vec2.py``); the test pins it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """Mark DeepSpeed's CPU shared-memory comm op unavailable so it is never compiled."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """The full model state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank != 0:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def optimizer_state_pattern(rank: int) -> str:
+    """The glob of rank ``rank``'s ZeRO optimizer shard inside a DeepSpeed checkpoint tag."""
+    return f"*zero_pp_rank_{rank}_*optim_states.pt"
+
+
+def optimizer_state_files(tag_dir: str | Path, rank: int) -> list[Path]:
+    """Rank ``rank``'s ZeRO optimizer shard files in a DeepSpeed checkpoint tag folder."""
+    return sorted(Path(tag_dir).glob(optimizer_state_pattern(rank)))
