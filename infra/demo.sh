@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wavray demo, end to end on one machine, from nothing:
 #   set up -> start the local S3 object store -> synthesise a demo corpus -> prepare it into
-#   the bucket -> pretrain the tiny model on a local Ray (2 workers, DeepSpeed ZeRO-2),
+#   the bucket -> pretrain the laptop preset on a local Ray (2 workers, DeepSpeed ZeRO-2),
 #   checkpoints in the bucket, metrics in MLflow -> say where everything is.
 #
 #   bash infra/demo.sh [a.b.c=value ...]       # extra overrides go to jobs.pretrain
@@ -48,8 +48,8 @@ echo "== 3/4 prepare -> s3://$BUCKET/demo"
 python -m jobs.prepare --input demo_data/corpus --output "s3://$BUCKET/demo" --preset tiny \
   --num-cpus 2 data.shard_size_mb=2
 
-echo "== 4/4 pretrain (tiny preset, local Ray, checkpoints to s3://$BUCKET/runs)"
-python -m jobs.pretrain --config jobs/configs/pretrain/tiny.yaml \
+echo "== 4/4 pretrain (laptop preset, local Ray, checkpoints to s3://$BUCKET/runs)"
+python -m jobs.pretrain --config jobs/configs/pretrain/laptop.yaml \
   data.train_uri="s3://$BUCKET/demo" \
   checkpoint.storage_path="s3://$BUCKET/runs" checkpoint.run_name="$RUN" \
   tracking.uri="sqlite:///$RUNS_DIR/mlflow.db" "$@"

@@ -286,4 +286,21 @@ def tiny() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k}
+def laptop() -> ModelConfig:
+    """The tiny model with the settings that make it learn within a laptop budget.
+
+    fairseq's advice for new models (SPEC.md, "disagree": layer-norm extractor, full
+    gradient into it, no feature penalty; the run config adds normalised input), spans of
+    5 frames for 3 s crops, and a temperature that anneals within hundreds of updates.
+    """
+    cfg = tiny()
+    cfg.encoder.mode = "layer_norm"
+    cfg.encoder.grad_mult = 1.0
+    cfg.loss.feature_penalty_weight = 0.0
+    cfg.mask.prob = 0.5
+    cfg.mask.length = 5
+    cfg.quantizer.temperature.decay = 0.999
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop}

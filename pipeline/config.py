@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +175,24 @@ class ScheduleConfig:
             raise ValueError(f"schedule.power: expected > 0, got {self.power}")
         if self.end_lr < 0:
             raise ValueError(f"schedule.end_lr: expected >= 0, got {self.end_lr}")
+        if self.kind == "tri_stage":
+            if not 0.0 <= self.hold_ratio <= 1.0 or not 0.0 <= self.decay_ratio <= 1.0:
+                raise ValueError(
+                    f"schedule.hold_ratio / schedule.decay_ratio: expected values in [0, 1], got "
+                    f"{self.hold_ratio} / {self.decay_ratio}"
+                )
+            if self.hold_ratio + self.decay_ratio > 1.0:
+                raise ValueError(
+                    f"schedule.hold_ratio + schedule.decay_ratio must be <= 1, got "
+                    f"{self.hold_ratio} + {self.decay_ratio}"
+                )
+            if not 0.0 < self.final_lr_scale <= 1.0:
+                raise ValueError(f"schedule.final_lr_scale: expected in (0, 1], got {self.final_lr_scale}")
+
+    def check_peak(self, peak_lr: float) -> None:
+        """Checks that need the peak learning rate (``optim.lr``), another section."""
+        if self.kind == "polynomial" and self.end_lr > peak_lr:
+            raise ValueError(f"schedule.end_lr ({self.end_lr}) must be <= optim.lr ({peak_lr})")
 
 
 @dataclass(kw_only=True)
@@ -196,11 +215,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Consecutive non-finite losses after which the run stops."""
     init_from: str = ""
-    """Initialise the model from a Hugging Face directory or a wavray checkpoint."""
-    ctc_vocab: str = ""
-    """Fine-tuning only: characters of the CTC vocabulary (blank and ``|`` added)."""
-    freeze_encoder_steps: int = 0
-    """Fine-tuning only: keep the Transformer frozen for this many updates."""
+    """Initialise the model from a trained model: a wavray checkpoint or run folder, a
+    Hugging Face directory, local or ``s3://``, or an MLflow model URI
+    (``models:/name@alias``); see ``pipeline.model_io``."""
     chance_margin: float = 0.05
     """Alarm (log warning + MLflow tag) when, after warm-up, the contrastive loss per masked
     frame is within this many nats of chance, ln(K + 1): the model learns nothing."""
@@ -326,7 +343,9 @@ class ProbeConfig:
     dev_split: Literal["train", "valid", "all"] = "valid"
     dev_minutes: float = 5.0
     every_steps: int = 0
-    """Run the probe every this many pretraining updates; 0: never during training."""
+    """Sweeps: probe the checkpoint of every this many updates (a multiple of
+    ``checkpoint.every_steps``); 0: every checkpoint. The trial's driver probes the
+    checkpoints as the run writes them; a run outside a sweep does not probe."""
     layer: int = -1
     """Hidden state to read without ``weighted_sum``: 0 = Transformer input, i = output of
     layer i, negative counts from the last."""
@@ -360,8 +379,14 @@ class ProbeConfig:
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """CTC fine-tuning (``jobs.finetune``); the initial weights come from ``train.init_from``,
-    the vocabulary from ``train.ctc_vocab``, the frozen updates from ``train.freeze_encoder_steps``."""
+    """CTC fine-tuning (``jobs.finetune``); the initial weights come from ``train.init_from``."""
+
+    vocab: str = ""
+    """Characters of the CTC vocabulary (blank and the word boundary ``|`` are added);
+    empty: English letters and the apostrophe."""
+    freeze_encoder_steps: int = 0
+    """Keep the Transformer (and the feature projection) frozen for this many updates, so
+    the fresh head first learns to read the pretrained features."""
 
     frontend: Literal["wav2vec2", "logmel"] = "wav2vec2"
     """``wav2vec2``: the conv feature encoder; ``logmel``: log-mel filterbanks in its place
@@ -376,6 +401,8 @@ class FinetuneConfig:
             raise ValueError(f"finetune.frontend: expected 'wav2vec2' or 'logmel', got {self.frontend!r}")
         if self.n_mels < 1:
             raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
+        if self.freeze_encoder_steps < 0:
+            raise ValueError(f"finetune.freeze_encoder_steps: expected >= 0, got {self.freeze_encoder_steps}")
 
 
 @dataclass(kw_only=True)
@@ -395,6 +422,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections; each section has already checked its own fields.
+        self.schedule.check_peak(self.optim.lr)
 
 
 # --- presets -------------------------------------------------------------------------
@@ -439,7 +470,26 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k}
+def laptop() -> Config:
+    """The tiny model as it learns within a laptop budget (hundreds of updates on 2 CPU cores).
+
+    With the tiny preset's BASE-like settings the contrastive loss stays at chance on the
+    demo corpus; fairseq's advice for new models (layer-norm extractor, normalised input,
+    full encoder gradient, no feature penalty: SPEC.md), spans that fit 3 s crops and a
+    temperature that anneals within the run make it leave chance after a few hundred
+    updates (``models.config.laptop``). The demo (``jobs/configs/pretrain/laptop.yaml``)
+    and the pretraining-value benchmark start from here.
+    """
+    cfg = tiny()
+    cfg.preset = "laptop"
+    cfg.model = model_config.laptop()
+    cfg.data.normalize = True
+    cfg.optim.lr = 1e-3
+    cfg.schedule.warmup_steps = 100
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop}
 
 
 # --- the override mechanism ----------------------------------------------------------
@@ -506,7 +556,17 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
+RENAMED_KEYS = {
+    "train.ctc_vocab": "finetune.vocab",
+    "train.freeze_encoder_steps": "finetune.freeze_encoder_steps",
+}
+"""Keys that moved: configs saved before the move (in checkpoints) still load."""
+
+
 def _set_path(cfg: Any, path: str, value: Any) -> None:
+    if path in RENAMED_KEYS:
+        warnings.warn(f"config key '{path}' is now '{RENAMED_KEYS[path]}'", stacklevel=3)
+        path = RENAMED_KEYS[path]
     parts = path.split(".")
     node = cfg
     for depth, part in enumerate(parts):
@@ -668,6 +728,10 @@ def load_config(
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{e}{where}") from None
     return apply_overrides(cfg, overrides)
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config beside every checkpoint and model a run writes."""
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

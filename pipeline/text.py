@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from models.hf import HF_CONFIG
+
 BLANK = "<pad>"
 """The CTC blank (index 0), named as Hugging Face's tokenizer names its pad token."""
 WORD_BOUNDARY = "|"
 DEFAULT_CHARACTERS = "abcdefghijklmnopqrstuvwxyz'"
-"""English letters and the apostrophe: the vocabulary when ``train.ctc_vocab`` is empty."""
+"""English letters and the apostrophe: the vocabulary when ``finetune.vocab`` is empty."""
 VOCAB_FILE = "vocab.json"
 
 _SPACE_RE = re.compile(r"\s+")
@@ -82,9 +84,9 @@ class Vocabulary:
         seen: list[str] = []
         for c in chars:
             if c.isspace():
-                raise ValueError(f"train.ctc_vocab: whitespace is the word boundary, not a character; got {chars!r}")
+                raise ValueError(f"finetune.vocab: whitespace is the word boundary, not a character; got {chars!r}")
             if c == WORD_BOUNDARY:
-                raise ValueError(f"train.ctc_vocab: {WORD_BOUNDARY!r} is added by itself; got {chars!r}")
+                raise ValueError(f"finetune.vocab: {WORD_BOUNDARY!r} is added by itself; got {chars!r}")
             if c not in seen:
                 seen.append(c)
         return cls((BLANK, WORD_BOUNDARY, *seen))
@@ -116,7 +118,7 @@ class Vocabulary:
             data = next(iter(data.values()))  # multilingual tokenizers nest the vocab by language
         if blank_id is None:
             blank_id = 0
-            config = p.parent / "config.json"
+            config = p.parent / HF_CONFIG
             if config.is_file():
                 pad = json.loads(config.read_text()).get("pad_token_id")
                 blank_id = int(pad) if pad is not None else 0

@@ -8,8 +8,8 @@
    sentences and renditions) for fine-tuning; a test set spoken only by the two voices
    marked held-out, heard by neither pretraining nor fine-tuning. Each goes through
    ``jobs.prepare`` into its own dataset.
-2. Pretraining: the tiny preset for a fixed number of updates (``run_pretraining``, Ray
-   Train + DeepSpeed, as ``jobs.pretrain``), with the settings in ``PRETRAIN_OVERRIDES``.
+2. Pretraining: the laptop preset for a fixed number of updates (``run_pretraining``, Ray
+   Train + DeepSpeed, as ``jobs.pretrain``), on one worker (``PRETRAIN_OVERRIDES``).
 3. The same downstream budget for three inputs, in the same harness:
    - wav2vec 2.0: fine-tuned from the pretrained checkpoint (``jobs.finetune`` recipe,
      ``jobs/configs/finetune/tiny_10m.yaml``);
@@ -36,22 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import WEIGHTS_NAME
+from pipeline.config import CONFIG_FILE
+
 ROOT = Path(__file__).resolve().parents[2]
 FINETUNE_CONFIG = ROOT / "jobs" / "configs" / "finetune" / "tiny_10m.yaml"
 
-# The tiny preset as it learns within a CPU budget of about two thousand updates. With the
-# preset's BASE-like settings (group-norm extractor, feature penalty 10, spans of 10 frames,
-# temperature decay 0.999995) the contrastive loss stays at chance for as long as we ran it:
-# the penalty shrinks the 32-channel features towards zero and the slow temperature keeps
-# the targets noisy. fairseq's advice for new models (SPEC.md: layer-norm extractor,
-# normalised input, no penalty, full encoder gradient), shorter spans and a temperature
-# that anneals within the run make it leave chance after about 450 updates.
-PRETRAIN_OVERRIDES: list[str] = [
-    "scaling.num_workers=1", "scaling.cpus_per_worker=1", "deepspeed.zero_stage=0",
-    "model.encoder.mode=layer_norm", "model.encoder.grad_mult=1.0", "model.loss.feature_penalty_weight=0.0",
-    "data.normalize=true", "model.mask.prob=0.5", "model.mask.length=5",
-    "model.quantizer.temperature.decay=0.999", "optim.lr=0.001", "schedule.warmup_steps=100",
-]
+# The laptop preset (the tiny model with the settings that make it learn within a CPU
+# budget: ``pipeline.config.laptop``) on one worker without ZeRO, the cheapest layout.
+PRETRAIN_PRESET = "laptop"
+PRETRAIN_OVERRIDES: list[str] = ["scaling.num_workers=1", "scaling.cpus_per_worker=1", "deepspeed.zero_stage=0"]
 
 
 def _fmt(seconds: float) -> str:
@@ -108,18 +102,18 @@ def _finished(run_dir: Path, steps: int) -> Path | None:
 
 
 def pretrain(work: Path, data: str, *, seed: int, steps: int, overrides: list[str], log: Any) -> tuple[Path, float]:
-    from pipeline.config import apply_overrides, tiny
+    from pipeline.config import apply_overrides, preset_config
     from pipeline.train.trainer import run_pretraining
 
     items = PRETRAIN_OVERRIDES + overrides + [f"train.max_steps={steps}", f"train.seed={seed}",
                                               f"data.shuffle_seed={seed}"]
-    name = f"pretrain-s{seed}-{steps}-{_tag(items)}"
+    name = f"pretrain-s{seed}-{steps}-{_tag([PRETRAIN_PRESET, *items])}"
     runs = work / "runs"
     done = _finished(runs / name, steps)
     if done is not None:
         log(f"pretraining: reusing {done}")
         return done, float("nan")
-    cfg = apply_overrides(tiny(), items + [
+    cfg = apply_overrides(preset_config(PRETRAIN_PRESET), items + [
         f"data.train_uri={data}", f"checkpoint.storage_path={runs}", f"checkpoint.run_name={name}",
         f"checkpoint.every_steps={steps}", "checkpoint.keep_last=1", "tracking.experiment=pretraining-value",
         f"train.log_every={max(1, steps // 20)}",
@@ -166,13 +160,13 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
     from models.factory import build_pretraining_model
     from pipeline.config import load_config, save_config, to_flat_dict
 
-    cfg = load_config(pretrained / "config.yaml")
+    cfg = load_config(pretrained / CONFIG_FILE)
     content = [json.dumps(to_flat_dict(cfg.model), sort_keys=True, default=str), str(cfg.data.normalize)]
     out = out / f"s{seed}-{_tag(content)}"
-    if not (out / "model.safetensors").is_file():  # the name is the content: fine-tuning runs stay reusable
+    if not (out / WEIGHTS_NAME).is_file():  # the name is the content: fine-tuning runs stay reusable
         torch.manual_seed(seed)
         save_weights(build_pretraining_model(cfg.model), out)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
     return out
 
 
@@ -185,7 +179,7 @@ def probes(pretrained: Path, random_ckpt: Path, labelled: str, test: str, *, see
     from pipeline.features import LogMelFrontend
     from pipeline.probe import load_labelled_set, run_probe
 
-    cfg = load_config(pretrained / "config.yaml")
+    cfg = load_config(pretrained / CONFIG_FILE)
     train_set = load_labelled_set(labelled)
     test_set = load_labelled_set(test)
     trained = build_pretraining_model(cfg.model)
@@ -214,7 +208,7 @@ def render(results: dict[str, Any]) -> str:
     s = results["setup"]
     lines = [
         "pretraining-value: does self-supervised pretraining make 10 minutes of labels go further?",
-        f"  seed {s['seed']} | tiny preset | pretraining: {s['pretrain_minutes']:.1f} min unlabelled, "
+        f"  seed {s['seed']} | {PRETRAIN_PRESET} preset | pretraining: {s['pretrain_minutes']:.1f} min unlabelled, "
         f"{s['num_train_voices']} voices, {s['pretrain_steps']} updates "
         f"(final contrastive loss {s.get('pretrain_contrastive', float('nan')):.3f}, chance {s['chance']:.3f})",
         f"  labels: {s['label_minutes']:.1f} min, same voices | test: {s['test_minutes']:.1f} min, held-out voices "
@@ -277,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     pre_ckpt, seconds["pretrain"] = pretrain(work, data["unlabelled"], seed=args.seed, steps=args.pretrain_steps,
                                              overrides=args.pretrain_set, log=log)
     random_ckpt = random_checkpoint(pre_ckpt, work / "random-init", seed=args.seed)
-    normalize = load_config(pre_ckpt / "config.yaml").data.normalize
+    normalize = load_config(pre_ckpt / CONFIG_FILE).data.normalize
     rows = {  # the same input scaling everywhere: the pretrained encoder's
         "pretrained": [f"train.init_from={pre_ckpt}"],
         "random": [f"train.init_from={random_ckpt}"],
@@ -303,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.train.checkpoint import read_state
 
-    pre_cfg = load_config(pre_ckpt / "config.yaml")
+    pre_cfg = load_config(pre_ckpt / CONFIG_FILE)
     state = read_state(pre_ckpt)
     from pipeline.probe import load_labelled_set
 

@@ -31,11 +31,10 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
         raise ValueError(f"train.max_steps: expected >= 1, got {max_steps}")
     if peak_lr <= 0:
         raise ValueError(f"optim.lr: expected > 0, got {peak_lr}")
+    cfg.check_peak(peak_lr)  # the config's own check (a Config runs it when it is built)
     if cfg.kind == "polynomial":
         warmup = cfg.warmup_steps
         end_ratio = cfg.end_lr / peak_lr
-        if end_ratio > 1.0:
-            raise ValueError(f"schedule.end_lr ({cfg.end_lr}) must be <= optim.lr ({peak_lr})")
 
         def poly(step: int) -> float:
             if warmup > 0 and step < warmup:
@@ -49,13 +48,6 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
         return poly
 
     if cfg.kind == "tri_stage":
-        if cfg.hold_ratio + cfg.decay_ratio > 1.0:
-            raise ValueError(
-                f"schedule.hold_ratio + schedule.decay_ratio must be <= 1, got "
-                f"{cfg.hold_ratio} + {cfg.decay_ratio}"
-            )
-        if not 0.0 < cfg.final_lr_scale <= 1.0:
-            raise ValueError(f"schedule.final_lr_scale: expected in (0, 1], got {cfg.final_lr_scale}")
         warmup = cfg.warmup_steps
         hold = int(cfg.hold_ratio * max_steps)
         decay = int(cfg.decay_ratio * max_steps)

@@ -13,7 +13,7 @@ from pipeline import config as C
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pretrain"
 
 
-@pytest.mark.parametrize("name", ["tiny", "base", "large", "large_lv60k"])
+@pytest.mark.parametrize("name", ["tiny", "laptop", "base", "large", "large_lv60k"])
 def test_config_loads_and_names_its_preset(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
@@ -50,3 +50,12 @@ def test_spec_scale() -> None:
 def test_bad_override_fails_before_any_work(capsys) -> None:
     assert main(["--config", str(CONFIGS / "tiny.yaml"), "train.max_stepz=3"]) == 2
     assert "unknown config key 'train.max_stepz'" in capsys.readouterr().err
+
+
+def test_bad_schedule_fails_in_under_a_second_before_any_work(capsys) -> None:
+    import time
+
+    start = time.perf_counter()
+    assert main(["--config", str(CONFIGS / "laptop.yaml"), "schedule.end_lr=0.5"]) == 2
+    assert time.perf_counter() - start < 1.0, "checked by the config, not by a training worker"
+    assert "schedule.end_lr (0.5) must be <= optim.lr (0.001)" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import config as C
 
@@ -91,3 +92,38 @@ def test_every_shipped_yaml_loads() -> None:
         if f.parent.name == "sweep":
             continue  # sweep files are checked by the sweep tests
         C.load_config(f)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["schedule.end_lr=0.01"], r"schedule\.end_lr \(0\.01\) must be <= optim\.lr \(0\.002\)"),
+    (["schedule.kind=tri_stage", "schedule.hold_ratio=0.6", "schedule.decay_ratio=0.5"],
+     r"schedule\.hold_ratio \+ schedule\.decay_ratio must be <= 1, got 0\.6 \+ 0\.5"),
+    (["schedule.kind=tri_stage", "schedule.final_lr_scale=0"], r"schedule\.final_lr_scale: expected in \(0, 1\], got 0"),
+    (["finetune.freeze_encoder_steps=-1"], r"finetune\.freeze_encoder_steps: expected >= 0, got -1"),
+])
+def test_cross_field_checks_run_when_the_config_is_built(overrides: list[str], message: str) -> None:
+    # These held only inside a training worker before; now no config with them can exist.
+    with pytest.raises(C.ConfigError, match=message):
+        C.apply_overrides(C.tiny(), overrides)
+
+
+def test_fine_tuning_settings_are_one_section_and_old_configs_still_load(tmp_path: Path) -> None:
+    cfg = C.apply_overrides(C.tiny(), ["finetune.vocab=abc", "finetune.freeze_encoder_steps=5"])
+    assert (cfg.finetune.vocab, cfg.finetune.freeze_encoder_steps) == ("abc", 5)
+    assert not hasattr(cfg.train, "ctc_vocab") and not hasattr(cfg.train, "freeze_encoder_steps")
+    # A config saved by a checkpoint before the move names the old keys.
+    old = C.to_dict(C.tiny())
+    old["train"].update(ctc_vocab="xyz", freeze_encoder_steps=7)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.warns(UserWarning, match="'train.ctc_vocab' is now 'finetune.vocab'"):
+        loaded = C.load_config(tmp_path / "config.yaml")
+    assert (loaded.finetune.vocab, loaded.finetune.freeze_encoder_steps) == ("xyz", 7)
+
+
+def test_the_laptop_preset_is_the_tiny_model_that_learns() -> None:
+    laptop, tiny = C.laptop(), C.tiny()
+    assert laptop.model.transformer == tiny.model.transformer and laptop.model.encoder.conv_layers == tiny.model.encoder.conv_layers
+    assert laptop.model.encoder.mode == "layer_norm" and laptop.data.normalize
+    assert laptop.model.loss.feature_penalty_weight == 0.0 and laptop.model.quantizer.temperature.decay == 0.999
+    demo = C.load_config(ROOT / "jobs" / "configs" / "pretrain" / "laptop.yaml")
+    assert demo.preset == "laptop" and demo.model == laptop.model
