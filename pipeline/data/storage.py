@@ -3,10 +3,11 @@
 Every reader and writer of the data path goes through :func:`resolve`, so a local path
 works wherever an s3:// URI does. The S3 endpoint and region come from the config or
 the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``); credentials
-only from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (the config is logged to
+from the AWS chain of the process that opens the filesystem (the config is logged to
 MLflow, so it must never hold them). Nothing here prints a credential.
 
-An unreachable or misconfigured store must fail in seconds with the endpoint named,
+Credentials are never copied into anything that travels to Ray tasks or workers
+(:class:`Storage`). An unreachable or misconfigured store must fail in seconds with the endpoint named,
 not hang in the SDK's retry loop: connections time out after a few seconds and retries
 are bounded.
 """
@@ -35,10 +36,14 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Storage:
-    """How to reach s3:// URIs; picklable, so Ray tasks rebuild the filesystem themselves.
+    """How to reach s3:// URIs: endpoint and region, nothing secret.
 
-    Credentials are read from the environment of the process that uses the filesystem
-    when not given; ``repr`` never shows them.
+    It travels with the work (Ray tasks, the training workers' config), so it carries no
+    credentials: each process that opens the filesystem resolves them itself, through
+    the AWS chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a profile, an
+    instance role), from its own environment: the cluster's, or a Ray runtime
+    environment. Explicit keys are for code in one process (tests, benchmarks); a
+    ``Storage`` holding them refuses to be pickled, so they cannot travel by accident.
     """
 
     endpoint: str = ""
@@ -47,17 +52,23 @@ class Storage:
     secret_key: str = ""
 
     def __repr__(self) -> str:
-        who = "set" if self.access_key else "from environment"
+        who = "given" if self.access_key else "from the environment"
         return f"Storage(endpoint={self.endpoint!r}, region={self.region!r}, credentials={who})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.access_key or self.secret_key:
+            raise TypeError(
+                "Storage with explicit credentials cannot be pickled: credentials are resolved where they are "
+                "used (AWS_* variables, instance role, Ray runtime env), never carried with the work"
+            )
+        return dict(self.__dict__)
 
     @classmethod
     def from_config(cls, endpoint: str = "", region: str = "") -> Storage:
-        """Endpoint/region from the config, else the AWS variables; credentials from the variables."""
+        """Endpoint/region from the config, else the AWS variables; credentials resolved at use."""
         return cls(
             endpoint=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3", "") or os.environ.get("AWS_ENDPOINT_URL", ""),
             region=region or os.environ.get("AWS_DEFAULT_REGION", "") or os.environ.get("AWS_REGION", "") or "us-east-1",
-            access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
-            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
         )
 
     def describe(self) -> str:
