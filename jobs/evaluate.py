@@ -5,8 +5,9 @@
 
 ``--checkpoint``: a wavray fine-tuning checkpoint (``config.yaml`` + ``model.safetensors``),
 a fine-tuning run folder (its newest checkpoint), or a Hugging Face ``Wav2Vec2ForCTC``
-directory (with ``vocab.json``; ``jobs.finetune`` logs one to MLflow). ``--data``: a
-prepared dataset with transcripts (local or s3://).
+directory (with ``vocab.json``; ``jobs.finetune`` logs one to MLflow), each local or
+``s3://``, or an MLflow model URI (``models:/name@alias``; ``pipeline/model_io.py``).
+``--data``: a prepared dataset with transcripts (local or s3://).
 
 Writes one row per utterance (id, speaker, reference, hypothesis, edits, CER, WER) as
 Parquet or TSV (by the extension of ``--output``), prints the corpus CER and WER (total
@@ -18,7 +19,6 @@ store of the fine-tuning run, or a sqlite store under ``runs/``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -70,22 +70,25 @@ def evaluate(
     speakers: list[str] | None = None,
     exclude_speakers: list[str] | None = None,
     s3_endpoint: str = "",
+    tracking_uri: str = "",
 ) -> tuple[Evaluation, Any]:
-    """Score ``checkpoint`` on the transcribed utterances of ``data``; returns (results, run config or None)."""
+    """Score ``checkpoint`` (any location :mod:`pipeline.model_io` reads) on the transcribed
+    utterances of ``data``; returns (results, run config or None)."""
     import torch
 
+    from pipeline.data.storage import Storage
+    from pipeline.model_io import load_model
     from pipeline.probe import load_labelled_set
     from pipeline.text import summarize_errors, utterance_errors
-    from pipeline.train.finetune import load_model
 
     t0 = time.perf_counter()
-    cfg, model, vocab = load_model(checkpoint)
-    normalize = cfg.data.normalize if cfg is not None else _hf_normalize(checkpoint)
+    trained = load_model(checkpoint, task="ctc", store=Storage.from_config(s3_endpoint), tracking_uri=tracking_uri)
+    cfg, model, vocab = trained.config, trained.model, trained.require_vocab()
     endpoint = s3_endpoint or (cfg.data.s3_endpoint if cfg is not None else "")
     labelled = load_labelled_set(data, split=split, speakers=speakers, exclude_speakers=exclude_speakers,
                                  s3_endpoint=endpoint)
     torch.manual_seed(0)
-    hyps = transcribe(model, labelled.audio, vocab, normalize=normalize)
+    hyps = transcribe(model, labelled.audio, vocab, normalize=trained.normalize)
     rows, per = [], []
     for utt, speaker, ref_raw, hyp, audio in zip(labelled.ids, labelled.speakers, labelled.transcripts, hyps,
                                                   labelled.audio, strict=True):
@@ -101,16 +104,6 @@ def evaluate(
     summary["minutes"] = labelled.minutes
     summary["seconds"] = time.perf_counter() - t0
     return Evaluation(summary=summary, rows=rows), cfg
-
-
-def _hf_normalize(path: str) -> bool:
-    pre = Path(path) / "preprocessor_config.json"
-    if pre.is_file():
-        try:
-            return bool(json.loads(pre.read_text()).get("do_normalize", False))
-        except json.JSONDecodeError:
-            return False
-    return False
 
 
 def write_table(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -162,15 +155,26 @@ def log_to_mlflow(ev: Evaluation, table: Path, *, cfg: Any, checkpoint: str, dat
     return tracker.uri, tracker.run_id
 
 
+def _short_name(location: str) -> str:
+    """The last part of a model location (a path, an s3:// or models:/ URI), for run names."""
+    if "://" in location or location.startswith(("models:/", "runs:/")):
+        return location.rstrip("/").rsplit("/", 1)[-1]
+    return Path(location).resolve().name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="wavray CTC checkpoint or run folder, or a HF CTC dir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="fine-tuned model: wavray CTC checkpoint or run folder, a HF CTC directory, local or "
+                             "s3://, or an MLflow model URI (models:/name@alias)")
     parser.add_argument("--data", required=True, help="prepared dataset with transcripts (local or s3://)")
     parser.add_argument("--split", default="all", choices=["train", "valid", "all"])
     parser.add_argument("--speakers", default="", help="comma-separated speakers to keep (default: all)")
     parser.add_argument("--exclude-speakers", default="", help="comma-separated speakers to leave out")
     parser.add_argument("--output", default="eval_results.parquet", help="per-utterance table (.parquet or .tsv)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the run's store)")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI: where models:/ URIs are read and the results logged "
+                             "(default: MLFLOW_TRACKING_URI, else the run's store)")
     parser.add_argument("--experiment", default="", help="MLflow experiment (default: the run's)")
     parser.add_argument("--run-name", default="", help="MLflow run name (default: eval-<checkpoint>-<time>)")
     parser.add_argument("--no-mlflow", action="store_true", help="only print and write the table")
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     exclude = [s for s in args.exclude_speakers.split(",") if s]
     try:
         ev, cfg = evaluate(args.checkpoint, args.data, split=args.split, speakers=speakers or None,
-                           exclude_speakers=exclude or None, s3_endpoint=args.s3_endpoint)
+                           exclude_speakers=exclude or None, s3_endpoint=args.s3_endpoint,
+                           tracking_uri=args.tracking_uri)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
           f"CER {100 * s['cer']:.2f}%  WER {100 * s['wer']:.2f}%  ({s['seconds']:.0f} s)")
     print(f"[wavray] per-utterance table: {table}")
     if not args.no_mlflow:
-        name = args.run_name or f"eval-{Path(args.checkpoint).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = args.run_name or f"eval-{_short_name(args.checkpoint)}-{time.strftime('%Y%m%d-%H%M%S')}"
         uri, run_id = log_to_mlflow(ev, table, cfg=cfg, checkpoint=args.checkpoint, data=args.data,
                                     split=args.split, tracking_uri=args.tracking_uri,
                                     experiment=args.experiment, run_name=name)

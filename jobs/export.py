@@ -1,11 +1,13 @@
 """Convert between wavray model checkpoints and Hugging Face model directories.
 
-    python -m jobs.export --checkpoint PATH --out DIR [--ctc]   # ours -> HF directory
-    python -m jobs.export --from-hf DIR --out PATH [--task ctc]  # HF directory -> ours
+    python -m jobs.export --checkpoint LOCATION --out DIR [--ctc]   # ours -> HF directory
+    python -m jobs.export --from-hf LOCATION --out PATH [--task ctc]  # HF directory -> ours
 
 A wavray model checkpoint is a directory with ``config.yaml`` (the resolved run config)
 and ``model.safetensors`` (the model's plain state dict); every training checkpoint
-holds one. The HF directory loads with ``transformers.Wav2Vec2ForPreTraining``
+holds one, and a run folder stands for its newest. Either side is read from a local path,
+an ``s3://`` URI (the checkpoint a run prints) or an MLflow model URI
+(``models:/name@alias``; ``--tracking-uri``), see ``pipeline/model_io.py``. The HF directory loads with ``transformers.Wav2Vec2ForPreTraining``
 (``--ctc``: ``Wav2Vec2ForCTC``) ``from_pretrained``. Going the other way, the run config
 starts from the preset closest to the HF model's architecture and takes the whole
 ``model`` section from the HF config; that directory can then seed continued
@@ -18,27 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from models.checkpoint import load_weights, save_weights, weights_path
-from models.factory import build_ctc_model, build_pretraining_model
+from models.checkpoint import load_weights, save_weights
 from models.hf import load_hf, save_hf_ctc, save_hf_pretraining
-from pipeline.config import PRESETS, Config, ConfigError, from_dict, save_config, to_dict, to_flat_dict
-
-CONFIG_NAME = "config.yaml"
-
-
-def read_checkpoint_config(path: str | Path) -> tuple[Config, Path]:
-    """The run config and weights file of a wavray model checkpoint (directory or weights file)."""
-    weights = weights_path(path)
-    cfg_file = weights.parent / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise ValueError(f"checkpoint {str(path)!r}: no {CONFIG_NAME} next to {weights.name}")
-    try:
-        data = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{cfg_file}: not valid YAML: {e}") from None
-    return from_dict(data), weights
+from pipeline.config import CONFIG_FILE, PRESETS, ConfigError, from_dict, save_config, to_dict, to_flat_dict
+from pipeline.data.storage import Storage
+from pipeline.model_io import fetch, load_model
 
 
 def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfig
@@ -63,32 +49,26 @@ def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfi
     return best
 
 
-def export_to_hf(checkpoint: str | Path, out: str | Path, *, ctc: bool = False, pad_token_id: int = 0) -> Path:
+def export_to_hf(checkpoint: str, out: str | Path, *, ctc: bool = False, pad_token_id: int = 0,
+                 store: Storage | None = None, tracking_uri: str = "") -> Path:
     """wavray checkpoint -> HF ``Wav2Vec2ForPreTraining`` (or ``Wav2Vec2ForCTC``) directory."""
-    cfg, weights = read_checkpoint_config(checkpoint)
-    state = load_weights(weights)
+    trained = load_model(str(checkpoint), store=store, tracking_uri=tracking_uri)
+    if trained.config is None:
+        raise ValueError(f"{checkpoint!r} is a Hugging Face directory already; nothing to export")
+    if ctc and trained.task != "ctc":
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: no CTC head (head.weight); not a fine-tuned model")
+    if not ctc and trained.task == "ctc":
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: a fine-tuned model; export it with --ctc")
+    cfg = trained.config
     if ctc:
-        if "head.weight" not in state:
-            raise ValueError(f"checkpoint {str(checkpoint)!r}: no CTC head (head.weight); not a fine-tuned model")
-        model = build_ctc_model(cfg.model, vocab_size=int(state["head.weight"].shape[0]))
-    else:
-        if "quantizer.codevectors" not in state:
-            raise ValueError(
-                f"checkpoint {str(checkpoint)!r}: no quantizer weights; a fine-tuned model exports with --ctc"
-            )
-        model = build_pretraining_model(cfg.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {str(checkpoint)!r}: weights do not match its {CONFIG_NAME}: {e}") from None
-    if ctc:
-        return save_hf_ctc(model, cfg.model, out, pad_token_id=pad_token_id)
-    return save_hf_pretraining(model, cfg.model, out)
+        return save_hf_ctc(trained.model, cfg.model, out, pad_token_id=pad_token_id, normalize=cfg.data.normalize)
+    return save_hf_pretraining(trained.model, cfg.model, out, normalize=cfg.data.normalize)
 
 
-def import_from_hf(hf_dir: str | Path, out: str | Path, *, task: str = "pretraining") -> tuple[Path, str]:
+def import_from_hf(hf_dir: str, out: str | Path, *, task: str = "pretraining", store: Storage | None = None,
+                   tracking_uri: str = "") -> tuple[Path, str]:
     """HF directory -> wavray model checkpoint (config.yaml + model.safetensors). Returns (dir, preset)."""
-    model_cfg, model = load_hf(hf_dir, task=task)
+    model_cfg, model = load_hf(fetch(str(hf_dir), store=store, tracking_uri=tracking_uri), task=task)
     preset = closest_preset(model_cfg)
     cfg = PRESETS[preset]()
     cfg.model = model_cfg
@@ -98,15 +78,21 @@ def import_from_hf(hf_dir: str | Path, out: str | Path, *, task: str = "pretrain
         raise ValueError(f"--out {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out)
-    save_config(cfg, out / CONFIG_NAME)
+    save_config(cfg, out / CONFIG_FILE)
     return out, preset
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="wavray model checkpoint directory (or its model.safetensors)")
-    src.add_argument("--from-hf", type=Path, help="Hugging Face model directory (config.json + weights)")
+    src.add_argument("--checkpoint",
+                     help="wavray model checkpoint (or its model.safetensors) or run folder: a local path, an "
+                          "s3:// URI or an MLflow model URI")
+    src.add_argument("--from-hf", help="Hugging Face model directory (config.json + weights): a local path, an "
+                                       "s3:// URI or an MLflow model URI")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking store of models:/ and runs:/ URIs (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--s3-endpoint", default="", help="endpoint for s3:// URIs (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--ctc", action="store_true", help="with --checkpoint: export a fine-tuned CTC model")
     parser.add_argument("--pad-token-id", type=int, default=0, help="with --ctc: the CTC blank id in config.json")
@@ -115,18 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --from-hf: the model to build (pretraining keeps/creates the quantizer; ctc needs lm_head)",
     )
     args = parser.parse_args(argv)
+    where = {"store": Storage.from_config(args.s3_endpoint), "tracking_uri": args.tracking_uri}
     try:
         if args.checkpoint is not None:
-            out = export_to_hf(args.checkpoint, args.out, ctc=args.ctc, pad_token_id=args.pad_token_id)
+            out = export_to_hf(args.checkpoint, args.out, ctc=args.ctc, pad_token_id=args.pad_token_id, **where)
             kind = "Wav2Vec2ForCTC" if args.ctc else "Wav2Vec2ForPreTraining"
             print(f"export: wrote {kind} directory {out} (config.json, model.safetensors)")
         else:
             if args.ctc:
                 parser.error("--ctc applies to --checkpoint; use --task ctc with --from-hf")
-            out, preset = import_from_hf(args.from_hf, args.out, task=args.task)
+            out, preset = import_from_hf(args.from_hf, args.out, task=args.task, **where)
             num = sum(t.numel() for t in load_weights(out).values())
             print(
-                f"export: wrote wavray checkpoint {out} ({CONFIG_NAME} with preset {preset!r} and the model "
+                f"export: wrote wavray checkpoint {out} ({CONFIG_FILE} with preset {preset!r} and the model "
                 f"section of the Hugging Face config; model.safetensors with {num / 1e6:.1f}M values)"
             )
     except (ValueError, ConfigError) as e:

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     source = cfg.train.init_from or f"scratch ({cfg.finetune.frontend} frontend)"
     print(f"[wavray] fine-tuning run {run_name!r} from {source}: {cfg.scaling.num_workers} workers, "
           f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.max_steps} updates, Transformer frozen for "
-          f"{cfg.train.freeze_encoder_steps} (Ray: {where})", flush=True)
-    result, code = run_training(lambda c: run_finetuning(c, run_name=run_name), cfg)
+          f"{cfg.finetune.freeze_encoder_steps} (Ray: {where})", flush=True)
+    result, code = run_training(lambda c: run_finetuning(c, run_name=run_name, verbose=args.verbose), cfg)
     if result is None:
         return code
     print_result(cfg, result, [f"evaluate: python -m jobs.evaluate --checkpoint {result.checkpoint_uri} --data URI"])

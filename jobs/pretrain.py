@@ -1,12 +1,12 @@
 """Pretrain a wav2vec 2.0 encoder with Ray Train + DeepSpeed, tracked in MLflow.
 
-    python -m jobs.pretrain --config jobs/configs/pretrain/tiny.yaml [a.b.c=value ...]
+    python -m jobs.pretrain --config jobs/configs/pretrain/laptop.yaml [a.b.c=value ...]
 
 Through a running cluster (``ray start --head --node-ip-address=127.0.0.1`` locally)::
 
     RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token) \\
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m jobs.pretrain --config jobs/configs/pretrain/tiny.yaml \\
+        python -m jobs.pretrain --config jobs/configs/pretrain/laptop.yaml \\
         data.train_uri=s3://wavray/demo checkpoint.storage_path=s3://wavray/runs checkpoint.run_name=demo
 
 ``--working-dir .`` ships the repository (minus .gitignore'd paths such as .venv) and
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     where = connect(args)
     print(f"[wavray] run {run_name!r}: preset {cfg.preset}, {cfg.scaling.num_workers} workers, "
           f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.max_steps} updates (Ray: {where})", flush=True)
-    result, code = run_training(lambda c: run_pretraining(c, run_name=run_name), cfg)
+    result, code = run_training(lambda c: run_pretraining(c, run_name=run_name, verbose=args.verbose), cfg)
     if result is None:
         return code
     print_result(cfg, result)

@@ -24,6 +24,9 @@ def training_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto': the one `ray start` left on this machine; "
                              "default: RAY_ADDRESS, else a local instance on 127.0.0.1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own INFO logs on the console too (every report of every worker, data "
+                             "execution); by default the console shows wavray's progress lines, alarms and summary")
     parser.add_argument("overrides", nargs="*", help="a.b.c=value config overrides")
     return parser
 
@@ -45,7 +48,7 @@ def connect(args: argparse.Namespace) -> str:
     """Join or start Ray (see :func:`pipeline.cluster.connect_ray`); the address, for the log."""
     from pipeline.cluster import connect_ray
 
-    return connect_ray(args.address)
+    return connect_ray(args.address, verbose=args.verbose)
 
 
 def run_training(run: Callable[[Config], Any], cfg: Config) -> tuple[Any, int]:

@@ -17,12 +17,9 @@ numbers compare like with like (CPC's probe table; SUPERB's weighted layer sum).
   ``probe.batch_size`` utterances.
 - Deterministic for a seed: head initialisation and batch order come from the seed; the
   global RNG state and the encoder's train/eval mode are left as they were.
-- No Ray, no DeepSpeed: :func:`run_probe` takes an ``nn.Module`` and in-memory data, so a
-  training loop can call it every N steps (on the unwrapped module; under ZeRO-3 the
-  parameters must be gathered first) and a script can call it alone. In a run:
-  ``sets = probe_sets(cfg)`` once, then ``probe_model(module, sets, cfg)`` every
-  ``probe.every_steps`` updates (on one rank: the probe is deterministic, so every rank
-  would compute the same numbers).
+- No Ray, no DeepSpeed: :func:`run_probe` takes an ``nn.Module`` and in-memory data. A
+  sweep's trial driver loads ``sets = probe_sets(cfg)`` once and scores each checkpoint
+  its run writes (``pipeline/tune``); the benchmarks call it on finished models.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,12 +147,22 @@ def load_labelled_set(
     return out.select(order.tolist())
 
 
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset locations name the same data (local paths compared absolute)."""
+    from pipeline.data import storage
+
+    def norm(uri: str) -> str:
+        return uri.rstrip("/") if "://" in uri else str(Path(uri).expanduser().resolve())
+
+    return storage.is_s3(a) == storage.is_s3(b) and norm(a) == norm(b)
+
+
 def probe_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
     """The probe's (train, dev) sets as ``cfg.probe`` names them, loaded once per run.
 
     Each is the first ``*_minutes`` of a seeded shuffle of its dataset split. When both
-    come from the same split of the same dataset, the dev set is drawn from what the
-    train set left (no utterance in both).
+    come from the same dataset, the dev set is drawn from what the train set left: no
+    utterance is in both, whatever the splits say (``all`` holds both).
     """
     p = cfg.probe
     if not p.train_uri:
@@ -163,26 +171,20 @@ def probe_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
     full_train = load_labelled_set(p.train_uri, split=p.train_split, **kw)
     train = full_train.take_minutes(p.train_minutes, seed=p.seed)
     dev_uri = p.dev_uri or p.train_uri
-    if dev_uri == p.train_uri and p.dev_split == p.train_split:
-        taken = set(train.ids)
-        rest = full_train.select([i for i, u in enumerate(full_train.ids) if u not in taken])
-        if len(rest) == 0:
-            raise ValueError(
-                f"probe: {p.train_uri} [{p.train_split}] has no utterances left for the dev set after "
-                f"probe.train_minutes = {p.train_minutes}; set probe.dev_uri or probe.dev_split"
-            )
-        return train, rest.take_minutes(p.dev_minutes, seed=p.seed)
-    dev = load_labelled_set(dev_uri, split=p.dev_split, **kw).take_minutes(p.dev_minutes, seed=p.seed)
-    return train, dev
-
-
-def probe_model(model: nn.Module, sets: tuple[LabelledSet, LabelledSet], cfg: Config) -> dict[str, float]:
-    """:func:`run_probe` with the settings of a run's config (probe section, vocabulary,
-    input normalisation): what a training loop calls every ``probe.every_steps`` updates."""
-    return run_probe(
-        model, sets[0], sets[1], cfg.probe, vocab=Vocabulary.from_characters(cfg.train.ctc_vocab),
-        normalize=cfg.data.normalize,
+    same = _same_dataset(dev_uri, p.train_uri)
+    full_dev = full_train if same and p.dev_split == p.train_split else load_labelled_set(
+        dev_uri, split=p.dev_split, **kw
     )
+    if same:
+        taken = set(train.ids)
+        full_dev = full_dev.select([i for i, u in enumerate(full_dev.ids) if u not in taken])
+        if len(full_dev) == 0:
+            raise ValueError(
+                f"probe: {dev_uri} [{p.dev_split}] has no utterances left for the dev set after the "
+                f"probe's training set (probe.train_minutes = {p.train_minutes} of [{p.train_split}]); "
+                "set probe.dev_uri or probe.dev_split"
+            )
+    return train, full_dev.take_minutes(p.dev_minutes, seed=p.seed)
 
 
 # --- hidden states of a frozen encoder -------------------------------------------------------

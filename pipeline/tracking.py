@@ -27,11 +27,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, save_config, to_flat_dict
+from pipeline.config import CONFIG_FILE, Config, save_config, to_flat_dict
 
 log = logging.getLogger("wavray.tracking")
 
 RUN_NAME_TAG = "wavray.run_name"
+HF_MODEL_ARTIFACT = "hf_model"
+"""Where a run logs its model in Hugging Face format (and what the registry versions point at)."""
 MASK = "***"
 MAX_PARAM_CHARS = 6000
 _SECRET_KEY_RE = re.compile(
@@ -191,7 +193,7 @@ class Tracker:
             if k in existing and existing[k] != v:
                 self.set_tag(f"resumed.{k}", v)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.yaml"
+            path = Path(tmp) / CONFIG_FILE
             save_config(cfg, path)
             path.write_text(redact(path.read_text()))
             self.client.log_artifact(self.run_id, str(path))
@@ -217,7 +219,7 @@ class Tracker:
         """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
         self.client.set_terminated(self.run_id, status=status)
 
-    def register_model(self, name: str, artifact_path: str = "hf_model") -> str:
+    def register_model(self, name: str, artifact_path: str = HF_MODEL_ARTIFACT) -> str:
         """Register the run's ``artifact_path`` as a new version of model ``name``; returns the version."""
         client = self.client
         try:
@@ -245,5 +247,5 @@ def log_final_model(tracker: Tracker, model: Any, cfg: Config) -> None:
     from models.hf import save_hf_pretraining
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = save_hf_pretraining(model, cfg.model, Path(tmp) / "hf_model")
-        tracker.log_artifacts(out, "hf_model")
+        out = save_hf_pretraining(model, cfg.model, Path(tmp) / HF_MODEL_ARTIFACT, normalize=cfg.data.normalize)
+        tracker.log_artifacts(out, HF_MODEL_ARTIFACT)

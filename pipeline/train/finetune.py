@@ -4,7 +4,7 @@ wav2vec 2.0's recipe (SPEC.md): drop the quantizer and projections, add
 Linear(d_model -> vocab) on the context network, train with CTC on characters plus the
 word boundary ``|`` (blank at 0); keep time and channel masking as a regulariser; keep
 the conv feature encoder frozen; keep the Transformer (and projection, mask embedding)
-frozen for the first ``train.freeze_encoder_steps`` updates, so the fresh head first
+frozen for the first ``finetune.freeze_encoder_steps`` updates, so the fresh head first
 learns to read the pretrained features; tri-stage learning rate (``schedule.kind``).
 
 Data: the same training input as pretraining (Ray Data, length buckets, exact resume),
@@ -25,7 +25,6 @@ gradient reaches them. DeepSpeed then gives their parameters zero gradients; wit
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from models.wav2vec2 import Wav2Vec2ForCTC
-from pipeline.config import Config, from_dict, load_config
+from pipeline.config import CONFIG_FILE, Config, apply_overrides, to_flat_dict
 from pipeline.text import Vocabulary
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
@@ -47,40 +46,8 @@ from pipeline.train.worker import RayHooks, WorkerTask, consolidated_model, form
 
 log = logging.getLogger("wavray.train")
 
-HF_CONFIG = "config.json"
-WAVRAY_CONFIG = "config.yaml"
-
 
 # --- config and model -------------------------------------------------------------------------
-
-
-def _source_kind(path: str) -> str:
-    """``hf`` (config.json), ``wavray`` (config.yaml + model.safetensors) or ``run`` (a run folder)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"train.init_from: {path!r} is not a directory (expected a wavray checkpoint, a run "
-                         "folder or a Hugging Face model directory)")
-    if (p / HF_CONFIG).is_file():
-        return "hf"
-    if (p / WAVRAY_CONFIG).is_file() and (p / "model.safetensors").is_file():
-        return "wavray"
-    from pipeline.train.checkpoint import latest_complete
-
-    if latest_complete(p) is not None:
-        return "run"
-    raise ValueError(
-        f"train.init_from: {path!r} holds neither config.json (Hugging Face) nor config.yaml + "
-        "model.safetensors (a wavray checkpoint) nor complete checkpoint_* folders (a wavray run)"
-    )
-
-
-def resolve_init_path(path: str) -> str:
-    """A run folder -> its newest complete checkpoint; any other source as it is."""
-    if _source_kind(path) == "run":
-        from pipeline.train.checkpoint import latest_complete
-
-        return str(latest_complete(Path(path)))
-    return path
 
 
 # Fields of the model config a fine-tuning run chooses itself; everything else (the
@@ -92,76 +59,53 @@ _REGULARISERS = (
 )
 
 
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(obj: Any, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
-
-
 def resolve_config(cfg: Config) -> Config:
     """The fine-tuning config as it will run, saved with every checkpoint.
 
-    - ``train.ctc_vocab``: written out (the default characters when empty), so a
+    - ``finetune.vocab``: written out (the default characters when empty), so a
       checkpoint decodes the same way whatever the code's default becomes.
-    - ``train.init_from``: a run folder becomes its newest checkpoint; the model's
-      architecture comes from the source (its ``config.yaml`` or ``config.json``), the
-      regularisers (masking, dropouts, LayerDrop, ``final_dropout``) from ``cfg``; a wavray
-      source also sets ``data.normalize`` (the input must be scaled as in pretraining).
+    - ``train.init_from``: pinned (:func:`pipeline.model_io.pin`: an MLflow alias becomes
+      its version, a local path absolute); the model's architecture comes from the source
+      (its ``config.yaml`` or ``config.json``), the regularisers (masking, dropouts,
+      LayerDrop, ``final_dropout``) from ``cfg``; a wavray source also sets
+      ``data.normalize`` (the input must be scaled as in pretraining).
     """
-    from models.hf import hf_to_model_config, read_hf_config
+    from pipeline import model_io
+    from pipeline.tracking import default_tracking_uri
+    from pipeline.train.trainer import storage_for
 
-    out = copy.deepcopy(cfg)
-    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
-    out.train.ctc_vocab = vocab.characters
-    if cfg.train.freeze_encoder_steps < 0:
-        raise ValueError(f"train.freeze_encoder_steps: expected >= 0, got {cfg.train.freeze_encoder_steps}")
+    vocab = Vocabulary.from_characters(cfg.finetune.vocab)
     if cfg.data.batch_mode != "pad":
         raise ValueError(
             f"data.batch_mode: fine-tuning needs 'pad' (whole utterances: a crop would cut the transcript), "
             f"got {cfg.data.batch_mode!r}"
         )
-    if cfg.train.freeze_encoder_steps > 0 and cfg.optim.weight_decay > 0:
+    if cfg.finetune.freeze_encoder_steps > 0 and cfg.optim.weight_decay > 0:
         warnings.warn(
             f"optim.weight_decay = {cfg.optim.weight_decay}: the Transformer still decays during the "
-            f"{cfg.train.freeze_encoder_steps} frozen updates (DeepSpeed gives frozen parameters zero "
+            f"{cfg.finetune.freeze_encoder_steps} frozen updates (DeepSpeed gives frozen parameters zero "
             "gradients); use 0 for an exact freeze",
             stacklevel=2,
         )
-    if not cfg.train.init_from:
-        return out
-    if cfg.finetune.frontend != "wav2vec2":
-        raise ValueError(
-            f"finetune.frontend = {cfg.finetune.frontend!r} trains from scratch (a baseline); "
-            f"train.init_from must be empty, got {cfg.train.init_from!r}"
-        )
-    path = resolve_init_path(cfg.train.init_from)
-    out.train.init_from = path
-    if _source_kind(path) == "hf":
-        source_model = hf_to_model_config(read_hf_config(path), for_pretraining=False)
-    else:
-        source = load_config(Path(path) / WAVRAY_CONFIG)
-        source_model = source.model
-        if source.data.normalize != cfg.data.normalize:
-            log.warning("data.normalize: %s from the pretrained checkpoint %s (the config said %s)",
-                        source.data.normalize, path, cfg.data.normalize)
-        out.data.normalize = source.data.normalize
-    for name in _REGULARISERS:
-        _set(source_model, name, _get(cfg.model, name))
-    out.model = from_dict({"preset": cfg.preset, "model": _model_dict(source_model)}).model
-    return out
-
-
-def _model_dict(model_cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(model_cfg)
+    deltas: dict[str, Any] = {"finetune.vocab": vocab.characters}
+    if cfg.train.init_from:
+        if cfg.finetune.frontend != "wav2vec2":
+            raise ValueError(
+                f"finetune.frontend = {cfg.finetune.frontend!r} trains from scratch (a baseline); "
+                f"train.init_from must be empty, got {cfg.train.init_from!r}"
+            )
+        where = {"store": storage_for(cfg), "tracking_uri": default_tracking_uri(cfg)}
+        source = model_io.pin(cfg.train.init_from, tracking_uri=where["tracking_uri"])
+        source_model, normalize = model_io.source_model_config(source, **where)
+        mine = to_flat_dict(cfg.model)
+        deltas["model"] = {**to_flat_dict(source_model), **{k: mine[k] for k in _REGULARISERS}}
+        deltas["train.init_from"] = source
+        if normalize is not None:
+            if normalize != cfg.data.normalize:
+                log.warning("data.normalize: %s from the pretrained model %s (the config said %s)",
+                            normalize, source, cfg.data.normalize)
+            deltas["data.normalize"] = normalize
+    return apply_overrides(cfg, deltas)
 
 
 def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
@@ -169,59 +113,21 @@ def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
 
     Seed the global RNG first for identical fresh weights on every rank.
     """
-    from models.checkpoint import load_pretrained_into
-    from models.factory import build_ctc_model
-    from pipeline.features import build_logmel_ctc_model
+    from pipeline import model_io
+    from pipeline.tracking import default_tracking_uri
+    from pipeline.train.trainer import storage_for
 
-    if cfg.finetune.frontend == "logmel":
-        model = build_logmel_ctc_model(cfg.model, vocab_size, cfg.finetune.n_mels)
-    else:
-        model = build_ctc_model(cfg.model, vocab_size)
+    model = model_io.architecture(cfg, "ctc", vocab_size)
     if cfg.train.init_from:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*kept the initialisation of.*")
-            left = load_pretrained_into(model, cfg.train.init_from)
+            left = model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
+                                         tracking_uri=default_tracking_uri(cfg))
         if [k for k in left if not k.startswith("head.")]:
             raise ValueError(f"train.init_from: {cfg.train.init_from}: no weights for {left}")
     if cfg.finetune.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    return model
-
-
-def load_model(path: str) -> tuple[Config | None, Wav2Vec2ForCTC, Vocabulary]:
-    """A fine-tuned model for inference: a wavray CTC checkpoint (or run folder) or a
-    Hugging Face ``Wav2Vec2ForCTC`` directory (with ``vocab.json``). Returns (the run's
-    config or None for Hugging Face, the model in eval mode, its vocabulary)."""
-    from models.checkpoint import load_weights
-    from models.hf import load_hf
-
-    path = resolve_init_path(path)
-    if _source_kind(path) == "hf":
-        _, model = load_hf(path, task="ctc")
-        vocab = Vocabulary.load(path) if (Path(path) / "vocab.json").is_file() else Vocabulary.from_characters()
-        if len(vocab) != model.vocab_size:
-            raise ValueError(
-                f"{path}: vocab.json has {len(vocab)} tokens, the model's head {model.vocab_size}"
-            )
-        return None, model.eval(), vocab  # type: ignore[return-value]
-    cfg = load_config(Path(path) / WAVRAY_CONFIG)
-    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
-    state = load_weights(path)
-    if "head.weight" not in state:
-        raise ValueError(f"{path}: not a fine-tuned (CTC) checkpoint: no head.weight; fine-tune it with jobs.finetune")
-    if state["head.weight"].shape[0] != len(vocab):
-        raise ValueError(
-            f"{path}: the head has {state['head.weight'].shape[0]} outputs, train.ctc_vocab gives {len(vocab)} tokens"
-        )
-    from models.factory import build_ctc_model
-    from pipeline.features import build_logmel_ctc_model
-
-    if cfg.finetune.frontend == "logmel":
-        model = build_logmel_ctc_model(cfg.model, len(vocab), cfg.finetune.n_mels)
-    else:
-        model = build_ctc_model(cfg.model, len(vocab))
-    model.load_state_dict(state, strict=True)
-    return cfg, model.eval(), vocab
+    return model  # type: ignore[return-value]
 
 
 # --- transcripts ------------------------------------------------------------------------------
@@ -265,7 +171,7 @@ class Targets:
             longest = max(longest, int(n))
         if missing or empty:
             what = (f"{len(missing)} without a transcript (e.g. {missing[:3]})" if missing else "") + (
-                f"{'; ' if missing else ''}{len(empty)} with no character of train.ctc_vocab "
+                f"{'; ' if missing else ''}{len(empty)} with no character of finetune.vocab "
                 f"{vocab.characters!r} (e.g. {empty[:3]})" if empty else "")
             raise ValueError(
                 f"data.train_uri: {cfg.data.train_uri}: the {split!r} split has utterances CTC cannot train on: "
@@ -321,7 +227,7 @@ class FinetuneStep:
         self.cfg = cfg
         self.model = model
         self.targets = targets
-        self.freeze_steps = cfg.train.freeze_encoder_steps
+        self.freeze_steps = cfg.finetune.freeze_encoder_steps
         self._freeze = _TransformerFreeze(model)
         self._layerdrop_gen: torch.Generator | None = None
 
@@ -418,12 +324,12 @@ def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) 
     from pipeline.config import save_config
 
     out = Path(out_dir)
-    vocab = Vocabulary.from_characters(cfg.train.ctc_vocab)
+    vocab = Vocabulary.from_characters(cfg.finetune.vocab)
     if cfg.finetune.frontend == "wav2vec2":
-        save_hf_ctc(model, cfg.model, out, pad_token_id=vocab.blank_id)
+        save_hf_ctc(model, cfg.model, out, pad_token_id=vocab.blank_id, normalize=cfg.data.normalize)
     else:
         save_weights(model, out)
-        save_config(cfg, out / WAVRAY_CONFIG)
+        save_config(cfg, out / CONFIG_FILE)
     vocab.save(out)
     return out
 
@@ -434,10 +340,10 @@ class FinetuneTask(WorkerTask):
     hooks_class = FinetuneHooks
 
     def build_model(self, cfg: Config) -> torch.nn.Module:
-        return build_model(cfg, len(Vocabulary.from_characters(cfg.train.ctc_vocab)))
+        return build_model(cfg, len(Vocabulary.from_characters(cfg.finetune.vocab)))
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
-        return FinetuneStep(cfg, model, Targets.read(cfg, Vocabulary.from_characters(cfg.train.ctc_vocab)))
+        return FinetuneStep(cfg, model, Targets.read(cfg, Vocabulary.from_characters(cfg.finetune.vocab)))
 
     def finish(self, cfg: Config, eng: Any, *, rank: int, tracker: Any) -> None:
         import shutil
@@ -447,11 +353,13 @@ class FinetuneTask(WorkerTask):
         final = consolidated_model(eng, lambda: self.build_model(_without_init(cfg)))
         if rank != 0 or tracker is None or final is None:
             return
+        from pipeline.tracking import HF_MODEL_ARTIFACT
+
         try:
             tmp = Path(tempfile.mkdtemp(prefix="wavray-ctc-"))
             try:
                 save_inference_dir(final, cfg, tmp / "model")
-                tracker.log_artifacts(tmp / "model", "hf_model" if cfg.finetune.frontend == "wav2vec2" else "model")
+                tracker.log_artifacts(tmp / "model", HF_MODEL_ARTIFACT if cfg.finetune.frontend == "wav2vec2" else "model")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception as e:
@@ -465,15 +373,13 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _without_init(cfg: Config) -> Config:
-    out = copy.deepcopy(cfg)
-    out.train.init_from = ""
-    return out
+    return apply_overrides(cfg, {"train.init_from": ""})
 
 
 # --- the driver -------------------------------------------------------------------------------
 
 
-def run_finetuning(cfg: Config, *, run_name: str | None = None) -> Any:
+def run_finetuning(cfg: Config, *, run_name: str | None = None, verbose: bool = False) -> Any:
     """Fit (or resume) the fine-tuning run of ``cfg`` on the connected Ray cluster.
 
     Same run identity, storage, failure handling, data factory and MLflow run as
@@ -485,7 +391,7 @@ def run_finetuning(cfg: Config, *, run_name: str | None = None) -> Any:
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri: expected the prepared labelled dataset (jobs.prepare --output), got ''")
     cfg = resolve_config(cfg)
-    Targets.read(cfg, Vocabulary.from_characters(cfg.train.ctc_vocab))  # fail before starting workers
+    Targets.read(cfg, Vocabulary.from_characters(cfg.finetune.vocab))  # fail before starting workers
     tags = {"wavray.task": "finetune", "wavray.init_from": cfg.train.init_from or f"scratch ({cfg.finetune.frontend})"}
     register = bool(cfg.tracking.register_as) and cfg.finetune.frontend == "wav2vec2"
-    return fit_run(cfg, finetune_worker, run_name=run_name, tags=tags, register=register)
+    return fit_run(cfg, finetune_worker, run_name=run_name, tags=tags, register=register, verbose=verbose)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -33,10 +32,6 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.worker import ABORT_FILE, train_worker
 
 log = logging.getLogger("wavray.train")
-
-# Ray Train V2 writes its checkpoint bookkeeping here, in the run folder.
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-
 
 class RunStoppedError(RuntimeError):
     """The run stopped on purpose (e.g. repeated non-finite losses); retrying would not help."""
@@ -54,25 +49,31 @@ def storage_for(cfg: Config) -> storage.Storage:
     return storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
 
 
-def latest_checkpoint_uri(run_uri: str, store: storage.Storage | None = None) -> str | None:
+def latest_checkpoint_uri(
+    run_uri: str, store: storage.Storage | None = None, *, recorded_only: bool = False
+) -> str | None:
     """The checkpoint Ray Train resumes ``run_uri`` from: the newest one it recorded.
 
-    Reads Ray Train's snapshot of the run (``checkpoint_manager_snapshot.json``); where
-    it is missing or unreadable, falls back to the newest complete ``checkpoint_*``
-    folder (``trainer_state.json`` present).
+    Where Ray Train's record is missing or unreadable (a run folder copied without it, a
+    record of another Ray version), the newest complete ``checkpoint_*`` folder
+    (``trainer_state.json`` present, written last), unless ``recorded_only``: what a
+    restarting worker group resumes from is Ray Train's record alone, and a folder it has
+    not recorded yet (an upload that finished before the record) must not be taken for it.
     """
-    snap = storage.join(run_uri, RAY_SNAPSHOT_FILE)
+    from pipeline.ray_compat import latest_checkpoint_dir
+
+    fs, path = storage.resolve(run_uri, store)
     try:
-        if storage.exists(snap, store):
-            state = storage.read_json(snap, store)
-            if isinstance(state, str):  # pydantic .json() output written as a JSON string
-                state = json.loads(state)
-            latest = (state or {}).get("latest_checkpoint_result")
-            if latest and latest.get("checkpoint_dir_name"):
-                return storage.join(run_uri, latest["checkpoint_dir_name"])
+        name = latest_checkpoint_dir(path, fs)
+        return None if name is None else storage.join(run_uri, name)
+    except FileNotFoundError:
+        if recorded_only:
             return None
     except (OSError, ValueError) as e:
-        log.warning("could not read %s (%s); looking for the newest complete checkpoint instead", snap, e)
+        if recorded_only:
+            log.warning("%s; Ray Train cannot resume from it either", e)
+            return None
+        log.warning("%s; looking for the newest complete checkpoint instead", e)
     names = sorted(
         info.base_name for info in storage.list_dir(run_uri, store)
         if info.type == pafs.FileType.Directory and ckpt.CHECKPOINT_DIR_RE.match(info.base_name)
@@ -100,7 +101,7 @@ class TrainDataFactory:
     store: storage.Storage
 
     def position(self) -> dict[str, Any] | None:
-        uri = latest_checkpoint_uri(self.run_uri, self.store)
+        uri = latest_checkpoint_uri(self.run_uri, self.store, recorded_only=True)
         if uri is None:
             return None
         return read_trainer_state(uri, self.store).data_position
@@ -132,11 +133,35 @@ class RunResult:
     model_version: str | None = None
 
 
-def run_pretraining(cfg: Config, *, run_name: str | None = None) -> RunResult:
+def resolve_init(cfg: Config) -> Config:
+    """``train.init_from`` pinned (an MLflow alias becomes its version, a local path
+    absolute: every worker loads the same model) and checked readable before any work."""
+    if not cfg.train.init_from:
+        return cfg
+    from pipeline import model_io
+    from pipeline.config import apply_overrides
+    from pipeline.tracking import default_tracking_uri
+
+    tracking_uri = default_tracking_uri(cfg)
+    source = model_io.pin(cfg.train.init_from, tracking_uri=tracking_uri)
+    model_io.fetch(source, store=storage_for(cfg), tracking_uri=tracking_uri)
+    return apply_overrides(cfg, {"train.init_from": source})
+
+
+def run_pretraining(cfg: Config, *, run_name: str | None = None, verbose: bool = False) -> RunResult:
     """Fit (or resume) the pretraining run of ``cfg`` on the connected Ray cluster."""
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
-    return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as))
+    cfg = resolve_init(cfg)
+    return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as), verbose=verbose)
+
+
+def loop_config(cfg: Config, *, run_uri: str, store: storage.Storage, tracker: Any,
+                verbose: bool = False) -> dict[str, Any]:
+    """The ``train_loop_config`` every worker receives (pickled by Ray): the resolved config,
+    where the run lives, how to reach storage (no credentials: :class:`storage.Storage`),
+    the MLflow run, and whether Ray's own INFO logs reach the console."""
+    return {"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker, "verbose": verbose}
 
 
 def fit_run(
@@ -146,18 +171,22 @@ def fit_run(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     register: bool = False,
+    verbose: bool = False,
 ) -> RunResult:
     """Fit (or resume) a training run of ``worker`` (the Ray Train function) for ``cfg``.
 
     Pretraining and fine-tuning differ only in the worker: run identity and storage, the
     MLflow run (opened here, ended with the run's outcome), Ray Train's failure handling,
     the data factory and the exact-resume data settings are this one function.
-    ``register``: register the final model as ``tracking.register_as``.
+    ``register``: register the final model as ``tracking.register_as``. ``verbose``: Ray
+    Train's own INFO logs on the console (every report of every worker); off, the console
+    shows wavray's progress lines, alarms and closing summary.
     """
     import ray.train
     from ray.data import DataContext, ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.ray_compat import train_logging_config
     from pipeline.tracking import Tracker, install_log_redaction
 
     install_log_redaction()
@@ -184,7 +213,7 @@ def fit_run(
         resources["GPU"] = 1
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"config": to_dict(cfg), "run_uri": run_uri, "storage": store, "tracker": tracker},
+        train_loop_config=loop_config(cfg, run_uri=run_uri, store=store, tracker=tracker, verbose=verbose),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
         ),
@@ -194,6 +223,7 @@ def fit_run(
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            logging_config=train_logging_config(verbose),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
         # Ray Train replaces the dataset's execution options with these: block order is

@@ -23,7 +23,9 @@ import torch.distributed as dist
 
 from pipeline.config import Config, from_dict
 from pipeline.data import storage
+from pipeline.ray_compat import quiet_worker_logs
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.deepspeed_compat import consolidated_state_dict
 from pipeline.train.engine import Engine, build_engine
 from pipeline.train.loop import LoopHooks, NonFiniteLossError, TrainLoop
 from pipeline.train.metrics import Alarm
@@ -136,7 +138,7 @@ class RayHooks(LoopHooks):
 def consolidated_model(eng: Engine, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
     """A plain fp32 model (from ``build``) with the trained weights on rank 0, None elsewhere;
     collective under ZeRO-3, so every rank calls it."""
-    state = ckpt.consolidated_state_dict(eng.engine, eng.zero_stage)
+    state = consolidated_state_dict(eng.engine, eng.zero_stage)
     if state is None:
         return None
     model = build()
@@ -186,12 +188,15 @@ class PretrainTask(WorkerTask):
     """Self-supervised pretraining; the final model goes to MLflow in Hugging Face format."""
 
     def build_model(self, cfg: Config) -> torch.nn.Module:
-        from models.checkpoint import load_pretrained_into
         from models.factory import build_pretraining_model
+        from pipeline import model_io
+        from pipeline.tracking import default_tracking_uri
+        from pipeline.train.trainer import storage_for
 
         model = build_pretraining_model(cfg.model)
         if cfg.train.init_from:
-            load_pretrained_into(model, cfg.train.init_from)
+            model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
+                                  tracking_uri=default_tracking_uri(cfg))
         return model
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
@@ -214,7 +219,8 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
 
     ``loop_config``: ``config`` (the resolved config as a dict), ``run_uri`` (the run's
     folder in storage), ``storage`` (a :class:`pipeline.data.storage.Storage`),
-    ``tracker`` (a :class:`pipeline.tracking.Tracker` or None).
+    ``tracker`` (a :class:`pipeline.tracking.Tracker` or None), ``verbose`` (Ray's own
+    INFO logs on the console); see :func:`pipeline.train.trainer.loop_config`.
     """
     import ray.train
 
@@ -225,6 +231,7 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     if not logging.getLogger().handlers:  # Ray Train usually installed its own already
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wavray").setLevel(logging.INFO)
+    quiet_worker_logs(bool(loop_config.get("verbose", False)))
     install_log_redaction()
     cfg = from_dict(loop_config["config"])
     tracker = loop_config.get("tracker")

@@ -98,3 +98,21 @@ def test_cli_entry_point(tmp_path):
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_export_and_import_work_without_transformers(tmp_path):
+    """transformers is an extra (``wavray[bench]``): the conversion both ways is ours."""
+    cfg = C.tiny()
+    _write_checkpoint(tmp_path / "ckpt", cfg, build_pretraining_model(cfg.model))
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # any import of it fails\n"
+        "from jobs.export import main\n"
+        f"assert main(['--checkpoint', {str(tmp_path / 'ckpt')!r}, '--out', {str(tmp_path / 'hf')!r}]) == 0\n"
+        f"assert main(['--from-hf', {str(tmp_path / 'hf')!r}, '--out', {str(tmp_path / 'back')!r}]) == 0\n"
+        "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(load_weights(tmp_path / "back")["final_proj.weight"],
+                       load_weights(tmp_path / "ckpt")["final_proj.weight"])

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def ray_local() -> Iterator[None]:
     import ray
 
-    from pipeline.data.runtime import ensure_ray
+    from pipeline.cluster import connect_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ensure_ray(num_cpus=2)
+    connect_ray(num_cpus=2, dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
@@ -81,7 +81,7 @@ def test_hf_export_finetunes_and_evaluates(tmp_path: Path, labelled: Path) -> No
     rc = finetune_main([
         "--config", str(ROOT / "jobs/configs/finetune/tiny_10m.yaml"),
         f"data.train_uri={labelled}", f"train.init_from={tmp_path / 'hf'}", f"checkpoint.storage_path={runs}",
-        "checkpoint.run_name=ft", "checkpoint.every_steps=4", "train.max_steps=8", "train.freeze_encoder_steps=2",
+        "checkpoint.run_name=ft", "checkpoint.every_steps=4", "train.max_steps=8", "finetune.freeze_encoder_steps=2",
         "train.log_every=2", "schedule.warmup_steps=1", "data.max_samples_per_batch=200000", f"tracking.uri={db}",
         "scaling.cpus_per_worker=1",
     ])
@@ -90,7 +90,7 @@ def test_hf_export_finetunes_and_evaluates(tmp_path: Path, labelled: Path) -> No
     assert (ckpt / "model.safetensors").is_file()
     saved = yaml.safe_load((ckpt / "config.yaml").read_text())
     assert saved["train"]["init_from"] == str(tmp_path / "hf")
-    vocab = Vocabulary.from_characters(saved["train"]["ctc_vocab"])
+    vocab = Vocabulary.from_characters(saved["finetune"]["vocab"])
     state = load_weights(ckpt)
     assert tuple(state["head.weight"].shape) == (len(vocab), pre_cfg.model.transformer.dim)
     # The conv feature encoder was frozen: exactly the exported (= pretrained) weights.
@@ -148,3 +148,74 @@ def test_probe_sets_from_a_prepared_dataset(labelled: Path) -> None:
     assert again.ids == train.ids
     with pytest.raises(ValueError, match="probe.train_uri"):
         probe_sets(C.tiny())
+
+
+def _upload(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    from pipeline.data import storage
+
+    fs, path = storage.resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _register(db: str, local: Path, name: str) -> str:
+    """``local`` logged as a run's ``model`` artifact and registered as ``name`` with the alias ``best``."""
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.open(C.apply_overrides(C.tiny(), [f"tracking.uri={db}"]), f"publish-{name}")
+    tracker.log_artifacts(local, "model")
+    version = tracker.register_model(name, artifact_path="model")
+    tracker.client.set_registered_model_alias(name, "best", version)
+    return f"models:/{name}@best"
+
+
+def test_every_job_reads_a_model_from_a_path_an_s3_uri_and_an_mlflow_uri(
+    tmp_path: Path, labelled: Path, s3_store, monkeypatch
+) -> None:
+    from jobs.evaluate import evaluate
+    from jobs.export import main as export_main
+    from models.factory import build_ctc_model
+    from models.hf import read_hf_state_dict
+    from pipeline.train import finetune as FT
+    from pipeline.train.trainer import resolve_init
+    from pipeline.train.worker import PretrainTask
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # where export and evaluate read models:/ URIs
+    torch.manual_seed(0)
+    cfg = C.apply_overrides(C.tiny(), ["finetune.vocab=abcdefghijklmnopqrstuvwxyz'"])
+    ctc = build_ctc_model(cfg.model, len(Vocabulary.from_characters(cfg.finetune.vocab)))
+    pre = build_pretraining_model(cfg.model)
+    forms: dict[str, dict[str, str]] = {}
+    for kind, model in (("ctc", ctc), ("pre", pre)):
+        local = tmp_path / kind
+        save_weights(model, local)
+        C.save_config(cfg, local / "config.yaml")
+        _upload(local, s3_store.uri(f"jobs-io/{kind}"))
+        forms[kind] = {"path": str(local), "s3": s3_store.uri(f"jobs-io/{kind}"),
+                       "mlflow": _register(db, local, f"jobs-io-{kind}")}
+
+    # jobs.evaluate and jobs.export --ctc: the same model from every location.
+    hyps, exported = {}, {}
+    for form, location in forms["ctc"].items():
+        ev, _ = evaluate(location, str(labelled))
+        hyps[form] = [r["hypothesis"] for r in ev.rows]
+        assert export_main(["--checkpoint", location, "--out", str(tmp_path / f"hf-{form}"), "--ctc"]) == 0
+        exported[form] = read_hf_state_dict(tmp_path / f"hf-{form}")
+    assert hyps["s3"] == hyps["path"] == hyps["mlflow"]
+    assert all(torch.equal(v, exported["path"][k]) for form in ("s3", "mlflow") for k, v in exported[form].items())
+
+    # train.init_from of jobs.finetune and jobs.pretrain: every location gives the same weights.
+    run_cfg = C.apply_overrides(C.tiny(), [f"data.train_uri={labelled}", "data.batch_mode=pad",
+                                           f"tracking.uri={db}", f"checkpoint.storage_path={tmp_path / 'runs'}"])
+    for form, location in forms["pre"].items():
+        ft_cfg = FT.resolve_config(C.apply_overrides(run_cfg, [f"train.init_from={location}"]))
+        assert not ft_cfg.train.init_from.endswith("@best"), "an alias is pinned to its version"
+        model = FT.build_model(ft_cfg, len(Vocabulary.from_characters(ft_cfg.finetune.vocab)))
+        assert torch.equal(model.encoder.transformer.layers[0].ffn.fc1.weight,
+                           pre.encoder.transformer.layers[0].ffn.fc1.weight), form
+        pt_cfg = resolve_init(C.apply_overrides(run_cfg, [f"train.init_from={location}"]))
+        again = PretrainTask().build_model(pt_cfg)
+        assert torch.equal(again.quantizer.codevectors, pre.quantizer.codevectors), form

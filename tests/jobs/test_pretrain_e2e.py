@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,24 +24,13 @@ import pytest
 from fixtures.objectstore import s3_store  # noqa: F401 - the session fixture
 
 from pipeline.data import storage
+from pipeline.net import free_ports
 from pipeline.tracking import Tracker
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _processes_of(temp_dir: str) -> list[psutil.Process]:
@@ -75,7 +63,7 @@ def _stop_by_pid(temp_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head(s3_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:  # noqa: F811
     temp_dir = str(tmp_path_factory.mktemp("rayhead"))
-    gcs, dash, client, mgr, node_mgr, agent, metrics, rt = _free_ports(8)
+    gcs, dash, client, mgr, node_mgr, agent, metrics, rt = free_ports(8)
     env = dict(os.environ, RAY_AUTH_MODE="token")
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
@@ -186,6 +174,20 @@ def test_job_submit_pretrains_into_the_bucket_and_resumes(
     # The object store's secret key reached neither the job logs nor the tracking store.
     for text in (out1, out2, db.read_bytes().decode("latin-1")):
         assert s3_store.secret_key not in text
+    # Nor any log of the Ray instance, nor the metadata of its jobs and actors.
+    for path in Path(ray_head["RAY_TEMP_DIR"]).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 64_000_000:
+            assert s3_store.secret_key.encode() not in path.read_bytes(), path
+    for what in (["job", "list"], ["list", "actors", "--detail"], ["list", "jobs", "--detail"]):
+        listed = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *what, "--address", ray_head["RAY_ADDRESS"]],
+                                env={k: v for k, v in ray_head.items() if k != "RAY_TEMP_DIR"},
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        assert "jobs.pretrain" in listed.stdout or what[0] == "list", "the listing shows the jobs it checks"
+        assert s3_store.secret_key not in listed.stdout + listed.stderr, what
+
+    # The console is wavray's: progress lines, not Ray Train's record of every report.
+    assert "Reporting training result" not in out1 + out2
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ distractors and dropout are seeded by (seed, step, rank).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -22,7 +21,7 @@ import ray
 
 from pipeline import config as C
 from pipeline.tracking import Tracker
-from pipeline.train.trainer import RAY_SNAPSHOT_FILE, run_pretraining
+from pipeline.train.trainer import latest_checkpoint_uri, run_pretraining
 
 pytestmark = pytest.mark.e2e
 
@@ -82,16 +81,12 @@ def _our_train_workers() -> list[psutil.Process]:
 
 
 def _kill_after_first_checkpoint(run_dir: Path, killed: list[int], stop: threading.Event) -> None:
-    snap = run_dir / RAY_SNAPSHOT_FILE
     while not stop.is_set():
         try:
-            state = json.loads(snap.read_text()) if snap.is_file() else None
-            if isinstance(state, str):
-                state = json.loads(state)
+            latest = latest_checkpoint_uri(str(run_dir), recorded_only=True) if run_dir.is_dir() else None
         except (OSError, ValueError):
-            state = None
-        latest = (state or {}).get("latest_checkpoint_result") or {}
-        if latest.get("checkpoint_dir_name"):
+            latest = None
+        if latest is not None:
             time.sleep(0.5)  # an update or two past the checkpoint
             workers = _our_train_workers()
             if workers:

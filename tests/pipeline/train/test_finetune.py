@@ -40,7 +40,7 @@ def finetune_cfg(*overrides: str) -> C.Config:
         "data.batch_mode=pad", "data.max_sample_size=64000", "data.min_sample_size=1000",
         "data.max_samples_per_batch=256000", "schedule.kind=tri_stage", "schedule.warmup_steps=0",
         "optim.weight_decay=0.0", "optim.lr=0.003", "model.mask.prob=0.2", "model.mask.channel_prob=0.1",
-        "model.mask.channel_length=8", "train.ctc_vocab=abcde", "train.log_every=1", *overrides,
+        "model.mask.channel_length=8", "finetune.vocab=abcde", "train.log_every=1", *overrides,
     ])
 
 
@@ -85,7 +85,7 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str
 
 
 def test_frozen_transformer_then_training_and_the_loss_falls() -> None:
-    cfg = FT.resolve_config(finetune_cfg("train.max_steps=30", "train.freeze_encoder_steps=3"))
+    cfg = FT.resolve_config(finetune_cfg("train.max_steps=30", "finetune.freeze_encoder_steps=3"))
     torch.manual_seed(cfg.train.seed)
     model = FT.build_model(cfg, len(VOCAB))
     eng = E.build_engine(cfg, model)
@@ -130,8 +130,8 @@ def test_config_checks() -> None:
     with pytest.raises(ValueError, match="frontend"):
         FT.resolve_config(finetune_cfg("finetune.frontend=logmel", "train.init_from=/tmp"))
     with pytest.warns(UserWarning, match="weight_decay"):
-        FT.resolve_config(finetune_cfg("train.freeze_encoder_steps=5", "optim.weight_decay=0.01"))
-    assert FT.resolve_config(finetune_cfg("train.ctc_vocab=")).train.ctc_vocab == "abcdefghijklmnopqrstuvwxyz'"
+        FT.resolve_config(finetune_cfg("finetune.freeze_encoder_steps=5", "optim.weight_decay=0.01"))
+    assert FT.resolve_config(finetune_cfg("finetune.vocab=")).finetune.vocab == "abcdefghijklmnopqrstuvwxyz'"
 
 
 @pytest.mark.parametrize("kind", ["wavray", "hf"])
