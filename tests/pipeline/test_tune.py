@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 from models.checkpoint import load_weights, save_weights
 from models.factory import build_pretraining_model
 from pipeline.config import ConfigError, apply_overrides, load_config, save_config
+from pipeline.net import free_port
 from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainerState
 from pipeline.tune import (
     BEST_ALIAS,
@@ -203,18 +203,12 @@ def _trial_runs(tracker_cfg, sweep: str, parent_id: str, records: list[TrialReco
         r.run_id = t.run_id
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """``infra/mlflow_server.sh`` on a free loopback port with its own store; stopped after."""
     d = tmp_path_factory.mktemp("mlflow-server")
     env = {**os.environ, "WAVRAY_MLFLOW_DIR": str(d / "state")}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     script = ROOT / "infra" / "mlflow_server.sh"
     try:
