@@ -70,7 +70,13 @@ def main(argv: list[str]) -> int:
     ours = build_pretraining_model(cfg).to(device).train()
     models: dict[str, torch.nn.Module] = {"ours": ours}
     if not args.no_hf:
-        import transformers  # noqa: PLC0415 - optional, only for the comparison
+        try:
+            import transformers  # noqa: PLC0415 - optional, only for the comparison
+        except ImportError:
+            raise SystemExit(
+                "model-step: the comparison needs Hugging Face transformers (pip install 'wavray[bench]'); "
+                "--no-hf measures our model alone"
+            ) from None
 
         hf_cfg = transformers.Wav2Vec2Config.from_dict(model_config_to_hf(cfg))
         theirs = transformers.Wav2Vec2ForPreTraining(hf_cfg)
