@@ -58,15 +58,24 @@ class FeatureEncoderConfig:
 
 @dataclass(kw_only=True)
 class TransformerConfig:
-    """The context network: conv positional embedding then Transformer layers."""
+    """The context network: conv positional embedding then Transformer layers, or Conformer layers."""
 
+    kind: Literal["transformer", "conformer"] = "transformer"
+    """``transformer``: wav2vec 2.0's (conv positional embedding, then Transformer layers);
+    ``conformer``: macaron Conformer layers with attention-side positions (``position``)
+    and a depthwise convolution (``conv_kernel``), the encoder of wav2vec 2.0-Conformer,
+    w2v-BERT and BEST-RQ (FAMILY.md section 5). The conformer has no conv positional
+    embedding: ``pos_conv_*`` only size the unused one of Hugging Face's exports."""
     num_layers: int = 12
     dim: int = 768
     ffn_dim: int = 3072
     num_heads: int = 12
     """12 as in fairseq's and Hugging Face's code (the paper says 8; SPEC.md)."""
     layer_norm_first: bool = False
-    """Pre-LN (LARGE) instead of post-LN (BASE)."""
+    """Pre-LN (LARGE) instead of post-LN (BASE). Conformer blocks always normalise their
+    sub-blocks' inputs and end with a LayerNorm; this field places the stack's own
+    LayerNorm after the last layer (True; fairseq's conformer LARGE, Hugging Face's only
+    layout) or before the first (False; fairseq's BASE layout)."""
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
@@ -74,8 +83,26 @@ class TransformerConfig:
     """Probability of skipping a whole layer in training."""
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
+    conv_kernel: int = 31
+    """Conformer only: kernel of the depthwise convolution over time (odd, so the output
+    stays aligned with the input: 'same' padding of ``conv_kernel // 2`` frames a side)."""
+    position: Literal["relative", "rotary"] = "relative"
+    """Conformer only: ``relative``: Transformer-XL relative positions in every attention
+    (sinusoids through ``linear_pos``, learned biases u and v; fairseq ``rel_pos``, Hugging
+    Face ``position_embeddings_type="relative"``); ``rotary``: rotary embeddings of the
+    attention input (fairseq ``rope``, Hugging Face ``"rotary"``, base 10000)."""
 
     def __post_init__(self) -> None:
+        if self.kind not in ("transformer", "conformer"):
+            raise ValueError(
+                f"model.transformer.kind: expected 'transformer' or 'conformer', got {self.kind!r}"
+            )
+        if self.position not in ("relative", "rotary"):
+            raise ValueError(
+                f"model.transformer.position: expected 'relative' or 'rotary', got {self.position!r}"
+            )
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"model.transformer.conv_kernel: expected an odd value >= 1, got {self.conv_kernel}")
         for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.transformer.{name}: expected > 0, got {getattr(self, name)}")
@@ -93,6 +120,16 @@ class TransformerConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"model.transformer.{name}: expected in [0, 1), got {v}")
+        if self.kind == "conformer":
+            # sine/cosine pairs: relative encodings pair channels of the model width,
+            # rotary ones channels of each head
+            width, what = (self.dim, "dim") if self.position == "relative" else (
+                self.dim // self.num_heads, "dim / num_heads"
+            )
+            if width % 2:
+                raise ValueError(
+                    f"model.transformer.position={self.position!r}: expected an even {what}, got {width}"
+                )
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from models.config import ModelConfig
+from models.conformer import ConformerEncoder
 from models.feature_encoder import FeatureEncoder, FeatureProjection
 from models.quantizer import GumbelVectorQuantizer
 from models.transformer import TransformerEncoder
@@ -10,18 +11,24 @@ from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretrain
 
 
 def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
-    """Feature encoder + projection + mask embedding + Transformer."""
+    """Feature encoder + projection + mask embedding + context network (Transformer or Conformer)."""
     enc = cfg.encoder
     tr = cfg.transformer
     feature_encoder = FeatureEncoder(enc.conv_layers, mode=enc.mode, conv_bias=enc.conv_bias)
     projection = FeatureProjection(enc.dim, tr.dim, cfg.dropout_input)
-    transformer = TransformerEncoder(
+    common = dict(
         dim=tr.dim, ffn_dim=tr.ffn_dim, num_layers=tr.num_layers, num_heads=tr.num_heads,
         dropout=tr.dropout, attention_dropout=tr.attention_dropout,
         activation_dropout=tr.activation_dropout, layerdrop=tr.layerdrop,
-        layer_norm_first=tr.layer_norm_first, pos_conv_kernel=tr.pos_conv_kernel,
-        pos_conv_groups=tr.pos_conv_groups,
+        layer_norm_first=tr.layer_norm_first,
     )
+    transformer: TransformerEncoder | ConformerEncoder
+    if tr.kind == "conformer":
+        transformer = ConformerEncoder(**common, conv_kernel=tr.conv_kernel, position=tr.position)
+    else:
+        transformer = TransformerEncoder(
+            **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups
+        )
     return Wav2Vec2Encoder(feature_encoder, projection, transformer, grad_mult=enc.grad_mult)
 
 

@@ -5,6 +5,11 @@ A Hugging Face model directory is ``config.json`` + ``model.safetensors`` (or th
 directories that ``transformers.Wav2Vec2ForPreTraining`` / ``Wav2Vec2ForCTC``
 ``from_pretrained`` load without missing or unexpected keys, and reads directories of
 ``Wav2Vec2ForPreTraining``, ``Wav2Vec2Model`` and ``Wav2Vec2ForCTC`` into our models.
+A model whose ``model.transformer.kind`` is ``conformer`` goes to and comes from the
+``Wav2Vec2Conformer*`` classes instead (``model_type`` ``wav2vec2-conformer``; their
+names, fields and limits are in ``models.hf_conformer``). Reading dispatches on
+``model_type`` in config.json, and state dicts on their own keys (a conformer's layers
+have a depthwise convolution), so the same functions serve both.
 
 Settings that Hugging Face's config has no field for (feature-encoder gradient scale,
 Gumbel temperature schedule, feature-penalty weight) travel in a ``"wavray"`` entry of
@@ -26,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from models import hf_conformer
 from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
@@ -47,16 +53,19 @@ _BASE_PREFIX = "wav2vec2."
 
 # --- state dict: our key (relative to ``encoder.``) <-> HF key (relative to the base model) --
 
-_ENCODER_TO_HF: list[tuple[str, str]] = [
+# Shared by the Transformer and the Conformer models.
+_FRONT_TO_HF: list[tuple[str, str]] = [
     (r"feature_encoder\.layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
     (r"feature_encoder\.layers\.(\d+)\.norm\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
     (r"feature_projection\.norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
     (r"feature_projection\.linear\.(weight|bias)", r"feature_projection.projection.\1"),
     (r"mask_embedding\.weight", r"masked_spec_embed"),
+    (r"transformer\.norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+]
+_ENCODER_TO_HF: list[tuple[str, str]] = _FRONT_TO_HF + [
     (r"transformer\.pos_conv\.weight_g", r"encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
     (r"transformer\.pos_conv\.weight_v", r"encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
     (r"transformer\.pos_conv\.bias", r"encoder.pos_conv_embed.conv.bias"),
-    (r"transformer\.norm\.(weight|bias)", r"encoder.layer_norm.\1"),
     (r"transformer\.layers\.(\d+)\.attention\.out_proj\.(weight|bias)", r"encoder.layers.\1.attention.out_proj.\2"),
     (r"transformer\.layers\.(\d+)\.attn_norm\.(weight|bias)", r"encoder.layers.\1.layer_norm.\2"),
     (r"transformer\.layers\.(\d+)\.ffn\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
@@ -66,25 +75,30 @@ _ENCODER_TO_HF: list[tuple[str, str]] = [
 _QKV_OURS = re.compile(r"transformer\.layers\.(\d+)\.attention\.qkv\.(weight|bias)")
 _QKV_HF = re.compile(r"encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
 
-_HF_TO_ENCODER: list[tuple[str, str]] = [
+_FRONT_FROM_HF: list[tuple[str, str]] = [
     (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.layers.\1.conv.\2"),
     (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.layers.\1.norm.\2"),
     (r"feature_projection\.layer_norm\.(weight|bias)", r"feature_projection.norm.\1"),
     (r"feature_projection\.projection\.(weight|bias)", r"feature_projection.linear.\1"),
     (r"masked_spec_embed", r"mask_embedding.weight"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"transformer.norm.\1"),
+]
+_HF_TO_ENCODER: list[tuple[str, str]] = _FRONT_FROM_HF + [
     (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", r"transformer.pos_conv.weight_g"),
     (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", r"transformer.pos_conv.weight_v"),
     # checkpoints written before torch's parametrized weight norm
     (r"encoder\.pos_conv_embed\.conv\.weight_g", r"transformer.pos_conv.weight_g"),
     (r"encoder\.pos_conv_embed\.conv\.weight_v", r"transformer.pos_conv.weight_v"),
     (r"encoder\.pos_conv_embed\.conv\.bias", r"transformer.pos_conv.bias"),
-    (r"encoder\.layer_norm\.(weight|bias)", r"transformer.norm.\1"),
     (r"encoder\.layers\.(\d+)\.attention\.out_proj\.(weight|bias)", r"transformer.layers.\1.attention.out_proj.\2"),
     (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"transformer.layers.\1.attn_norm.\2"),
     (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"transformer.layers.\1.ffn.fc1.\2"),
     (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"transformer.layers.\1.ffn.fc2.\2"),
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.ffn_norm.\2"),
 ]
+
+_CONFORMER_TO_HF = _FRONT_TO_HF + hf_conformer.LAYERS_TO_HF
+_CONFORMER_FROM_HF = _FRONT_FROM_HF + hf_conformer.LAYERS_FROM_HF
 
 # Our pretraining heads <-> HF ``Wav2Vec2ForPreTraining`` heads (same names except final_proj).
 _HEADS_TO_HF = {
@@ -108,8 +122,24 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def is_conformer_state(state: dict[str, Tensor]) -> bool:
+    """Whether a state dict, ours or Hugging Face's (any prefix), holds Conformer layers."""
+    return any(
+        re.fullmatch(hf_conformer.OUR_LAYER_KEY, k) or re.fullmatch(hf_conformer.HF_LAYER_KEY, k) for k in state
+    )
+
+
+def _base_prefix(conformer: bool) -> str:
+    return hf_conformer.BASE_PREFIX if conformer else _BASE_PREFIX
+
+
 def encoder_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our ``Wav2Vec2Encoder`` state dict -> HF ``Wav2Vec2Model`` keys (no prefix)."""
+    """Our ``Wav2Vec2Encoder`` state dict -> HF ``Wav2Vec2Model`` / ``Wav2Vec2ConformerModel`` keys (no prefix).
+
+    The conformer's output lacks the tensors Hugging Face holds but never runs
+    (``hf_conformer.unused_hf_weights``).
+    """
+    rules = _CONFORMER_TO_HF if is_conformer_state(state) else _ENCODER_TO_HF
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         m = _QKV_OURS.fullmatch(key)
@@ -118,7 +148,7 @@ def encoder_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for name, part in zip("qkv", value.chunk(3, dim=0), strict=True):
                 out[f"encoder.layers.{layer}.attention.{name}_proj.{kind}"] = part.contiguous().clone()
             continue
-        new = _rename(key, _ENCODER_TO_HF)
+        new = _rename(key, rules)
         if new is None:
             raise ValueError(f"state dict: no Hugging Face name for encoder key {key!r}")
         out[new] = value.contiguous().clone()
@@ -126,16 +156,23 @@ def encoder_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def encoder_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF ``Wav2Vec2Model`` keys (no prefix) -> our ``Wav2Vec2Encoder`` state dict."""
+    """HF ``Wav2Vec2Model`` / ``Wav2Vec2ConformerModel`` keys (no prefix) -> our ``Wav2Vec2Encoder`` state dict.
+
+    The tensors Hugging Face's conformer holds but never runs are dropped.
+    """
+    conformer = is_conformer_state(state)
+    rules = _CONFORMER_FROM_HF if conformer else _HF_TO_ENCODER
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, value in state.items():
+        if conformer and re.fullmatch(hf_conformer.HF_UNUSED, key):
+            continue
         m = _QKV_HF.fullmatch(key)
         if m:
             layer, name, kind = m.groups()
             qkv.setdefault((layer, kind), {})[name] = value
             continue
-        new = _rename(key, _HF_TO_ENCODER)
+        new = _rename(key, rules)
         if new is None:
             raise ValueError(
                 f"Hugging Face state dict: unsupported key {key!r} (adapters and other add-ons of "
@@ -153,9 +190,11 @@ def encoder_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our ``Wav2Vec2ForPretraining`` state dict -> HF ``Wav2Vec2ForPreTraining`` state dict."""
+    """Our ``Wav2Vec2ForPretraining`` state dict -> HF ``Wav2Vec2ForPreTraining`` state dict
+    (``Wav2Vec2ConformerForPreTraining`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    out = {_BASE_PREFIX + k: v for k, v in encoder_to_hf(enc).items()}
+    prefix = _base_prefix(is_conformer_state(enc))
+    out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder.") or key in _OURS_ONLY:
             continue
@@ -166,9 +205,11 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our ``Wav2Vec2ForCTC`` state dict -> HF ``Wav2Vec2ForCTC`` state dict."""
+    """Our ``Wav2Vec2ForCTC`` state dict -> HF ``Wav2Vec2ForCTC`` state dict
+    (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    out = {_BASE_PREFIX + k: v for k, v in encoder_to_hf(enc).items()}
+    prefix = _base_prefix(is_conformer_state(enc))
+    out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder."):
             continue
@@ -179,16 +220,18 @@ def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """HF state dict (any of the three classes) -> (our encoder keys, our pretraining heads, CTC head)."""
-    prefixed = any(k.startswith(_BASE_PREFIX) for k in state)
+    """HF state dict (any of the three classes, wav2vec 2.0 or Conformer) -> (our encoder keys,
+    our pretraining heads, CTC head)."""
+    prefix = _base_prefix(is_conformer_state(state))
+    prefixed = any(k.startswith(prefix) for k in state)
     base: dict[str, Tensor] = {}
     heads: dict[str, Tensor] = {}
     ctc: dict[str, Tensor] = {}
     from_hf_heads = {v: k for k, v in _HEADS_TO_HF.items()}
     from_hf_ctc = {v: k for k, v in _CTC_TO_HF.items()}
     for key, value in state.items():
-        if prefixed and key.startswith(_BASE_PREFIX):
-            base[key[len(_BASE_PREFIX):]] = value
+        if prefixed and key.startswith(prefix):
+            base[key[len(prefix):]] = value
         elif key in from_hf_heads:
             heads[from_hf_heads[key]] = value
         elif key in from_hf_ctc:
@@ -212,9 +255,12 @@ def model_config_to_hf(
     pad_token_id: int = 0,
     temperature: float | None = None,
 ) -> dict[str, Any]:
-    """``ModelConfig`` -> the ``config.json`` dict of a HF ``Wav2Vec2Config``.
+    """``ModelConfig`` -> the ``config.json`` dict of a HF ``Wav2Vec2Config``
+    (``Wav2Vec2ConformerConfig`` for a conformer, whose ``architecture`` is then the
+    conformer class of the wav2vec 2.0 name given).
 
     ``temperature`` is the current Gumbel temperature (recorded, HF does not use it).
+    Raises ``ValueError`` for a conformer Hugging Face cannot represent.
     """
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
     hf: dict[str, Any] = {
@@ -273,6 +319,11 @@ def model_config_to_hf(
     }
     if vocab_size is not None:
         hf["vocab_size"] = vocab_size
+    if tr.kind == "conformer":
+        del hf["do_stable_layer_norm"]  # not read by Hugging Face's conformer
+        hf.update(hf_conformer.config_to_hf(tr))
+        if not architecture.startswith("Wav2Vec2Conformer"):
+            hf["architectures"] = [hf_conformer.architecture_name(architecture)]
     return hf
 
 
@@ -284,7 +335,9 @@ def _get(hf: dict[str, Any], key: str, default: Any) -> Any:
 def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> ModelConfig:
     """A HF ``config.json`` dict -> ``ModelConfig``; refuses what our model cannot represent.
 
-    Defaults follow Hugging Face's ``Wav2Vec2Config`` for absent keys. Without a
+    ``model_type`` ``wav2vec2`` or ``wav2vec2-conformer`` (``models.hf_conformer`` lists
+    what a conformer adds and what it cannot carry). Defaults follow Hugging Face's
+    ``Wav2Vec2Config`` for absent keys. Without a
     ``"wavray"`` entry (a config not written by wavray), the settings HF has no field for
     come from the matching fairseq recipe: group-norm extractors get BASE's (gradient
     scale 0.1, temperature 2 -> 0.5, penalty 10), layer-norm extractors LV-60k's (1.0,
@@ -293,12 +346,17 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     of SPEC.md (0.65, 10, 2) replaces them, with a warning.
     """
     model_type = hf.get("model_type", "wav2vec2")
-    if model_type != "wav2vec2":
-        raise ValueError(f"config.json: model_type: expected 'wav2vec2', got {model_type!r}")
-    problems = []
+    if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE):
+        raise ValueError(
+            f"config.json: model_type: expected 'wav2vec2', got {model_type!r}; "
+            f"the only other type read is {hf_conformer.MODEL_TYPE!r}"
+        )
+    conformer = model_type == hf_conformer.MODEL_TYPE
+    problems: list[str] = []
+    conformer_fields = hf_conformer.transformer_fields_from_hf(hf, problems) if conformer else {}
     for key, expected in (
-        ("feat_extract_activation", "gelu"), ("hidden_act", "gelu"), ("add_adapter", False),
-        ("adapter_attn_dim", None),
+        ("feat_extract_activation", "gelu"), ("add_adapter", False), ("adapter_attn_dim", None),
+        *([] if conformer else [("hidden_act", "gelu")]),
     ):
         if key in hf and hf[key] != expected and not (expected is False and hf[key] is None):
             problems.append(f"{key}: expected {expected!r}, got {hf[key]!r}")
@@ -369,13 +427,15 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
             dim=int(_get(hf, "hidden_size", 768)),
             ffn_dim=int(_get(hf, "intermediate_size", 3072)),
             num_heads=int(_get(hf, "num_attention_heads", 12)),
-            layer_norm_first=bool(_get(hf, "do_stable_layer_norm", False)),
+            # Hugging Face's conformer always closes its stack with the LayerNorm
+            layer_norm_first=conformer or bool(_get(hf, "do_stable_layer_norm", False)),
             dropout=float(_get(hf, "hidden_dropout", 0.1)),
             attention_dropout=float(_get(hf, "attention_dropout", 0.1)),
             activation_dropout=float(_get(hf, "activation_dropout", 0.1)),
             layerdrop=float(_get(hf, "layerdrop", 0.1)),
             pos_conv_kernel=int(_get(hf, "num_conv_pos_embeddings", 128)),
             pos_conv_groups=int(_get(hf, "num_conv_pos_embedding_groups", 16)),
+            **conformer_fields,
         ),
         mask=mask,
         quantizer=QuantizerConfig(
@@ -424,16 +484,24 @@ def write_preprocessor_config(out_dir: str | os.PathLike, *, normalize: bool, sa
     return path
 
 
+def _unused_hf_weights(cfg: ModelConfig) -> dict[str, Tensor]:
+    """What a HF directory of ``cfg`` needs beyond our weights (prefixed): the conformer's unrun modules."""
+    if cfg.transformer.kind != "conformer":
+        return {}
+    return {hf_conformer.BASE_PREFIX + k: v for k, v in hf_conformer.unused_hf_weights(cfg).items()}
+
+
 def save_hf_pretraining(
     model: Wav2Vec2ForPretraining, cfg: ModelConfig, out_dir: str | os.PathLike, *, normalize: bool = False
 ) -> Path:
-    """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (config.json, model.safetensors,
-    preprocessor_config.json); ``normalize``: the run's ``data.normalize``."""
+    """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (``Wav2Vec2ConformerForPreTraining``
+    for a conformer): config.json, model.safetensors, preprocessor_config.json; ``normalize``:
+    the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(
         cfg, architecture=HF_PRETRAINING, temperature=float(model.quantizer.temperature.float().cpu())
     )
-    out = _write_dir(out_dir, config, pretraining_state_to_hf(state))
+    out = _write_dir(out_dir, config, {**pretraining_state_to_hf(state), **_unused_hf_weights(cfg)})
     write_preprocessor_config(out, normalize=normalize)
     return out
 
@@ -442,11 +510,11 @@ def save_hf_ctc(
     model: Wav2Vec2ForCTC, cfg: ModelConfig, out_dir: str | os.PathLike, *, pad_token_id: int = 0,
     normalize: bool = False,
 ) -> Path:
-    """Write ``model`` as a HF ``Wav2Vec2ForCTC`` directory; ``pad_token_id`` is the CTC blank,
-    ``normalize`` the run's ``data.normalize``."""
+    """Write ``model`` as a HF ``Wav2Vec2ForCTC`` directory (``Wav2Vec2ConformerForCTC`` for a
+    conformer); ``pad_token_id`` is the CTC blank, ``normalize`` the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(cfg, architecture=HF_CTC, vocab_size=model.vocab_size, pad_token_id=pad_token_id)
-    out = _write_dir(out_dir, config, ctc_state_to_hf(state))
+    out = _write_dir(out_dir, config, {**ctc_state_to_hf(state), **_unused_hf_weights(cfg)})
     write_preprocessor_config(out, normalize=normalize)
     return out
 
@@ -496,7 +564,9 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def load_hf(
     path: str | os.PathLike, *, task: str = "pretraining"
 ) -> tuple[ModelConfig, Wav2Vec2ForPretraining | Wav2Vec2ForCTC]:
-    """Read a HF ``Wav2Vec2ForPreTraining`` / ``Wav2Vec2Model`` / ``Wav2Vec2ForCTC`` directory.
+    """Read a HF ``Wav2Vec2ForPreTraining`` / ``Wav2Vec2Model`` / ``Wav2Vec2ForCTC`` directory,
+    or one of their ``Wav2Vec2Conformer*`` counterparts (a ``model.transformer.kind``
+    ``conformer`` model).
 
     ``task="pretraining"`` builds a ``Wav2Vec2ForPretraining`` (continued pretraining):
     heads absent from the directory (quantizer, projections) keep a fresh initialisation,
@@ -507,7 +577,15 @@ def load_hf(
         raise ValueError(f"task: expected 'pretraining' or 'ctc', got {task!r}")
     hf_cfg = read_hf_config(path)
     cfg = hf_to_model_config(hf_cfg, for_pretraining=task == "pretraining")
-    enc, heads, ctc = split_hf_state(read_hf_state_dict(path))
+    hf_state = read_hf_state_dict(path)
+    conformer_weights = is_conformer_state(hf_state)
+    if conformer_weights != (cfg.transformer.kind == "conformer"):
+        raise ValueError(
+            f"Hugging Face directory {str(path)!r}: config.json has model_type "
+            f"{hf_cfg.get('model_type', 'wav2vec2')!r} but the weights are "
+            f"{'a conformer' if conformer_weights else 'a wav2vec 2.0 Transformer'}'s"
+        )
+    enc, heads, ctc = split_hf_state(hf_state)
 
     if task == "ctc":
         if not ctc:

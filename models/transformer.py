@@ -9,11 +9,42 @@ through ``scaled_dot_product_attention`` with a key padding mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+def kept_layers(
+    num_layers: int, layerdrop: float, *, training: bool, generator: torch.Generator | None
+) -> list[bool]:
+    """Which of ``num_layers`` layers run this step; LayerDrop only in training.
+
+    The draws come from ``generator`` (a CPU generator: reading the decision must not
+    wait on an accelerator). Seeding it from (seed, step) only makes every rank drop
+    the same layers, which ZeRO-3 requires. Every context network (Transformer,
+    Conformer) draws here, so one seed drops the same layers whatever the layer type.
+    """
+    if not training or layerdrop <= 0.0:
+        return [True] * num_layers
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"layerdrop_generator: expected a CPU torch.Generator, got one on {generator.device}")
+    draws = torch.rand(num_layers, generator=generator)
+    return (draws >= layerdrop).tolist()
+
+
+def init_linear_bert_(module: nn.Module) -> None:
+    """BERT-style init of every Linear in ``module``: N(0, 0.02) weights, zero biases.
+
+    fairseq applies ``init_bert_params`` to its Transformer and Conformer layers alike.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, mean=0.0, std=0.02)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -70,16 +101,22 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> dropout (activation_dropout) -> Linear."""
+    """Linear -> activation -> dropout (activation_dropout) -> Linear.
 
-    def __init__(self, dim: int, ffn_dim: int, activation_dropout: float):
+    GELU in the Transformer; the Conformer passes SiLU (swish), as fairseq's does.
+    """
+
+    def __init__(
+        self, dim: int, ffn_dim: int, activation_dropout: float, activation: Callable[[Tensor], Tensor] = F.gelu
+    ):
         super().__init__()
         self.fc1 = nn.Linear(dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, dim)
         self.dropout = nn.Dropout(activation_dropout)
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
 
 
 class TransformerLayer(nn.Module):
@@ -146,27 +183,11 @@ class TransformerEncoder(nn.Module):
             )
             for _ in range(num_layers)
         )
-        # BERT-style init of the Transformer's Linear layers (fairseq ``init_bert_params``).
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
+        init_linear_bert_(self.layers)
 
     def kept_layers(self, generator: torch.Generator | None) -> list[bool]:
-        """Which layers run this step. LayerDrop only in training.
-
-        The draws come from ``generator`` (a CPU generator: reading the decision must not
-        wait on an accelerator). Seeding it from (seed, step) only makes every rank drop
-        the same layers, which ZeRO-3 requires.
-        """
-        if not self.training or self.layerdrop <= 0.0:
-            return [True] * len(self.layers)
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(
-                f"layerdrop_generator: expected a CPU torch.Generator, got one on {generator.device}"
-            )
-        draws = torch.rand(len(self.layers), generator=generator)
-        return (draws >= self.layerdrop).tolist()
+        """Which layers run this step (:func:`kept_layers`)."""
+        return kept_layers(len(self.layers), self.layerdrop, training=self.training, generator=generator)
 
     def forward(
         self,

@@ -3,7 +3,7 @@
 Data flow of pretraining (shapes for B utterances of S samples, T frames)::
 
     source (B, S) -> FeatureEncoder -> z (B, T, C) --LayerNorm--> z' --Linear, dropout--> x (B, T, D)
-    x: masked frames replaced by one learned vector -> TransformerEncoder -> c (B, T, D)
+    x: masked frames replaced by one learned vector -> TransformerEncoder (or ConformerEncoder) -> c (B, T, D)
     z' --dropout--> GumbelVectorQuantizer -> q (B, T, codevector_dim) -> project_q -> (B, T, F)
     c -> final_proj -> (B, T, F);  InfoNCE over masked frames against K distractors
 
@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from models.conformer import ConformerEncoder
 from models.feature_encoder import FeatureEncoder, FeatureProjection, grad_multiply
 from models.losses import contrastive_loss, diversity_loss, feature_penalty
 from models.masking import compute_channel_mask, compute_span_mask, frame_padding_mask, sample_negatives
@@ -48,7 +49,7 @@ class Wav2Vec2Encoder(nn.Module):
         self,
         feature_encoder: FeatureEncoder,
         feature_projection: FeatureProjection,
-        transformer: TransformerEncoder,
+        transformer: TransformerEncoder | ConformerEncoder,
         *,
         grad_mult: float,
     ):

@@ -94,3 +94,31 @@ def test_regional_compile_keeps_the_losses_and_does_not_recompile_per_update() -
     regions = 1 + cfg.model.transformer.num_layers
     # one graph per region and input shape (train/no-grad variants at most double it)
     assert counters["stats"]["unique_graphs"] <= 2 * regions, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "conformer"])
+def test_activation_checkpointing_recomputes_the_same_gradients(kind: str) -> None:
+    """``train.activation_checkpointing`` is the encoders' own recomputation: the same loss and
+    gradients as keeping the activations (dropout on, so the restored RNG matters)."""
+    grads = []
+    for recompute in (False, True):
+        cfg = C.apply_overrides(C.preset_config("tiny"), [
+            f"model.transformer.kind={kind}", "model.transformer.dropout=0.1", "model.transformer.layer_norm_first=true",
+            f"train.activation_checkpointing={str(recompute).lower()}",
+        ])
+        torch.manual_seed(0)
+        model = build_pretraining_model(cfg.model)
+        eng = E.build_engine(cfg, model)
+        encoder = eng.module.encoder.transformer
+        assert encoder.checkpoint_activations is recompute
+        task = PretrainStep(cfg, model)
+        prepared = task.prepare(_batch(), step=0, micro=0, rank=0, device=eng.device)
+        task.begin_update(eng.module, 0)
+        torch.manual_seed(1)
+        out = task.forward(eng.engine, prepared, step=0)
+        eng.engine.backward(out.loss_sum.float())
+        grads.append((float(out.loss_sum), {n: p.grad.clone() for n, p in eng.module.named_parameters()
+                                             if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
