@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from models.checkpoint import load_weights, save_weights
-from models.hf import load_hf, save_hf_ctc, save_hf_pretraining
+from models.hf import load_hf, read_hf_config, save_hf_ctc, save_hf_pretraining
 from pipeline.config import CONFIG_FILE, PRESETS, ConfigError, from_dict, save_config, to_dict, to_flat_dict
 from pipeline.data.storage import Storage
 from pipeline.model_io import fetch, load_model
@@ -36,7 +36,7 @@ def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfi
     target = to_flat_dict(model_cfg)
     arch_keys = [
         "transformer.dim", "transformer.num_layers", "transformer.ffn_dim", "transformer.num_heads",
-        "transformer.layer_norm_first", "encoder.mode", "encoder.conv_layers",
+        "transformer.layer_norm_first", "transformer.kind", "encoder.mode", "encoder.conv_layers",
     ]
     best, best_score = "base", -1
     for name, make in PRESETS.items():
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint is not None:
             out = export_to_hf(args.checkpoint, args.out, ctc=args.ctc, pad_token_id=args.pad_token_id, **where)
-            kind = "Wav2Vec2ForCTC" if args.ctc else "Wav2Vec2ForPreTraining"
+            kind = ", ".join(read_hf_config(out).get("architectures", []))
             print(f"export: wrote {kind} directory {out} (config.json, model.safetensors)")
         else:
             if args.ctc:
