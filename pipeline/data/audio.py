@@ -205,33 +205,39 @@ def _run(streams: list[Stream], plan: _Plan, sample_rate: int, max_seconds: floa
                      if s.rate != sample_rate else None)
         mono_energy, channel_energy, frames = 0.0, np.zeros(s.channels), 0
         for block in s.decode():  # (frames, channels) float64
-            if not np.isfinite(block).all():
-                at = frames + int(np.argmin(np.isfinite(block).all(axis=1)))
-                raise Unusable(REASON_NON_FINITE, f"a NaN or infinite sample {at / s.rate:.3f} s into {s.what}")
+            # Reductions rather than elementwise masks: this loop runs over every sample of
+            # the corpus, and clean audio needs none of the branches below.
+            mono = block @ w if s.channels > 1 else block[:, 0]  # (frames,); the block is not used again
+            source_peak = peak = max(float(mono.max()), -float(mono.min()))
+            if s.channels > 1:
+                source_peak = max(float(block.max()), -float(block.min()))
+            if not math.isfinite(source_peak) or not math.isfinite(peak):
+                bad = ~np.isfinite(block).all(axis=1)
+                if bad.any():
+                    at = frames + int(np.argmax(bad))
+                    raise Unusable(REASON_NON_FINITE, f"a NaN or infinite sample {at / s.rate:.3f} s into {s.what}")
             frames += len(block)
             if frames > max_seconds * s.rate + 1 and s.frames is None:
                 raise Unusable(REASON_TOO_LONG, f"longer than {max_seconds:g} s (its header gives no length; "
                                "reading stopped there)")
-            mono = block @ w if s.channels > 1 else block[:, 0]  # (frames,); the block is not used again
-            size = np.abs(mono)
-            peak = float(size.max())
+            p.source_peak = max(p.source_peak, source_peak)
             p.mono_peak = max(p.mono_peak, peak)
-            p.full_scale_in += int(np.count_nonzero(size >= _FULL_SCALE))
             if s.channels > 1:
-                p.source_peak = max(p.source_peak, float(np.abs(block).max()))
-                shaped = np.clip(block * plan.gain, -1.0, 1.0)  # (frames, channels)
-                channel_energy += np.einsum("ij,ij->j", shaped, shaped)
-            else:
-                p.source_peak = max(p.source_peak, peak)
-            if peak > 1.0:
-                above = size[size > 1.0]
-                p.num_over += len(above)
-                p.over = _largest(np.concatenate([p.over, above]), budget)
+                shaped = block if source_peak * plan.gain <= 1.0 else np.clip(block * plan.gain, -1.0, 1.0)
+                energies = np.array([_energy(shaped[:, c]) for c in range(s.channels)])  # (channels,)
+                channel_energy += energies * (plan.gain**2 if shaped is block else 1.0)
+            if peak >= _FULL_SCALE:
+                size = np.abs(mono)
+                p.full_scale_in += int(np.count_nonzero(size >= _FULL_SCALE))
+                if peak > 1.0:
+                    above = size[size > 1.0]
+                    p.num_over += len(above)
+                    p.over = _largest(np.concatenate([p.over, above]), budget)
             if plan.gain != 1.0:
                 mono *= plan.gain
             if peak * plan.gain > 1.0:
                 np.clip(mono, -1.0, 1.0, out=mono)  # the few outliers the gain left above full scale
-            energy = float(mono @ mono)
+            energy = _energy(mono)
             mono_energy += energy
             p.energy += energy
             out = mono.astype(np.float32)
@@ -244,6 +250,12 @@ def _run(streams: list[Stream], plan: _Plan, sample_rate: int, max_seconds: floa
         p.mono_energy.append(mono_energy)
         p.channel_energy.append(channel_energy)
     return p
+
+
+def _energy(x: np.ndarray) -> float:
+    """Sum of squares (a BLAS dot: prepare's Ray tasks run BLAS on one thread, where it is the
+    fastest way; elementwise temporaries would cost several passes)."""
+    return float(np.dot(x, x))
 
 
 def _largest(values: np.ndarray, k: int) -> np.ndarray:
@@ -274,26 +286,29 @@ def _check_and_round(done: _Pass, audio: np.ndarray, sample_rate: int) -> np.nda
         return Rejected(REASON_SIGNAL_LOST, f"too quiet to keep: it peaks at {level} dBFS, below the quietest "
                         "level 16-bit audio holds (-96 dBFS); stored, it would be silence")
     before = done.energy / max(1, done.frames)
-    after = float(np.dot(audio, audio)) / len(audio)
+    after = _energy(audio) / len(audio)
     if before > 0 and after < MIN_RESAMPLED_ENERGY * before:
         return Rejected(REASON_SIGNAL_LOST, f"its sound lies above {sample_rate / 2:g} Hz, which {sample_rate} Hz "
                         f"audio cannot hold: resampling kept {_db(after / before)} dB of its energy")
-    size = np.abs(audio)
     allowed = max(MIN_OUTLIERS, int(len(audio) * OUTLIER_FRACTION))
-    if size.max() > 1.0:  # resampler overshoot: fit all but a few samples, clip those
+    if max(float(audio.max()), -float(audio.min())) > 1.0:  # resampler overshoot: fit all but a few, clip those
+        size = np.abs(audio)
         above = size[size > 1.0]
         if len(above) > allowed:
             audio = audio / np.float32(np.sort(above)[::-1][allowed])
         audio = np.clip(audio, -1.0, 1.0)
     pcm = np.clip(np.rint(audio * PCM_SCALE), -PCM_SCALE, PCM_SCALE - 1).astype(np.int16)  # (num_samples,)
-    signal = float(np.dot(audio, audio))
-    noise = float(np.sum(np.square(pcm / PCM_SCALE - audio, dtype=np.float64)))
+    error = pcm.astype(np.float32) * np.float32(1.0 / PCM_SCALE) - audio  # (num_samples,)
+    signal, noise = _energy(audio), _energy(error)
     if not pcm.any() or (noise > 0 and signal < noise * 10 ** (MIN_SNR_DB / 10)):
         return Rejected(REASON_SIGNAL_LOST, f"too quiet for 16-bit audio: it peaks at {level} dBFS, and rounding to "
                         f"16 bits would leave {_db(signal / noise) if noise else '-inf'} dB of signal over the "
                         f"rounding noise (at least {MIN_SNR_DB:g} dB)")
     clipped_before = done.full_scale_in / max(1, done.frames)
-    clipped_after = float(np.count_nonzero(np.abs(pcm.astype(np.int32)) >= _FULL_SCALE * PCM_SCALE)) / len(pcm)
+    at_full_scale = _FULL_SCALE * PCM_SCALE
+    clipped_after = 0.0
+    if int(pcm.max()) >= at_full_scale or -int(pcm.min()) >= at_full_scale:
+        clipped_after = float(np.count_nonzero(np.abs(pcm.astype(np.int32)) >= at_full_scale)) / len(pcm)
     if clipped_after - clipped_before > MAX_ADDED_CLIPPING:
         return Rejected(REASON_SIGNAL_LOST, f"converting would clip {100 * clipped_after:.1f}% of its samples "
                         f"(the input had {100 * clipped_before:.1f}% at full scale)")

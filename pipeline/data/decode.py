@@ -46,7 +46,7 @@ from pipeline.data.verdicts import (
     Unusable,
 )
 
-BLOCK_FRAMES = 1 << 16
+BLOCK_FRAMES = 1 << 18
 # A header that claims more frames than the decoder delivers by more than this is lying,
 # or the data was cut.
 TRUNCATION_TOLERANCE = 0.01
