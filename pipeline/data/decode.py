@@ -108,7 +108,7 @@ def open_streams(data: bytes | BinaryIO) -> list[Stream]:
 
     layout = riff_layout(head, size)
     opener = reopen
-    if layout is not None and (not layout.regular or layout.marker):
+    if layout is not None and (not layout.regular or layout.marker) and layout.data_length(size) < 0xFFFFFFF0:
         def opener() -> BinaryIO:
             return _Spliced(layout.header(size), reopen(), layout.data_offset, layout.data_length(size))
     try:
@@ -117,6 +117,11 @@ def open_streams(data: bytes | BinaryIO) -> list[Stream]:
         if refused.rejected.reason != REASON_UNREADABLE:
             raise
         stream = _ffmpeg_stream(reopen, refused)
+    if stream.frames == 0:  # a size field left at 0 by a streaming writer (RF64 ds64, ...): ffmpeg reads on
+        try:
+            stream = _ffmpeg_stream(reopen, Unusable(REASON_NO_SAMPLES, "its header declares no audio"))
+        except Unusable:
+            pass
     if layout is not None:
         _check_wav_complete(layout, size, stream)
     return [stream]
@@ -204,7 +209,7 @@ def _log_says_cut(log: str) -> bool:
 
 @dataclass(frozen=True)
 class RiffLayout:
-    """Where a RIFF/WAVE file's ``fmt`` and audio are, found by a forgiving chunk walk."""
+    """Where a RIFF/WAVE (or RF64) file's ``fmt`` and audio are, found by a forgiving chunk walk."""
 
     fmt: bytes
     data_offset: int
@@ -248,10 +253,11 @@ def riff_layout(head: bytes, size: int) -> RiffLayout | None:
     Where the walk loses its way it takes the first plausible ``fmt `` and ``data``
     headers instead (:func:`_resync`).
     """
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64", b"BW64") or head[8:12] != b"WAVE":
         return None
     pos, fmt, data, regular = 12, None, None, True
     last_odd = False  # whether the chunk before had an odd size (and so a pad byte)
+    ds64: int | None = None  # RF64: the real data size, from the ds64 chunk
     while pos + 8 <= len(head) and (fmt is None or data is None):
         cid, n = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
         if not _chunk_id(cid):
@@ -261,7 +267,12 @@ def riff_layout(head: bytes, size: int) -> RiffLayout | None:
                 continue
             return _resync(head, size)
         last_odd = bool(n & 1)
+        if cid == b"ds64" and n >= 16 and pos + 24 <= len(head):
+            ds64 = struct.unpack_from("<Q", head, pos + 16)[0]
         if cid == b"data":
+            if n == 0xFFFFFFFF and ds64 is not None:
+                n = ds64  # 0 when the recorder never went back to fill it in: a streaming marker
+                regular = regular and n != 0
             data = (pos + 8, n)
             if fmt is None:
                 regular = False  # fmt after data: libsndfile refuses it

@@ -253,7 +253,15 @@ def _layouts() -> list[T.Case]:
     wavex = e(_tone(1.0, 16000, 730), 16000, "WAVEX")
     wavex_data = wavex.index(b"data") + 4
     info = _chunk(b"LIST", b"INFOICMT" + struct.pack("<I", 20) + b"metadata and a data\0")
+    rf64 = e(_tone(1.0, 16000, 760), 16000, "RF64")
+    ds64 = rf64.index(b"ds64") + 16  # ds64 payload: RIFF size (8 bytes), then the data size
+    aiff = e(_tone(1.0, 16000, 770), 16000, "AIFF")
+    au = e(_tone(1.0, 8000, 780), 8000, "AU")
     return [
+        _ok("rf64_ds64_size_zero", ".wav", rf64[:ds64] + bytes(8) + rf64[ds64 + 8:], 1.0, 760),
+        _no("rf64_cut", ".rf64", rf64[: len(rf64) * 3 // 4], V.REASON_TRUNCATED),
+        _ok("aiff_ssnd_size_zero", ".aiff", _patch32(aiff, aiff.index(b"SSND") + 4, 0), 1.0, 770),
+        _ok("au_size_unknown", ".au", au[:8] + b"\xff\xff\xff\xff" + au[12:], 1.0, 780),
         _ok("marker_data_ffffffff", ".wav", _patch32(wav, 40, 0xFFFFFFFF), 1.0, 700),
         _ok("marker_data_zero", ".wav", _patch32(wav, 40, 0), 1.0, 700),
         _ok("marker_riff_and_data_ffffffff", ".wav", _patch32(_patch32(wav, 40, 0xFFFFFFFF), 4, 0xFFFFFFFF), 1.0, 700),
