@@ -1,11 +1,13 @@
 """Stage 2 of ``prepare``: transcripts and speakers from a sidecar table, matched to the files.
 
-The sidecar is a tab-separated table whose header names ``path`` (relative to the input
-root) and/or ``id``, and ``transcript`` and/or ``speaker``; other columns are ignored.
-It is read the way spreadsheet tools and scripts write it: UTF-8 with or without a
-byte-order mark, UTF-16 with one (Excel's "Unicode text"), CRLF, LF or CR line ends,
-cells quoted because they hold a quote (``"a ""b"" c"``). Keys match in Unicode NFC,
-so a name macOS wrote in NFD finds its row, and either way round.
+The sidecar is a table whose header names ``path`` (relative to the input root) and/or
+``id``, and ``transcript`` and/or ``speaker``; other columns are ignored. It is read the
+way spreadsheet tools and scripts write it: tab-separated, or comma- or semicolon-separated
+(CSV as Excel writes it in English or in European locales); UTF-8 with or without a
+byte-order mark, UTF-16 with one (Excel's "Unicode text"); CRLF, LF or CR line ends;
+cells quoted because they hold a quote or a separator (``"a ""b"" c"``). Keys match in
+Unicode NFC and with ``/`` for a backslash, so a name macOS wrote in NFD, or a path typed on
+Windows, finds its row.
 
 Nothing is dropped in silence: rows that match no file, files that match no row and
 rows repeating an earlier key are counted in the summary, with examples.
@@ -14,6 +16,8 @@ rows repeating an earlier key are counted in the summary, with examples.
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import posixpath
 import re
 import unicodedata
@@ -46,9 +50,9 @@ class Sidecar:
 
 
 def key_of(text: str, *, path: bool) -> str:
-    """How a sidecar key and a file are compared: NFC, trimmed, paths without ``./``."""
+    """How a sidecar key and a file are compared: NFC, trimmed, paths with ``/`` and without ``./``."""
     key = unicodedata.normalize("NFC", text.strip())
-    return posixpath.normpath(key) if path and key else key
+    return posixpath.normpath(key.replace("\\", "/")) if path and key else key
 
 
 def read_sidecar(uri: str, store: storage.Storage | None = None) -> Sidecar:
@@ -79,41 +83,52 @@ def _cell(text: str) -> str:
     return text
 
 
+def _table(text: str) -> list[tuple[int, list[str]]]:
+    """``(line, cells)`` of every row: tab-separated lines, or CSV when the header has no tab."""
+    header = re.split(r"\r\n|\n|\r", text, maxsplit=1)[0]
+    if "\t" in header or ("," not in header and ";" not in header):
+        return [(n, [_cell(c) for c in line.split("\t")])
+                for n, line in enumerate(re.split(r"\r\n|\n|\r", text), start=1)]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=";" if header.count(";") > header.count(",") else ",")
+    rows, line = [], 1
+    for cells in reader:
+        rows.append((line, cells))
+        line = reader.line_num + 1
+    return rows
+
+
 def parse_sidecar(data: bytes, uri: str) -> Sidecar:
-    text = decode_text(data, uri)
-    lines = re.split(r"\r\n|\n|\r", text)
-    header = [c.strip().strip("\ufeff").lower() for c in lines[0].split("\t")] if lines else []
+    rows = _table(decode_text(data, uri))
+    header = [c.strip().strip("\ufeff").lower() for c in rows[0][1]] if rows else []
     keys = [k for k in ("path", "id") if k in header]
     if not keys or not ({"transcript", "speaker"} & set(header)):
-        raise ValueError(f"sidecar {uri}: header {lines[0].split(chr(9)) if lines else []} must name 'path' or "
-                         "'id', and 'transcript' and/or 'speaker' (tab-separated)")
+        raise ValueError(f"sidecar {uri}: header {rows[0][1] if rows else []} must name 'path' or 'id', and "
+                         "'transcript' and/or 'speaker' (tab-, comma- or semicolon-separated)")
     col = {name: header.index(name) for name in header}
     labels: dict[str, Label] = {}
-    rows: list[tuple[int, str]] = []
+    listed: list[tuple[int, str]] = []
     duplicates: list[int] = []
-    for line_no, line in enumerate(lines[1:], start=2):
-        cells = line.split("\t")
+    for line_no, cells in rows[1:]:
         while len(cells) > len(header) and not cells[-1].strip():
             cells.pop()  # empty cells a spreadsheet adds past the last column
         if all(not c.strip() for c in cells):
             continue
         if len(cells) != len(header):
             raise ValueError(f"sidecar {uri}, line {line_no}: {len(cells)} columns, the header has {len(header)}")
-        cells = [_cell(c) for c in cells]
         label = Label(
             transcript=cells[col["transcript"]] if "transcript" in col else None,
             speaker=cells[col["speaker"]].strip() if "speaker" in col else None,
             line=line_no,
         )
         row_keys = [key_of(cells[col[k]], path=k == "path") for k in keys]
-        rows.append((line_no, row_keys[0]))
+        listed.append((line_no, row_keys[0]))
         if any(k in labels for k in row_keys if k):
             duplicates.append(line_no)
             continue
         for k in row_keys:
             if k:
                 labels[k] = label
-    return Sidecar(uri=uri, labels=labels, rows=rows, duplicates=duplicates)
+    return Sidecar(uri=uri, labels=labels, rows=listed, duplicates=duplicates)
 
 
 def match(sidecar: Sidecar | None, rels: list[str], ids: list[str]) -> tuple[list[Label | None], dict[str, Any] | None]:

@@ -80,6 +80,18 @@ def test_sidecars_as_spreadsheets_write_them(encode: Callable[[str], bytes]) -> 
     assert report["rows_unmatched"] == 0 and report["files_without_row"] == 0
 
 
+@pytest.mark.parametrize("text", [
+    'path,transcript,speaker\r\na\\b.wav,"hello, world",spk1\r\n"a/c.wav","say ""hi""",spk2\r\n',
+    'Path;Transcript;Speaker\na/b.wav;hello, world;spk1\na/c.wav;"say ""hi""";spk2\na/d.wav;"two\nlines";spk3\n',
+], ids=["csv_windows_paths", "semicolons"])
+def test_csv_sidecars_as_excel_writes_them(text: str) -> None:
+    sidecar = parse_sidecar(codecs.BOM_UTF8 + text.encode(), "t.csv")
+    labels, report = match(sidecar, ["a/b.wav", "a/c.wav"], ["a/b", "a/c"])
+    assert [(x.transcript, x.speaker) for x in labels] == [("hello, world", "spk1"), ('say "hi"', "spk2")]
+    assert report["rows_unmatched"] == text.count("a/d.wav")
+    assert report["rows_unmatched_examples"] == (["line 4: a/d.wav"] if "a/d.wav" in text else [])
+
+
 def test_sidecar_keys_match_in_nfc_and_the_rest_is_reported() -> None:
     sidecar = parse_sidecar(H.name_sidecar(), "names.tsv")
     readable = [c for c in H.name_cases() if c.id is not None]
