@@ -73,9 +73,10 @@ PCM_SCALE = 32768
 the round trip bit for bit."""
 CANCEL_RATIO = 0.1
 """A down-mix keeping less than this fraction of the channels' mean energy cancels."""
-OUTLIER_FRACTION = 1e-4
+OUTLIER_FRACTIONS = (1e-4, 1e-3, 1e-2)
 """Samples above full scale that are clipped rather than allowed to set the gain (at least
-:data:`MIN_OUTLIERS`)."""
+:data:`MIN_OUTLIERS`): the first fraction, or a larger one where that would take the file's
+typical level (:data:`TYPICAL_QUANTILE`) below what 16 bits hold (scattered spikes)."""
 MIN_OUTLIERS = 8
 MIN_RESAMPLED_ENERGY = 0.01
 """Resampling that keeps less than this fraction (-20 dB) of the energy destroyed the signal."""
@@ -83,6 +84,11 @@ MIN_SNR_DB = 10.0
 """Stored audio with less signal over its 16-bit rounding noise than this is buried in it."""
 MAX_ADDED_CLIPPING = 0.01
 """Conversion may clip at most this fraction of the samples beyond what the input had clipped."""
+TYPICAL_QUANTILE = 0.75
+"""A file's typical level: this quantile of the median magnitudes of its 100 ms windows (a
+spike moves no median). The gain must leave it within 16 bits; where no allowance of outliers
+does, the loud part is not a few samples (a burst of absurd values) and the file is rejected
+rather than stored as that burst and silence."""
 _FULL_SCALE = 0.999
 
 
@@ -108,6 +114,8 @@ class _Plan:
     weights: tuple[tuple[float, ...], ...]
     """Per stream, the weight of each channel (the mean, or the loudest channel alone)."""
     gain: float = 1.0
+    typical: float | None = None
+    """The down-mix's typical level, once a pass with a gain has measured it."""
 
 
 @dataclass
@@ -127,6 +135,10 @@ class _Pass:
     num_over: int = 0
     full_scale_in: int = 0
     """Down-mix samples at full scale before the gain (what the input had clipped)."""
+    window_levels: list[np.ndarray] = field(default_factory=list)
+    """With a gain: the median magnitude of each 100 ms window of the down-mix, before the gain."""
+    typical: float | None = None
+    """:data:`TYPICAL_QUANTILE` of the window levels (or the plan's, when this pass measured none)."""
     energy: float = 0.0
     """Sum of squares of the signal going into the resampler."""
     mono_energy: list[float] = field(default_factory=list)
@@ -169,10 +181,12 @@ def _convert(streams: list[Stream], sample_rate: int, min_seconds: float, max_se
                                                          min_seconds))
 
     plan = _Plan(weights=tuple(tuple([1.0 / s.channels] * s.channels) for s in streams))
-    for _ in range(3):  # the plan depends only on measurements made before the gain: stable by the third
+    # Measurements are made before the gain, so the plan settles: the down-mix, then the gain
+    # from the outliers, then (once a pass with a gain measured the typical level) the allowance.
+    for _ in range(4):
         done = _run(streams, plan, sample_rate, max_seconds)
         better = _replan(streams, plan, done)
-        if better == plan:
+        if (better.weights, better.gain) == (plan.weights, plan.gain):
             break
         plan = better
 
@@ -198,7 +212,7 @@ def _convert(streams: list[Stream], sample_rate: int, min_seconds: float, max_se
 def _run(streams: list[Stream], plan: _Plan, sample_rate: int, max_seconds: float) -> _Pass:
     """Decode every stream once: down-mix, gain, clip, resample; measure on the way."""
     p = _Pass(gain=plan.gain)
-    budget = max(MIN_OUTLIERS, int(sum(max_seconds * s.rate for s in streams) * OUTLIER_FRACTION)) + 1
+    budget = max(MIN_OUTLIERS, int(sum(max_seconds * s.rate for s in streams) * OUTLIER_FRACTIONS[-1])) + 1
     for s, weights in zip(streams, plan.weights, strict=True):
         w = np.asarray(weights, np.float64)  # (channels,)
         resampler = (soxr.ResampleStream(s.rate, sample_rate, 1, dtype="float32", quality="HQ")
@@ -234,6 +248,7 @@ def _run(streams: list[Stream], plan: _Plan, sample_rate: int, max_seconds: floa
                     p.num_over += len(above)
                     p.over = _largest(np.concatenate([p.over, above]), budget)
             if plan.gain != 1.0:
+                p.window_levels.append(_window_levels(mono, max(1, s.rate // 10)))
                 mono *= plan.gain
             if peak * plan.gain > 1.0:
                 np.clip(mono, -1.0, 1.0, out=mono)  # the few outliers the gain left above full scale
@@ -249,7 +264,18 @@ def _run(streams: list[Stream], plan: _Plan, sample_rate: int, max_seconds: floa
         p.frames += frames
         p.mono_energy.append(mono_energy)
         p.channel_energy.append(channel_energy)
+    p.typical = (float(np.quantile(np.concatenate(p.window_levels), TYPICAL_QUANTILE)) if p.window_levels
+                 else plan.typical)
     return p
+
+
+def _window_levels(mono: np.ndarray, window: int) -> np.ndarray:
+    """Median magnitude of each ``window`` samples of ``mono`` (a spike does not move a median)."""
+    whole = len(mono) // window * window
+    levels = [np.median(np.abs(mono[:whole].reshape(-1, window)), axis=1)] if whole else []
+    if whole < len(mono):
+        levels.append(np.array([np.median(np.abs(mono[whole:]))]))
+    return np.concatenate(levels)
 
 
 def _energy(x: np.ndarray) -> float:
@@ -269,12 +295,18 @@ def _replan(streams: list[Stream], plan: _Plan, done: _Pass) -> _Plan:
         energies = done.channel_energy[i]
         if s.channels > 1 and energies.mean() > 0 and done.mono_energy[i] < CANCEL_RATIO * energies.mean():
             weights[i] = tuple(float(c == int(np.argmax(energies))) for c in range(s.channels))
+    if weights != list(plan.weights):
+        return _Plan(weights=tuple(weights))  # measure the level of the new down-mix first
+    largest = np.sort(done.over)[::-1]
+    typical = done.typical
     gain = 1.0
-    allowed = max(MIN_OUTLIERS, int(done.frames * OUTLIER_FRACTION))
-    if done.num_over > allowed:
-        level = float(np.sort(done.over)[::-1][allowed])  # what all but the allowed outliers stay under
-        gain = 1.0 / level
-    return _Plan(weights=tuple(weights), gain=gain)
+    for fraction in OUTLIER_FRACTIONS:
+        allowed = max(MIN_OUTLIERS, int(done.frames * fraction))
+        # what all but the allowed outliers stay under
+        gain = 1.0 / float(largest[allowed]) if done.num_over > allowed else 1.0
+        if typical is None or typical * gain >= 1.0 / PCM_SCALE:
+            break
+    return _Plan(weights=tuple(weights), gain=gain, typical=typical)
 
 
 def _check_and_round(done: _Pass, audio: np.ndarray, sample_rate: int) -> np.ndarray | Rejected:
@@ -285,12 +317,18 @@ def _check_and_round(done: _Pass, audio: np.ndarray, sample_rate: int) -> np.nda
     if done.mono_peak * done.gain < 0.5 / PCM_SCALE:
         return Rejected(REASON_SIGNAL_LOST, f"too quiet to keep: it peaks at {level} dBFS, below the quietest "
                         "level 16-bit audio holds (-96 dBFS); stored, it would be silence")
+    typical = done.typical
+    if typical is not None:
+        if typical * done.gain < 1.0 / PCM_SCALE <= typical:
+            return Rejected(REASON_SIGNAL_LOST, f"its loudest samples are {_db(done.gain**-2)} dB above full scale "
+                            f"(damaged float samples?); fitting them into 16 bits would leave the rest of it at "
+                            f"{_dbfs(typical * done.gain)} dBFS, below what 16 bits hold")
     before = done.energy / max(1, done.frames)
     after = _energy(audio) / len(audio)
     if before > 0 and after < MIN_RESAMPLED_ENERGY * before:
         return Rejected(REASON_SIGNAL_LOST, f"its sound lies above {sample_rate / 2:g} Hz, which {sample_rate} Hz "
                         f"audio cannot hold: resampling kept {_db(after / before)} dB of its energy")
-    allowed = max(MIN_OUTLIERS, int(len(audio) * OUTLIER_FRACTION))
+    allowed = max(MIN_OUTLIERS, int(len(audio) * OUTLIER_FRACTIONS[0]))
     if max(float(audio.max()), -float(audio.min())) > 1.0:  # resampler overshoot: fit all but a few, clip those
         size = np.abs(audio)
         above = size[size > 1.0]

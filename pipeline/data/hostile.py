@@ -158,6 +158,15 @@ def _levels() -> list[T.Case]:
         _ok("spikes_five", ".wav", e(spiked(t, [100, 3000, 7000, 9000, 12000], 1e20), 16000, subtype="FLOAT"),
             1.0, 300),
         _ok("spike_negative", ".wav", e(spiked(t, [8000], -1e35), 16000, subtype="FLOAT"), 1.0, 300),
+        _ok("spikes_scattered_20", ".wav", e(spiked(t, list(range(50, 16000, 800)), 1e30), 16000, subtype="FLOAT"),
+            1.0, 300),
+        _ok("loud_with_ten_spikes", ".wav", e(spiked(t * 1e5, list(range(100, 110)), 1e25), 16000, subtype="FLOAT"),
+            1.0, 300),
+        # not a few samples: a gain that fits them would leave the rest below 16 bits
+        _no("spikes_every_40_samples", ".wav", e(spiked(t, list(range(5, 16000, 40)), 1e30), 16000, subtype="FLOAT"),
+            V.REASON_SIGNAL_LOST),
+        _no("burst_of_absurd_values", ".wav", e(np.concatenate([t[:8000], t[8000:9600] * 1e10, t[9600:]]), 16000,
+                                                subtype="FLOAT"), V.REASON_SIGNAL_LOST),
         _ok("spike_double_1e300", ".wav", e(spiked(t, [4000], 1e300, np.float64), 16000, subtype="DOUBLE"),
             1.0, 300),
         # far above full scale, but finite: scaled to fit
