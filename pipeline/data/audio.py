@@ -15,12 +15,14 @@ On the way from the decoder (:mod:`pipeline.data.decode`) to 16-bit FLAC:
 2. level: a file above full scale (float formats) is scaled so that all but its loudest
    0.01% of samples (at least 8) fit, and those few are clipped, before resampling, so a
    single absurd sample (1e30 in a float WAV) is a click, not a gain that turns the rest
-   into silence;
+   into silence; up to 1% may clip where fewer would still take the file's typical level
+   below 16 bits (scattered spikes);
 3. resample (soxr HQ), fit any resampler overshoot, round to 16 bits;
 4. check, measuring before and after: a file whose stored audio would be silence (too
-   quiet for 16 bits), whose sound is all above the target's Nyquist frequency, or whose
-   rounding would bury it, or that conversion would clip more than the input was, is
-   rejected as ``signal_lost`` with what happened, rather than stored damaged.
+   quiet for 16 bits, or a burst of absurd values no gain fits beside the rest), whose
+   sound is all above the target's Nyquist frequency, or whose rounding would bury it, or
+   that conversion would clip more than the input was, is rejected as ``signal_lost``
+   with what happened, rather than stored damaged.
 
 Steps 1 and 2 need the whole file: a first pass measures while it converts, and a second
 pass runs only when the measurement changes the plan (cancelling channels, a level above
