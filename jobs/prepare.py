@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="directory or s3://bucket/prefix of audio files")
     parser.add_argument("--output", required=True, help="directory or s3://bucket/prefix for the shards")
     parser.add_argument("--sidecar", default=None,
-                        help="TSV with path or id, transcript, speaker (default: <input>/transcripts.tsv if present)")
+                        help="table (tab-, comma- or semicolon-separated) with path or id, and transcript "
+                             "and/or speaker (default: <input>/transcripts.tsv if present)")
     parser.add_argument("--config", default=None, help="YAML config (preset + deltas)")
     parser.add_argument("--preset", default=None, help="preset when no --config (tiny, base, large, ...)")
     parser.add_argument("--force", action="store_true", help="convert again even if the output is up to date")

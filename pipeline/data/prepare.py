@@ -2,23 +2,27 @@
 
 Stages, each with the rows it produces:
 
-1. list (driver): every file with an audio extension under the input root ->
-   ``(relative path, size, mtime)``; ids are the relative paths without extension.
-2. label (driver): transcript and speaker from a sidecar TSV when there is one; the
-   split (train/valid) from a hash of the id, so it never changes between runs.
+1. list (driver, :mod:`pipeline.data.listing`): every path with an audio extension under
+   the input root -> ``(relative path, size, mtime)``, or a reject found from the listing
+   alone (a name that is not UTF-8, a broken link, a second path to one file, a pipe);
+   other files counted by extension. Ids are the relative paths without extension,
+   unique by construction.
+2. label (driver, :mod:`pipeline.data.sidecar`): transcript and speaker from a sidecar
+   TSV when there is one, with a report of rows and files that match nothing; the split
+   (train/valid) from a hash of the id, so it never changes between runs.
 3. group (driver): per split, files in hash order (each shard a random mix of the
    corpus, not one speaker or book) cut into groups of about ``data.shard_size_mb`` of
    expected FLAC output; the expectation per input byte comes from the headers of a
    few files of each extension (the probe).
 4. convert + write (a Ray Data task per group, ``data.decode_cpus`` each): read each
-   file, probe its header, decode, down-mix, resample, encode FLAC
-   (:func:`pipeline.data.audio.convert`), and append it to the group's shard file,
-   rolling to a new part past the target size. One outcome row per file comes back:
-   where it went (shard, row) or why it was rejected (``reason``, ``detail``).
+   file once, decode, down-mix, set the level, resample, encode FLAC and check that the
+   signal survived (:func:`pipeline.data.audio.convert`), and append it to the group's
+   shard file, rolling to a new part past the target size. One outcome row per file
+   comes back: where it went (shard, row) or why it was rejected (``reason``, ``detail``).
 5. commit (driver): ``manifest.parquet``, ``rejects.parquet``, then ``summary.json``,
    the commit point that names the shard files (schema.py has the layout).
 
-Every listed file ends up in exactly one of the shards or the rejects, which the driver
+Every listed path ends up in exactly one of the shards or the rejects, which the driver
 checks before committing (``accepted + rejected == files_in``). Shards live under a
 version directory named by a fingerprint of the input listing and the settings; a
 rerun over the same input finds ``summary.json`` with that version and stops, a rerun
@@ -28,9 +32,7 @@ rows are never duplicated and readers never see half a dataset.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -49,7 +51,10 @@ import pyarrow.parquet as pq
 
 from pipeline.data import schema as S
 from pipeline.data import storage
-from pipeline.data.audio import REASON_ERROR, Converted, Rejected, convert, estimate_seconds
+from pipeline.data.audio import Converted, Rejected, convert, estimate_seconds
+from pipeline.data.listing import Entry, Listing, assign_ids, audio_extension, list_input
+from pipeline.data.sidecar import EXAMPLES, match, parse_sidecar
+from pipeline.data.verdicts import REASON_ERROR, REASON_SIGNAL_LOST, REASON_UNREADABLE
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -58,6 +63,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "wavray-shards"
 FORMAT_VERSION = 1
+# What the conversion does to a file (part of the version fingerprint): 2 since it keeps
+# the signal of cancelling channels, loud float files and chained Oggs, and rejects what
+# it cannot keep.
+CONVERT_VERSION = 2
 # Files up to this size are fetched in one request (one GET per object on S3);
 # larger ones are decoded from a seekable stream so memory stays bounded.
 WHOLE_READ_LIMIT = 512 << 20
@@ -102,63 +111,7 @@ class Settings:
         )
 
 
-# --- stage 1: list -----------------------------------------------------------------------
-
-
-def list_audio(input_uri: str, store: storage.Storage | None = None) -> list[pafs.FileInfo]:
-    """Files with an audio extension under ``input_uri``, sorted by path."""
-    fs, root = storage.resolve(input_uri, store)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"--input: {input_uri!r} does not exist")
-    if info.type != pafs.FileType.Directory:
-        raise ValueError(f"--input: {input_uri!r} is a file; expected a directory or prefix of audio files")
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = [
-        f for f in found
-        if f.type == pafs.FileType.File and posixpath.splitext(f.path)[1].lower() in S.AUDIO_EXTENSIONS
-    ]
-    return sorted(files, key=lambda f: f.path)
-
-
-def assign_ids(rels: list[str]) -> list[str]:
-    """Relative path without extension; with it where two files would share an id."""
-    stems = [posixpath.splitext(r)[0] for r in rels]
-    counts = Counter(stems)
-    return [r if counts[s] > 1 else s for r, s in zip(rels, stems, strict=True)]
-
-
 # --- stage 2: label ----------------------------------------------------------------------
-
-
-def read_sidecar(uri: str, store: storage.Storage | None = None) -> dict[str, tuple[str | None, str | None]]:
-    """TSV with a header naming ``path`` (relative to the input root) or ``id``, and
-    ``transcript`` and/or ``speaker``; other columns are ignored. Keys: paths and ids."""
-    text = storage.read_bytes(uri, store).decode("utf-8")
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise ValueError(f"sidecar {uri}: empty; expected a header with path or id, transcript, speaker")
-    header = [h.strip().lower() for h in rows[0]]
-    keys = [k for k in ("path", "id") if k in header]
-    if not keys or not ({"transcript", "speaker"} & set(header)):
-        raise ValueError(
-            f"sidecar {uri}: header {rows[0]} must name 'path' or 'id', and 'transcript' and/or 'speaker'"
-        )
-    col = {name: header.index(name) for name in header}
-    out: dict[str, tuple[str | None, str | None]] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            raise ValueError(f"sidecar {uri}, line {line_no}: {len(row)} columns, the header has {len(header)}")
-        transcript = row[col["transcript"]] if "transcript" in col else None
-        speaker = row[col["speaker"]] if "speaker" in col else None
-        for k in keys:
-            key = row[col[k]].strip()
-            if k == "path":
-                key = posixpath.normpath(key)
-            out[key] = (transcript, speaker)
-    return out
 
 
 def _hash01(text: str, salt: str) -> float:
@@ -203,7 +156,7 @@ def calibrate_output_ratios(
     """
     by_ext: dict[str, list[InputFile]] = {}
     for f in sorted(files, key=lambda f: _hash01(f.id, "probe")):
-        group = by_ext.setdefault(posixpath.splitext(f.rel)[1].lower(), [])
+        group = by_ext.setdefault(audio_extension(f.rel) or "", [])
         if len(group) < per_extension and f.size > 0:
             group.append(f)
 
@@ -227,7 +180,7 @@ def calibrate_output_ratios(
 
 
 def expected_output_bytes(f: InputFile, ratios: dict[str, float] | None = None) -> float:
-    ext = posixpath.splitext(f.rel)[1].lower()
+    ext = audio_extension(f.rel) or ""
     ratio = (ratios or {}).get(ext) or _OUTPUT_RATIO.get(ext, _PCM_RATIO)
     return f.size * ratio
 
@@ -328,16 +281,25 @@ class _ShardWriter:
 
 
 def _read_and_convert(f: InputFile, settings: Settings, store: storage.Storage) -> Converted | Rejected:
+    """Read the file once and convert it; whatever goes wrong is this file's reject, never the job's end."""
+    kwargs = dict(sample_rate=settings.sample_rate, min_seconds=settings.min_seconds, max_seconds=settings.max_seconds)
     try:
         fs, path = storage.resolve(f.uri, store)
-        kwargs = dict(sample_rate=settings.sample_rate, min_seconds=settings.min_seconds, max_seconds=settings.max_seconds)
         if f.size <= WHOLE_READ_LIMIT:
             with fs.open_input_stream(path) as stream:
                 return convert(stream.read(), **kwargs)
         with fs.open_input_file(path) as handle:
             return convert(handle, **kwargs)
-    except Exception as e:  # one bad object (permissions, a vanished key) must not stop the job
-        return Rejected(REASON_ERROR, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
+    except OSError as e:  # permissions, a vanished key, the store failing on this object
+        return Rejected(REASON_UNREADABLE, f"cannot read the file: {_first_line(e)}")
+    except Exception as e:  # a bug: the detail says where, the other files go on
+        return Rejected(REASON_ERROR, f"unexpected {type(e).__name__} while converting: "
+                                      f"{_first_line(e) or 'no message'} (please report it)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def convert_group(
@@ -391,14 +353,16 @@ def _convert_group_batch(batch: pa.Table, *, out_root: str, version: str, settin
 # --- the job -----------------------------------------------------------------------------------
 
 
-def fingerprint(files: list[pafs.FileInfo], settings: Settings, sidecar: bytes | None) -> str:
+def fingerprint(input_uri: str, entries: list[Entry], settings: Settings, sidecar: bytes | None) -> str:
     h = hashlib.sha1()
     described = dict(settings.__dict__)
     if not described["valid_speakers"]:
         del described["valid_speakers"]  # outputs prepared before the setting existed stay current
-    h.update(json.dumps({"format": FORMAT_VERSION, "settings": described}, sort_keys=True).encode())
-    for f in files:
-        h.update(f"{f.path}\t{f.size}\t{f.mtime_ns or 0}\n".encode())
+    h.update(json.dumps({"format": FORMAT_VERSION, "convert": CONVERT_VERSION, "settings": described},
+                        sort_keys=True).encode())
+    for e in entries:
+        problem = f"\t{e.problem.reason}" if e.problem else ""
+        h.update(f"{storage.join(input_uri, e.rel)}\t{e.size}\t{e.mtime_ns}{problem}\n".encode())
     h.update(hashlib.sha1(sidecar or b"").digest())
     return h.hexdigest()[:12]
 
@@ -422,35 +386,39 @@ def prepare(
 
     # 1. list
     started = time.monotonic()
-    listed = list_audio(input_uri, store)
-    if not listed:
+    listing = list_input(input_uri, store)
+    if not listing.entries:
+        others = ", ".join(f"{ext or '(no extension)'}: {n}" for ext, n in listing.not_audio.items())
         raise ValueError(
             f"--input: no audio files under {input_uri!r} (extensions: {', '.join(sorted(S.AUDIO_EXTENSIONS))})"
+            + (f"; it holds {others}" if others else "")
         )
-    _, root = storage.resolve(input_uri, store)
-    rels = [storage.relative(root, f.path) for f in listed]
-    ids = assign_ids(rels)
+    readable = [e for e in listing.entries if e.problem is None]
+    ids = assign_ids([e.rel for e in readable])
+    for what, dirs in (("reached again through a link (walked once)", listing.repeated_dirs),
+                       ("that could not be listed", listing.unreadable_dirs)):
+        if dirs:
+            progress(f"prepare: {len(dirs)} directories {what}: {', '.join(dirs[:5])}{' ...' if len(dirs) > 5 else ''}")
 
     # 2. label
     sidecar_bytes: bytes | None = None
-    labels: dict[str, tuple[str | None, str | None]] = {}
+    sidecar = None
     if sidecar_uri is None and storage.exists(storage.join(input_uri, S.SIDECAR_FILE), store):
         sidecar_uri = storage.join(input_uri, S.SIDECAR_FILE)
     if sidecar_uri:
         sidecar_bytes = storage.read_bytes(sidecar_uri, store)
-        labels = read_sidecar(sidecar_uri, store)
+        sidecar = parse_sidecar(sidecar_bytes, sidecar_uri)
+    labels, sidecar_report = match(sidecar, [e.rel for e in readable], ids)
     files = []
-    matched = 0
-    for info, rel, utt_id in zip(listed, rels, ids, strict=True):
-        transcript, speaker = labels.get(rel) or labels.get(utt_id) or (None, None)
-        matched += (rel in labels) or (utt_id in labels)
+    for entry, utt_id, label in zip(readable, ids, labels, strict=True):
+        transcript, speaker = (label.transcript, label.speaker) if label else (None, None)
         files.append(InputFile(
-            uri=storage.join(input_uri, rel), rel=rel, id=utt_id, size=int(info.size or 0),
+            uri=storage.join(input_uri, entry.rel), rel=entry.rel, id=utt_id, size=entry.size,
             split=split_of(utt_id, settings.valid_fraction, speaker, settings.valid_speakers),
             transcript=transcript, speaker=speaker,
         ))
     check_valid_speakers(settings.valid_speakers, {f.speaker for f in files if f.speaker}, sidecar_uri)
-    version = fingerprint(listed, settings, sidecar_bytes)
+    version = fingerprint(input_uri, listing.entries, settings, sidecar_bytes)
     summary_uri = storage.join(output_uri, S.SUMMARY_FILE)
     if not force and storage.exists(summary_uri, store):
         previous = storage.read_json(summary_uri, store)
@@ -458,8 +426,10 @@ def prepare(
             progress(f"prepare: {output_uri} already holds this input (version {version}); nothing to do "
                      "(--force to convert again)")
             return previous
-    progress(f"prepare: {len(files)} audio files under {input_uri}"
-             + (f"; sidecar {sidecar_uri}: {matched} matched" if sidecar_uri else "; no sidecar"))
+    progress(f"prepare: {len(listing.entries)} audio files under {input_uri} ({len(files)} to read)"
+             + (f"; sidecar {sidecar_uri}: {sidecar_report['rows_matched']} of {sidecar_report['rows']} rows "
+                f"matched, {sidecar_report['files_without_row']} files without a row"
+                if sidecar_report else "; no sidecar"))
 
     # 3. group
     ratios = calibrate_output_ratios(files, settings.sample_rate, store)
@@ -474,18 +444,21 @@ def prepare(
         {"split": split, "group": g, "files": json.dumps([f.__dict__ for f in members])}
         for split, g, members in groups
     ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _convert_group_batch,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=cfg.decode_cpus,
-        fn_kwargs={"out_root": output_uri, "version": version, "settings": settings, "store": store, "ratios": ratios},
-    )
-    outcomes = []
+    outcomes = [_listing_outcomes(input_uri, listing)]
+    batches: Any = []
+    if items:
+        batches = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _convert_group_batch,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=cfg.decode_cpus,
+            fn_kwargs={"out_root": output_uri, "version": version, "settings": settings, "store": store,
+                       "ratios": ratios},
+        ).iter_batches(batch_size=None, batch_format="pyarrow")
     done = accepted = 0
     hours = 0.0
     last = time.monotonic()
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for table in batches:
         outcomes.append(table)
         done += table.num_rows
         ok = table.column(S.REASON).is_null()
@@ -497,18 +470,26 @@ def prepare(
                      f"{accepted} accepted, {done - accepted} rejected, {hours:.2f} h")
 
     # 5. commit
-    result = pa.concat_tables(outcomes) if outcomes else S.OUTCOME_SCHEMA.empty_table()
-    _check_complete(files, result)
-    summary = _commit(result, files, output_uri, input_uri, version, settings, store, started)
+    result = pa.concat_tables(outcomes)
+    _check_complete([storage.join(input_uri, e.rel) for e in listing.entries], result)
+    summary = _commit(result, listing, sidecar_report, output_uri, input_uri, version, settings, store, started)
     progress(f"prepare: done in {summary['seconds']:.0f} s: {summary['files_in']} files in, "
              f"{summary['accepted']} accepted ({summary['hours']:.2f} h), {summary['rejected']} rejected "
              f"{summary['rejected_by_reason']}, {len(summary['shards'])} shards")
     return summary
 
 
-def _check_complete(files: list[InputFile], result: pa.Table) -> None:
+def _listing_outcomes(input_uri: str, listing: Listing) -> pa.Table:
+    """Reject rows for the paths the listing already knows will not be read."""
+    return pa.Table.from_pylist([
+        {S.SOURCE_URI: storage.join(input_uri, e.rel), S.REASON: e.problem.reason, S.DETAIL: e.problem.detail}
+        for e in listing.entries if e.problem is not None
+    ], schema=S.OUTCOME_SCHEMA)
+
+
+def _check_complete(uris: list[str], result: pa.Table) -> None:
     seen = Counter(result.column(S.SOURCE_URI).to_pylist())
-    expected = {f.uri for f in files}
+    expected = set(uris)
     missing = expected - set(seen)
     doubled = [u for u, c in seen.items() if c > 1]
     extra = set(seen) - expected
@@ -520,8 +501,8 @@ def _check_complete(files: list[InputFile], result: pa.Table) -> None:
 
 
 def _commit(
-    result: pa.Table, files: list[InputFile], output_uri: str, input_uri: str, version: str,
-    settings: Settings, store: storage.Storage, started: float,
+    result: pa.Table, listing: Listing, sidecar_report: dict[str, Any] | None, output_uri: str, input_uri: str,
+    version: str, settings: Settings, store: storage.Storage, started: float,
 ) -> dict[str, Any]:
     accepted_mask = result.column(S.REASON).is_null()
     accepted = result.filter(accepted_mask)
@@ -561,10 +542,18 @@ def _commit(
         "seconds": round(time.monotonic() - started, 1),
         "sample_rate": settings.sample_rate,
         "settings": settings.__dict__,
-        "files_in": len(files),
+        "files_in": len(listing.entries),
         "accepted": accepted.num_rows,
         "rejected": rejected.num_rows,
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "rejected_signal_lost": reasons.get(REASON_SIGNAL_LOST, 0),
+        "files_not_audio": listing.not_audio,
+        "directories_skipped": {
+            "repeated": len(listing.repeated_dirs),
+            "unreadable": len(listing.unreadable_dirs),
+            "examples": (listing.repeated_dirs + listing.unreadable_dirs)[:EXAMPLES],
+        },
+        "sidecar": sidecar_report,
         "hours": float(durations.sum() / 3600),
         "splits": splits,
         "shards": sorted(shards.values(), key=lambda s: s["path"]),

@@ -2,9 +2,11 @@
 
 A prepared dataset (``jobs.prepare``) is a directory or s3:// prefix holding::
 
-    summary.json                     the commit point: counts, hours, and the shard list
+    summary.json                     the commit point: counts, hours, and the shard list; what was
+                                     not audio, what the sidecar did not match, why files were rejected
     manifest.parquet                 one row per accepted utterance, no audio (MANIFEST)
-    rejects.parquet                  one row per unusable input file, with a reason (REJECTS)
+    rejects.parquet                  one row per unusable input path, with a reason (REJECTS;
+                                     the codes are in verdicts.py)
     shards/<version>/<split>/part-GGGGG-KK.parquet   16 kHz FLAC + metadata (SHARD)
 
 Readers trust only ``summary.json``: it is written last and names the shard files of
@@ -17,7 +19,8 @@ import pyarrow as pa
 
 # --- shard / manifest columns ----------------------------------------------------------
 ID = "id"
-"""Utterance id: the input path relative to the input root, without the audio extension."""
+"""Utterance id: the input path relative to the input root, without the audio extension, in
+Unicode NFC; the whole path where that would be ambiguous (:func:`pipeline.data.listing.assign_ids`)."""
 AUDIO = "audio"
 """FLAC bytes (mono, PCM 16, ``sample_rate`` Hz)."""
 NUM_SAMPLES = "num_samples"
@@ -84,8 +87,8 @@ REJECTS_SCHEMA = pa.schema(
 OUTCOME_SCHEMA = pa.schema(
     [
         pa.field(SOURCE_URI, pa.string(), nullable=False),
-        pa.field(ID, pa.string(), nullable=False),
-        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(ID, pa.string()),  # null for paths the listing rejected
+        pa.field(SPLIT, pa.string()),
         pa.field(REASON, pa.string()),
         pa.field(DETAIL, pa.string()),
         pa.field(SHARD, pa.string()),
@@ -109,8 +112,8 @@ SHARDS_DIR = "shards"
 SIDECAR_FILE = "transcripts.tsv"
 """Looked for at the input root when ``--sidecar`` is not given."""
 
-# Extensions listed as audio. libsndfile decides what it can actually read; anything
-# it cannot read is rejected with a reason, not skipped.
+# Extensions listed as audio (in any case). The decoders (libsndfile, then ffmpeg) decide
+# what they can actually read; anything they cannot is rejected with a reason, not skipped.
 AUDIO_EXTENSIONS = frozenset(
     {
         ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",

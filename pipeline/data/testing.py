@@ -2,7 +2,8 @@
 
 Shipped with the package (not hidden in tests/) so the prepare job's behaviour on bad
 input can be reproduced anywhere: ``bad_inputs()`` gives each case with the outcome
-the data path promises for it.
+the data path promises for it (:mod:`pipeline.data.hostile` has the whole hostile
+corpus built on it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class Case:
     """Accepted files: the expected length at 16 kHz."""
     freq: float = 0.0
     """Accepted files: the dominant frequency the converted audio must keep."""
+    length_tolerance: int = 0
+    """Accepted files: how far the length may be from ``num_samples`` (codec priming and padding)."""
+    min_rms: float = 0.1
+    """Accepted files: the level the stored audio must keep (its signal survived)."""
 
     @property
     def accepted(self) -> bool:
@@ -104,8 +109,8 @@ def bad_inputs() -> list[Case]:
 
 
 def dominant_frequency(x: np.ndarray, rate: int) -> float:
-    """Frequency (Hz) of the largest FFT bin of a 1-D signal."""
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    """Frequency (Hz) of the largest FFT bin of a 1-D signal, its DC offset aside."""
+    spectrum = np.abs(np.fft.rfft((x - x.mean()) * np.hanning(len(x))))
     return float(np.argmax(spectrum) * rate / len(x))
 
 

@@ -3,14 +3,17 @@
 A generated corpus (clean files at many rates and channel counts, plus one file of
 every bad-input class) is prepared from s3:// to s3://, then read back through the
 training input by two consumers of ``streaming_split(2, equal=True)``, each in its own
-Ray worker process as under Ray Train. One Ray instance serves the whole module.
+Ray worker process as under Ray Train. The hostile corpus (:mod:`pipeline.data.hostile`)
+is prepared from a local directory (with links, a pipe and names that are not UTF-8)
+and from s3://, and every path checked. One Ray instance serves the whole module.
 """
 
 from __future__ import annotations
 
 import io
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,11 @@ import soundfile as sf
 from fixtures.objectstore import S3Store
 
 from pipeline.config import DataConfig, tiny
+from pipeline.data import hostile as H
 from pipeline.data import schema as S
 from pipeline.data import storage
 from pipeline.data import testing as T
+from pipeline.data import verdicts as V
 from pipeline.data.loader import build_train_dataset, read_dataset_info
 from pipeline.data.position import DataPosition
 from pipeline.data.prepare import prepare, split_of
@@ -245,3 +250,101 @@ def test_valid_speakers_hold_out_whole_voices(tmp_path: Path, ray_local: None) -
         prepare(str(raw), str(bad), replace(tiny().data, valid_fraction=0.0, valid_speakers=["voice9"]),
                 progress=lambda _: None)
     assert not bad.exists()
+
+
+# --- the hostile corpus, on disk and on S3 ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What must become of one listed path."""
+
+    reasons: frozenset[str] = frozenset()
+    num_samples: int = 0
+    tolerance: int = 0
+    freq: float = 0.0
+    min_rms: float = 0.1
+    id: str | None = None
+    transcript: str | None = None
+
+
+def _write_hostile(write: Callable[[str, bytes], None]) -> dict[str, Expected]:
+    """The store-independent part of the corpus; rel path -> what must become of it."""
+    expected = {}
+    for case in H.audio_cases():
+        rel = f"audio/{case.name}{case.ext}"
+        write(rel, case.data)
+        expected[rel] = Expected(case.reasons, case.num_samples, case.length_tolerance, case.freq, case.min_rms,
+                                 id=None if case.reasons else f"audio/{case.name}")
+    for named in H.name_cases():
+        write(named.rel, named.data)
+        if named.id is not None:
+            expected[named.rel] = Expected(num_samples=8000, id=named.id, transcript=named.transcript)
+    write(S.SIDECAR_FILE, H.name_sidecar())
+    return expected
+
+
+def _check_hostile(raw: str, out: str, summary: dict, expected: dict[str, Expected]) -> None:
+    """Every path exactly once in the manifest or the rejects, with its verdict; accepted ones
+    with their id, transcript, length and signal in the shards; the summary's counts."""
+    manifest = storage.read_table(storage.join(out, S.MANIFEST_FILE)).to_pylist()
+    rejects = storage.read_table(storage.join(out, S.REJECTS_FILE)).to_pylist()
+    prefix = raw.rstrip("/") + "/"
+    seen = Counter(r[S.SOURCE_URI].removeprefix(prefix) for r in manifest + rejects)
+    assert seen == Counter(expected.keys()), set(seen) ^ set(expected)
+    assert summary["files_in"] == len(expected) and summary["accepted"] == len(manifest)
+    for r in rejects:
+        rel = r[S.SOURCE_URI].removeprefix(prefix)
+        assert r[S.REASON] in expected[rel].reasons, (rel, r)
+    rows: dict[str, dict] = {}
+    for shard in {m[S.SHARD] for m in manifest}:
+        for row in storage.read_table(storage.join(out, shard), [S.ID, S.AUDIO, S.TRANSCRIPT]).to_pylist():
+            rows[row[S.ID]] = row
+    for m in manifest:
+        rel = m[S.SOURCE_URI].removeprefix(prefix)
+        want = expected[rel]
+        assert not want.reasons, (rel, "accepted")
+        assert m[S.ID] == want.id and m[S.TRANSCRIPT] == want.transcript, (rel, m)
+        audio, rate = sf.read(io.BytesIO(rows[m[S.ID]][S.AUDIO]), dtype="float32")
+        assert rate == 16000 and len(audio) == m[S.NUM_SAMPLES], rel
+        assert abs(len(audio) - want.num_samples) <= want.tolerance, (rel, len(audio))
+        assert float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) >= want.min_rms, rel
+        if want.freq:
+            assert T.dominant_frequency(audio, 16000) == pytest.approx(want.freq, abs=3), rel
+    reasons = Counter(r[S.REASON] for r in rejects)
+    assert summary["rejected_by_reason"] == dict(sorted(reasons.items()))
+    assert summary["rejected_signal_lost"] == reasons[V.REASON_SIGNAL_LOST] >= 7
+    sidecar = summary["sidecar"]
+    assert sidecar["rows_unmatched"] == H.NAME_SIDECAR_UNMATCHED
+    assert sidecar["rows_duplicate"] == H.NAME_SIDECAR_DUPLICATE
+    read = [w for w in expected.values() if not w.reasons & V.LISTING_REASONS]
+    assert sidecar["files_without_row"] == sum(w.transcript is None for w in read)
+
+
+def test_hostile_corpus_from_a_local_directory(tmp_path: Path, ray_local: None) -> None:
+    raw = tmp_path / "raw"
+
+    def write(rel: str, data: bytes) -> None:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(data)
+
+    expected = _write_hostile(write)
+    for rel, reason in H.write_link_cases(raw, tmp_path / "outside").items():
+        expected[rel] = Expected(frozenset({reason})) if reason else Expected(num_samples=8000, id=rel[:-4] if
+                                                                               rel.endswith(".wav") else rel[:-5])
+    out = tmp_path / "out"
+    cfg = replace(tiny().data, shard_size_mb=1.0, valid_fraction=0.0, prepare_min_seconds=0.1)
+    summary = prepare(str(raw), str(out), cfg, progress=lambda _: None)
+    _check_hostile(str(raw), str(out), summary, expected)
+    assert summary["directories_skipped"]["repeated"] == 2
+    assert summary["files_not_audio"] == {"": 2, ".md": 1, ".textgrid": 1, ".tsv": 1, ".txt": 2}
+
+
+def test_hostile_corpus_from_s3(s3_store: S3Store, ray_local: None) -> None:
+    raw = s3_store.uri("hostile", "raw")
+    expected = _write_hostile(lambda rel, data: storage.write_bytes(f"{raw}/{rel}", data))
+    out = s3_store.uri("hostile", "out")
+    cfg = replace(tiny().data, shard_size_mb=1.0, valid_fraction=0.0, prepare_min_seconds=0.1)
+    summary = prepare(raw, out, cfg, progress=lambda _: None)
+    _check_hostile(raw, out, summary, expected)
+    assert summary["files_not_audio"] == {"": 2, ".md": 1, ".textgrid": 1, ".tsv": 1, ".txt": 1}
