@@ -14,6 +14,9 @@ not a run. Each function names the behaviour it depends on:
 - :func:`latest_checkpoint_dir`: the checkpoint Ray Train resumes a run from, read with
   ``ray.train.Result.from_path`` (public, alpha) from the bookkeeping file Ray Train keeps
   in the run folder.
+- :class:`ObjectStoreMeter`: bytes in the object stores of the whole cluster, from the
+  raylet's ``FormatGlobalMemoryInfo`` reply (``ray._private.internal_api``, what
+  ``ray memory --stats-only`` prints); no public API reports it.
 - :func:`quiet_worker_logs` / :func:`train_logging_config`: Ray Train logs every
   ``ray.train.report`` of every worker at INFO ("Reporting training result ...") from a
   logger named after its source file, outside the ``ray.train`` hierarchy that its own
@@ -186,6 +189,22 @@ def latest_checkpoint_dir(run_path: str, fs: pafs.FileSystem) -> str | None:
     if result.checkpoint is None:
         return None
     return Path(result.checkpoint.path).name
+
+
+class ObjectStoreMeter:
+    """Bytes held in the object stores of the connected cluster, for benchmarks."""
+
+    def __init__(self, address: str | None = None) -> None:
+        import ray
+        from ray._private import internal_api
+
+        self._api = internal_api
+        self._state = internal_api.get_state_from_address(address or ray.get_runtime_context().gcs_address)
+
+    def bytes_used(self) -> int:
+        """Object-store bytes in use over all nodes now (primary copies and secondary)."""
+        reply = self._api.get_memory_info_reply(self._state, timeout_seconds=10.0)
+        return int(reply.store_stats.object_store_bytes_used)
 
 
 def train_logging_config(verbose: bool) -> Any:

@@ -216,6 +216,42 @@ def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Sto
     return out
 
 
+def _spec(cfg: DataConfig) -> BatchSpec:
+    return BatchSpec(
+        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
+        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
+    )
+
+
+def _extra_splits(
+    cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec, store: storage.Storage | None
+) -> list[int]:
+    """Extra splits per shard that make every epoch's batch count a multiple of the worker
+    count, from the lengths alone (before any audio is read)."""
+    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, info.split(split), store)]
+    if sum(c for c, _ in counts) == 0:
+        raise ValueError(
+            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
+        )
+    extra = spread_extra_splits(counts, num_splits)
+    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
+        warnings.warn(
+            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
+            "streaming_split(equal=True) drops the remainder at the end of the stream",
+            stacklevel=3,
+        )
+    return extra
+
+
+def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int) -> list[int]:
+    """Batches of each shard of ``split`` in one epoch (extra splits included), in shard order."""
+    spec = _spec(cfg)
+    store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
+    extra = _extra_splits(cfg, info, split, num_splits, spec, store)
+    counts = [count_batches(lengths, spec)[0] for lengths in shard_lengths(info, info.split(split), store)]
+    return [c + e for c, e in zip(counts, extra, strict=True)]
+
+
 def build_train_dataset(
     cfg: DataConfig,
     *,
@@ -246,28 +282,12 @@ def build_train_dataset(
         raise ValueError(f"{cfg.train_uri}: the {split!r} split has no shards (see {S.SUMMARY_FILE})")
     if num_splits < 1:
         raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
-    spec = BatchSpec(
-        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
-        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
-    )
+    spec = _spec(cfg)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
         seed=seed, num_splits=num_splits,
     )
-    # Batch counts depend on lengths alone: make every epoch's total a multiple of the
-    # worker count here, before any audio is read.
-    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, shards, store)]
-    if sum(c for c, _ in counts) == 0:
-        raise ValueError(
-            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
-        )
-    extra = spread_extra_splits(counts, num_splits)
-    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
-        warnings.warn(
-            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
-            "streaming_split(equal=True) drops the remainder at the end of the stream",
-            stacklevel=2,
-        )
+    extra = _extra_splits(cfg, info, split, num_splits, spec, store)
     plan = f"{info.version}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))

@@ -375,16 +375,22 @@ def prepare(
     sidecar_uri: str | None = None,
     force: bool = False,
     progress: Callable[[str], None] = print,
+    on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the prepare job (Ray must be initialised); returns the summary it committed."""
+    """Run the prepare job (Ray must be initialised); returns the summary it committed.
+
+    ``on_stage`` is called with ``"list"``, ``"probe"``, ``"convert"`` and ``"commit"`` as
+    each stage starts (the scale benchmark times and meters them)."""
     import ray.data
 
+    stage = on_stage or (lambda _: None)
     store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
     storage.check_reachable(input_uri, store)
     storage.ensure_bucket(output_uri, store)
     settings = Settings.from_config(cfg)
 
     # 1. list
+    stage("list")
     started = time.monotonic()
     listing = list_input(input_uri, store)
     if not listing.entries:
@@ -432,12 +438,14 @@ def prepare(
                 if sidecar_report else "; no sidecar"))
 
     # 3. group
+    stage("probe")
     ratios = calibrate_output_ratios(files, settings.sample_rate, store)
     groups = plan_groups(files, settings.shard_size_mb, ratios)
     progress(f"prepare: {len(groups)} groups of about {settings.shard_size_mb:g} MB of FLAC -> "
              f"{storage.join(output_uri, S.SHARDS_DIR, version)}")
 
     # 4. convert + write
+    stage("convert")
     version_root = storage.join(output_uri, S.SHARDS_DIR, version)
     storage.delete_dir(version_root, store)  # leftovers of an interrupted run of this version
     items = [
@@ -470,6 +478,7 @@ def prepare(
                      f"{accepted} accepted, {done - accepted} rejected, {hours:.2f} h")
 
     # 5. commit
+    stage("commit")
     result = pa.concat_tables(outcomes)
     _check_complete([storage.join(input_uri, e.rel) for e in listing.entries], result)
     summary = _commit(result, listing, sidecar_report, output_uri, input_uri, version, settings, store, started)
