@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,34 @@ class RunStoppedError(RuntimeError):
     """The run stopped on purpose (e.g. repeated non-finite losses); retrying would not help."""
 
 
+_STORAGE_FAILURE = re.compile(r"StorageError: (.+)")
+
+
+def storage_failure(error: BaseException) -> BaseException | None:
+    """The object-store or local-disk failure that ended a run, out of Ray Train's wrapping
+    (a worker group's or the controller's error, carrying the original as an object or as
+    the text of its traceback), so that the job says it plainly; None for any other failure."""
+    seen: set[int] = set()
+    stack: list[Any] = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, dict):
+            stack.extend(e.values())
+            continue
+        if not isinstance(e, BaseException):
+            continue
+        if isinstance(e, storage.StorageError | storage.LocalDiskFullError):
+            return storage.StorageError(str(e)) if isinstance(e, storage.StorageError) else e
+        stack.extend([e.__cause__, e.__context__, *vars(e).values()])
+        found = _STORAGE_FAILURE.search(str(e))
+        if found:
+            return storage.StorageError(found.group(1).strip())
+    return None
+
+
 def make_run_name(cfg: Config) -> str:
     """``checkpoint.run_name`` or ``<preset>-<UTC time>``."""
     if cfg.checkpoint.run_name:
@@ -46,7 +75,7 @@ def make_run_name(cfg: Config) -> str:
 
 def storage_for(cfg: Config) -> storage.Storage:
     """How to reach s3:// URIs (endpoint/region from the data section or the AWS variables)."""
-    return storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+    return storage.Storage.for_data(cfg.data)
 
 
 def latest_checkpoint_uri(
@@ -99,6 +128,9 @@ class TrainDataFactory:
     num_workers: int
     run_uri: str
     store: storage.Storage
+    started: bool = False
+    """Set after the first worker group's dataset: later calls are restarts of a running
+    run, which ride out an object store that cannot be reached instead of failing fast."""
 
     def position(self) -> dict[str, Any] | None:
         uri = latest_checkpoint_uri(self.run_uri, self.store, recorded_only=True)
@@ -112,7 +144,9 @@ class TrainDataFactory:
         position = self.position()
         ds = build_train_dataset(
             self.data, split="train", position=position, seed=self.seed, num_splits=self.num_workers,
+            wait=self.started,
         )
+        self.started = True
         # The progress line of rank 0 says how training goes; Ray Data's bars for the
         # split only interleave with it.
         ds.context.enable_progress_bars = False
@@ -208,7 +242,7 @@ def fit_run(
         tracker.set_tag(key, value)
 
     use_gpu = cfg.scaling.use_gpu
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources()}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -238,8 +272,11 @@ def fit_run(
     )
     try:
         trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracker.end("FAILED")
+        cause = storage_failure(e)
+        if cause is not None:
+            raise cause from e
         raise
     if storage.exists(abort_uri, store):
         info = storage.read_json(abort_uri, store)
