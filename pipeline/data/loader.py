@@ -176,10 +176,17 @@ _NOTHING_SEEN: frozenset[int] = frozenset()
 
 def plan_units(
     num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
-    extra_splits: list[int],
+    extra_splits: list[int], batches: list[int] | None = None, max_batches: int | None = None,
 ) -> list[list[Unit]]:
-    """Read tasks as lists of units, finished units left out."""
+    """Read tasks as lists of units, finished units left out.
+
+    ``max_batches``: stop once the units planned hold that many batches (``batches``: each
+    shard's count in an epoch, extra splits included): a run that needs 12 epochs of a
+    corpus plans 12, not ``data.max_epochs``, so its start (and every restart) costs read
+    tasks in proportion to what it will read.
+    """
     tasks: list[list[Unit]] = []
+    planned = 0
     for epoch in range(position.epochs_done, max_epochs):
         order = shard_order(num_shards, shuffle_seed, epoch).tolist()
         if position.touches(epoch):
@@ -189,7 +196,15 @@ def plan_units(
             ]
         else:
             pending = [(epoch, s, _NOTHING_SEEN, extra_splits[s]) for s in order]
+        if max_batches is not None and batches is not None:
+            for i, unit in enumerate(pending):
+                planned += batches[unit[1]] - len(unit[2])
+                if planned >= max_batches:
+                    pending = pending[:i + 1]
+                    break
         tasks.extend(pending[i:i + per_task] for i in range(0, len(pending), per_task))
+        if max_batches is not None and planned >= max_batches:
+            break
     return tasks
 
 
@@ -298,6 +313,7 @@ def build_train_dataset(
     seed: int = 0,
     num_splits: int = 1,
     wait: bool = False,
+    max_batches: int | None = None,
 ) -> ray.data.Dataset:
     """The training stream of ``cfg.train_uri``'s ``split`` as a Ray Dataset of ready batches.
 
@@ -307,7 +323,10 @@ def build_train_dataset(
     of training workers (``scaling.num_workers``); each epoch's batch count is made a
     multiple of it, so ``streaming_split(equal=True)`` drops nothing at the end.
     ``wait``: ride out an object store that cannot be reached (a restart of a running
-    job) instead of failing fast (a job that starts).
+    job) instead of failing fast (a job that starts). ``max_batches``: the most batches
+    all consumers together will take (the run's remaining updates x workers x
+    accumulation); the stream ends soon after instead of planning every epoch of
+    ``data.max_epochs``.
     """
     import ray.data
 
@@ -328,13 +347,13 @@ def build_train_dataset(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
         seed=seed, num_splits=num_splits,
     )
-    _, extra = _planned_counts(cfg, info, split, num_splits, spec, store)
+    counts, extra = _planned_counts(cfg, info, split, num_splits, spec, store)
     plan = f"{info.version}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
         len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
-        extra_splits=extra,
+        extra_splits=extra, batches=[c + e for c, e in zip(counts, extra, strict=True)], max_batches=max_batches,
     )
     if not tasks:
         raise ValueError(

@@ -589,14 +589,20 @@ def _run_groups(todo: list[Group], *, input_uri: str, output_uri: str, version: 
     if not todo:
         return
     items = [g.__dict__ for g in todo]
-    yield from ray_data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _convert_group_batch,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=decode_cpus,
-        fn_kwargs={"input_uri": input_uri, "out_root": output_uri, "version": version, "settings": settings,
-                   "store": store},
-    ).iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        yield from ray_data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _convert_group_batch,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=decode_cpus,
+            fn_kwargs={"input_uri": input_uri, "out_root": output_uri, "version": version, "settings": settings,
+                       "store": store},
+        ).iter_batches(batch_size=None, batch_format="pyarrow")
+    except Exception as e:  # a task's StorageError arrives wrapped by Ray Data
+        cause = storage.failure_in(e)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_bytes: bytes | None,
@@ -660,6 +666,19 @@ def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_b
     return {"groups": groups, "ratios": ratios, "sidecar": sidecar_report}
 
 
+def _prefetched(fn: Callable[[Any], Any], items: list[Any], ahead: int = 16) -> Iterator[Any]:
+    """``fn(item)`` for each item in order, up to ``ahead`` fetched in parallel: the commit reads
+    thousands of small outcome files, each a round trip, but never holds more than ``ahead``."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: list[Any] = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
 def _listing_outcomes(input_uri: str, rejected: pa.Table) -> pa.Table:
     """Reject rows for the paths the listing already knows will not be read."""
     prefix = storage.join(input_uri, "x")[:-1]
@@ -681,14 +700,17 @@ def _commit(
     reasons: Counter[str] = Counter(rejects[0].column(S.REASON).to_pylist())
     splits = {split: {"utterances": 0, "hours": 0.0, "shards": 0} for split in S.SPLITS}
     accepted_total = 0
+    def outcome(g: Group) -> pa.Table:
+        uri = storage.join(work, DONE_DIR, f"{g.name}.parquet")
+        if not storage.exists(uri, store):
+            raise RuntimeError(f"prepare: group {g.name} has no outcome ({uri}); nothing was committed. "
+                               "Run the same command again: it converts the groups left.")
+        return storage.read_table(uri, None, store)
+
+    ordered = sorted(groups, key=lambda g: (g.split, g.group))
     with storage.atomic_path(storage.join(output_uri, S.MANIFEST_FILE), store) as (fs, path), \
             pq.ParquetWriter(path, S.MANIFEST_SCHEMA, filesystem=fs, compression="zstd") as manifest:
-        for g in sorted(groups, key=lambda g: (g.split, g.group)):
-            uri = storage.join(work, DONE_DIR, f"{g.name}.parquet")
-            if not storage.exists(uri, store):
-                raise RuntimeError(f"prepare: group {g.name} has no outcome ({uri}); nothing was committed. "
-                                   "Run the same command again: it converts the groups left.")
-            result = storage.read_table(uri, None, store)
+        for g, result in zip(ordered, _prefetched(outcome, ordered), strict=True):
             if result.num_rows != g.num_files:
                 raise RuntimeError(f"prepare lost track of files: group {g.name} has {result.num_rows} outcomes for "
                                    f"{g.num_files} files; nothing was committed")

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tempfile
 import threading
 import time
@@ -192,6 +193,35 @@ def retrying(what: str, fn: Callable[[], T], store: Storage) -> T:
             log.warning("object store at %s reachable again after %.1f s (%s)", store.describe(),
                         time.monotonic() - started, what)
         return result
+
+
+_STORAGE_FAILURE = re.compile(r"StorageError: (.+)")
+
+
+def failure_in(error: BaseException) -> BaseException | None:
+    """The :class:`StorageError` (or :class:`LocalDiskFullError`) inside ``error``, out of the
+    wrapping of Ray (a task's error, a Train worker group's or controller's, carrying the
+    original as an object or only as the text of its traceback), so that a job can say it
+    plainly; None when the failure is of another kind."""
+    seen: set[int] = set()
+    stack: list[Any] = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, dict):
+            stack.extend(e.values())
+            continue
+        if not isinstance(e, BaseException):
+            continue
+        if isinstance(e, StorageError | LocalDiskFullError):
+            return e
+        stack.extend([e.__cause__, e.__context__, *vars(e).values()])
+        found = _STORAGE_FAILURE.search(str(e))
+        if found:
+            return StorageError(found.group(1).strip())
+    return None
 
 
 class _RetryingS3(pafs.FileSystemHandler):

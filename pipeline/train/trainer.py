@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,34 +35,6 @@ log = logging.getLogger("wavray.train")
 
 class RunStoppedError(RuntimeError):
     """The run stopped on purpose (e.g. repeated non-finite losses); retrying would not help."""
-
-
-_STORAGE_FAILURE = re.compile(r"StorageError: (.+)")
-
-
-def storage_failure(error: BaseException) -> BaseException | None:
-    """The object-store or local-disk failure that ended a run, out of Ray Train's wrapping
-    (a worker group's or the controller's error, carrying the original as an object or as
-    the text of its traceback), so that the job says it plainly; None for any other failure."""
-    seen: set[int] = set()
-    stack: list[Any] = [error]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, dict):
-            stack.extend(e.values())
-            continue
-        if not isinstance(e, BaseException):
-            continue
-        if isinstance(e, storage.StorageError | storage.LocalDiskFullError):
-            return storage.StorageError(str(e)) if isinstance(e, storage.StorageError) else e
-        stack.extend([e.__cause__, e.__context__, *vars(e).values()])
-        found = _STORAGE_FAILURE.search(str(e))
-        if found:
-            return storage.StorageError(found.group(1).strip())
-    return None
 
 
 def make_run_name(cfg: Config) -> str:
@@ -128,23 +99,30 @@ class TrainDataFactory:
     num_workers: int
     run_uri: str
     store: storage.Storage
+    max_steps: int = 0
+    """The run's ``train.max_steps`` (0: stream every epoch of ``data.max_epochs``)."""
+    grad_accum: int = 1
     started: bool = False
     """Set after the first worker group's dataset: later calls are restarts of a running
     run, which ride out an object store that cannot be reached instead of failing fast."""
 
-    def position(self) -> dict[str, Any] | None:
+    def position(self) -> tuple[dict[str, Any] | None, int]:
+        """(data position, step) of the checkpoint the workers resume from; (None, 0) when none."""
         uri = latest_checkpoint_uri(self.run_uri, self.store, recorded_only=True)
         if uri is None:
-            return None
-        return read_trainer_state(uri, self.store).data_position
+            return None, 0
+        state = read_trainer_state(uri, self.store)
+        return state.data_position, state.step
 
     def __call__(self) -> Any:
         from pipeline.data.loader import build_train_dataset
 
-        position = self.position()
+        position, step = self.position()
+        # What the run will still read: its remaining updates, on every worker.
+        needed = max(1, self.max_steps - step) * self.grad_accum * self.num_workers if self.max_steps else None
         ds = build_train_dataset(
             self.data, split="train", position=position, seed=self.seed, num_splits=self.num_workers,
-            wait=self.started,
+            wait=self.started, max_batches=needed,
         )
         self.started = True
         # The progress line of rank 0 says how training goes; Ray Data's bars for the
@@ -268,13 +246,14 @@ def fit_run(
         ),
         datasets={"train": TrainDataFactory(
             cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
+            max_steps=cfg.train.max_steps, grad_accum=cfg.train.grad_accum,
         )},
     )
     try:
         trainer.fit()
     except BaseException as e:
         tracker.end("FAILED")
-        cause = storage_failure(e)
+        cause = storage.failure_in(e)
         if cause is not None:
             raise cause from e
         raise
