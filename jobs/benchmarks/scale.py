@@ -9,7 +9,8 @@ then measures, on a local Ray instance:
 * ``list``, ``probe``, ``convert``, ``commit``: the stages of ``jobs.prepare`` from s3://
   to s3:// (:func:`pipeline.data.prepare.prepare`, timed at its stage boundaries);
 * ``plan``: the training input of the prepared data, planned for ``--workers`` training
-  workers (shard order, length buckets, the split) up to its first batch;
+  workers (shard order, length buckets, the split) and a run of ``--epochs`` epochs, up to
+  its first batch;
 * ``position``: the data position saved in every checkpoint, half-way through epoch 0:
   every worker records its batches, the trainer merges the states and serialises them;
 * ``resume``: the training input rebuilt from that position, up to its first batch.
@@ -202,14 +203,12 @@ def _first_batch(ds: Any) -> None:
     del it
 
 
-def simulated_positions(cfg: DataConfig, workers: int) -> list[dict[str, Any]]:
+def simulated_positions(cfg: DataConfig, counts: list[int], workers: int) -> list[dict[str, Any]]:
     """Each worker's data position half-way through epoch 0 (batch keys only, no audio):
     batch k of the stream goes to worker k mod ``workers``, as the equal split hands them."""
-    from pipeline.data.loader import batch_counts, read_dataset_info, shard_order
+    from pipeline.data.loader import shard_order
     from pipeline.data.position import BATCH_INDEX, EPOCH, NUM_BATCHES, NUM_SHARDS, SHARD_INDEX, DataPosition
 
-    info = read_dataset_info(cfg.train_uri)
-    counts = batch_counts(cfg, info, "train", workers)
     order = shard_order(len(counts), cfg.shuffle_seed, 0).tolist()
     keys = [(s, b, counts[s]) for s in order for b in range(counts[s])]
     positions = [DataPosition() for _ in range(workers)]
@@ -220,7 +219,7 @@ def simulated_positions(cfg: DataConfig, workers: int) -> list[dict[str, Any]]:
 
 
 def measure(n: int, args: argparse.Namespace, s3: storage.Storage, meter: Meter) -> SizeResult:
-    from pipeline.data.loader import build_train_dataset
+    from pipeline.data.loader import batch_counts, build_train_dataset, read_dataset_info
     from pipeline.data.position import DataPosition
     from pipeline.data.prepare import prepare
 
@@ -246,15 +245,18 @@ def measure(n: int, args: argparse.Namespace, s3: storage.Storage, meter: Meter)
     result.shards = len(summary["shards"])
 
     cfg = train_config(out)
+    counts = batch_counts(cfg, read_dataset_info(out), "train", args.workers)
+    run = args.epochs * sum(counts)  # the batches the modelled run reads
     with meter.stage(result.stages["plan"]):
-        _first_batch(build_train_dataset(cfg, num_splits=args.workers))
-    states = simulated_positions(cfg, args.workers)
+        _first_batch(build_train_dataset(cfg, num_splits=args.workers, max_batches=run))
+    states = simulated_positions(cfg, counts, args.workers)
     with meter.stage(result.stages["position"]):
         merged = DataPosition.merge(states)
         text = json.dumps(merged)
     result.position_kb = len(text.encode()) / 1024
     with meter.stage(result.stages["resume"]):
-        _first_batch(build_train_dataset(cfg, num_splits=args.workers, position=merged))
+        _first_batch(build_train_dataset(cfg, num_splits=args.workers, position=merged,
+                                         max_batches=run - sum(counts) // 2))
     return result
 
 
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,10000,100000", help="corpus sizes in files, comma-separated")
     parser.add_argument("--files-per-shard", type=int, default=250, help="shard size, in files")
     parser.add_argument("--workers", type=int, default=8, help="training workers the input is split for")
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="epochs the modelled run reads (BASE's 400k updates of 1.56 h make 12 of 50,000 h)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
     parser.add_argument("--workdir", default="/tmp/wavray-scale", help="object store state and corpus (kept)")
     parser.add_argument("--fresh", action="store_true", help="make the corpus again")
@@ -336,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         text, rows = table(results)
         print(f"scale benchmark: {', '.join(str(n) for n in sizes)} files of {SECONDS_PER_FILE} s from s3:// "
-              f"({args.files_per_shard} per shard), planned for {args.workers} workers, Ray with {args.num_cpus} CPUs; "
+              f"({args.files_per_shard} per shard), planned for {args.workers} workers and {args.epochs} epochs, "
+              f"Ray with {args.num_cpus} CPUs; "
               f"cost ~ N^exponent, projected to 1e7 files ({HOURS_AT_PROJECTION:,.0f} h at 18 s per file)")
         print(text)
         if args.json:
