@@ -78,5 +78,13 @@ def test_latest_checkpoint_and_a_quiet_console(capfd) -> None:
         record.write_text(json.dumps({"not": "a record"}))
         with pytest.raises(ValueError, match="unreadable"):
             RC.latest_checkpoint_dir(str(storage / "pin"), fs)
+        # The object-store meter of the scale benchmark sees what is put there.
+        import numpy as np
+
+        meter = RC.ObjectStoreMeter()
+        before = meter.bytes_used()
+        held = ray.put(np.ones(16 << 20, dtype=np.uint8))
+        assert meter.bytes_used() - before >= 16 << 20
+        del held
     finally:
         ray.shutdown()
