@@ -168,6 +168,7 @@ def write_corpus(n: int, s3: storage.Storage, threads: int = 16) -> None:
     payloads = [T.encode(T.tone(SECONDS_PER_FILE, SAMPLE_RATE, freq=200.0 + 7 * i, seed=i), SAMPLE_RATE)
                 for i in range(64)]
     root = corpus_uri(n)
+    storage.ensure_bucket(root, s3)
     fs, _ = storage.resolve(root, s3)
 
     def put(i: int) -> None:

@@ -663,7 +663,8 @@ def delete_dir(uri: str, storage: Storage | None = None) -> None:
     fs, path = resolve(uri, storage)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return
-    fs.delete_dir(path)
+    with contextlib.suppress(FileNotFoundError):  # an S3 "directory" with nothing left under it
+        fs.delete_dir(path)
 
 
 def list_dir(uri: str, storage: Storage | None = None) -> list[pafs.FileInfo]:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "train-faults"
-RETRY_S = 8.0
+RETRY_S = 5.0
 COMMON = [
     "--config", "jobs/configs/pretrain/tiny.yaml", "checkpoint.every_steps=4", "train.log_every=1",
     "data.decode_cpus=0.5", "data.max_samples_per_batch=64000", "data.max_sample_size=32000",
