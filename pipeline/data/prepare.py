@@ -513,7 +513,7 @@ def prepare(
         if dirs:
             progress(f"prepare: {len(dirs)} directories {what}: {', '.join(dirs[:5])}{' ...' if len(dirs) > 5 else ''}")
 
-    # 2. label (and the version, which names what is being made)
+    # The version names what is being made: the listing, the settings and the sidecar.
     sidecar_bytes: bytes | None = None
     if sidecar_uri is None and storage.exists(storage.join(input_uri, S.SIDECAR_FILE), store):
         sidecar_uri = storage.join(input_uri, S.SIDECAR_FILE)
@@ -531,7 +531,9 @@ def prepare(
             progress(f"prepare: {output_uri} already holds this input (version {version}); nothing to do "
                      "(--force to convert again)")
             return previous
-    readable = listing.readable
+
+    # 3. group (with the ids, labels and split of stage 2): the plan, unless the interrupted
+    # run of this version wrote it already
     work = work_uri(output_uri, version)
     plan_done = storage.join(work, PLAN_DIR, PLAN_DONE)
     stage("probe")
@@ -542,11 +544,10 @@ def prepare(
     else:
         # Parts of this version without a plan are leftovers of a run made before --force.
         storage.delete_dir(storage.join(output_uri, S.SHARDS_DIR, version), store)
-        plan = _plan(input_uri, readable, sidecar_uri, sidecar_bytes, settings, store, work, progress)
+        plan = _plan(input_uri, listing.readable, sidecar_uri, sidecar_bytes, settings, store, work)
         sidecar_report = plan["sidecar"]
         storage.write_json(plan_done, plan, store)
     groups = [Group(*g) for g in plan["groups"]]
-    del readable
 
     # 4. convert + write
     stage("convert")
@@ -606,7 +607,7 @@ def _run_groups(todo: list[Group], *, input_uri: str, output_uri: str, version: 
 
 
 def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_bytes: bytes | None,
-          settings: Settings, store: storage.Storage, work: str, progress: Callable[[str], None]) -> dict[str, Any]:
+          settings: Settings, store: storage.Storage, work: str) -> dict[str, Any]:
     """Stages 2-3: ids, labels, split, probe and groups; the plan written under ``work``."""
     rels = readable.column("rel")
     ids = assign_id_column(rels)
