@@ -154,7 +154,8 @@ def is_transient(e: BaseException) -> bool:
     rather than that the request was wrong (a missing key, denied credentials)."""
     if type(e).__name__ in _TRANSIENT_TYPES:
         return True
-    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+    response = getattr(e, "response", None)  # botocore's ClientError
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
     if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"):
         return True
     if not isinstance(e, OSError):
