@@ -21,10 +21,11 @@ Stages, each with the rows it produces:
    FLAC and check that the signal survived (:func:`pipeline.data.audio.convert`), and
    append it to the group's shard file, rolling to a new part past the target size. The
    group's outcome table (where each file went, or why it was rejected) is written last:
-   it is the group's commit, and the task returns only counts.
-5. commit (driver): the outcome tables, streamed in order, become ``manifest.parquet``
-   and ``rejects.parquet``; then ``summary.json``, the commit point that names the shard
-   files (schema.py has the layout); then the work area is removed.
+   it is the group's commit. The task returns it too, and the driver writes it into the
+   manifest as groups finish, in group order, holding one group's rows at a time.
+5. commit (driver): ``manifest.parquet`` is published whole, then ``rejects.parquet`` and
+   ``summary.json``, the commit point that names the shard files (schema.py has the
+   layout); then the work area is removed.
 
 Every listed path ends up in exactly one of the shards or the rejects: each file is in
 exactly one group, each group's outcome has one row per planned file in plan order, and
@@ -425,10 +426,10 @@ def convert_group(
         writer.close()
     table = pa.Table.from_pylist(outcomes, schema=S.OUTCOME_SCHEMA)
     storage.write_table(storage.join(work, DONE_DIR, f"{group.name}.parquet"), table, store, compression="zstd")
-    ok = table.column(S.REASON).is_null()
-    return {"split": group.split, "group": group.group, "files": table.num_rows,
-            "accepted": int(pc.sum(ok).as_py() or 0),
-            "seconds": float(pc.sum(pc.filter(table.column(S.DURATION), ok)).as_py() or 0.0)}
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as ipc:
+        ipc.write_table(table)
+    return {"split": group.split, "group": group.group, "outcomes": sink.getvalue().to_pybytes()}
 
 
 def _convert_group_batch(batch: pa.Table, *, input_uri: str, out_root: str, version: str, settings: Settings,
@@ -438,8 +439,9 @@ def _convert_group_batch(batch: pa.Table, *, input_uri: str, out_root: str, vers
     return pa.Table.from_pylist(done, schema=_GROUP_DONE_SCHEMA)
 
 
-_GROUP_DONE_SCHEMA = pa.schema([("split", pa.string()), ("group", pa.int64()), ("files", pa.int64()),
-                                ("accepted", pa.int64()), ("seconds", pa.float64())])
+_GROUP_DONE_SCHEMA = pa.schema([("split", pa.string()), ("group", pa.int64()), ("outcomes", pa.large_binary())])
+"""What a convert task returns per group: its outcome table (also in its outcome file), so
+that the driver writes the manifest as groups finish instead of reading every file back."""
 
 
 # --- the job -----------------------------------------------------------------------------------
@@ -561,23 +563,22 @@ def prepare(
              + f"; {len(groups)} groups of about {settings.shard_size_mb:g} MB of FLAC -> "
                f"{storage.join(output_uri, S.SHARDS_DIR, version)}"
              + (f"; {len(groups) - len(todo)} groups done before" if len(todo) < len(groups) else ""))
-    done = sum(g.num_files for g in groups if g.name in finished)
-    accepted = 0
-    hours = 0.0
-    last = time.monotonic()
-    for table in _run_groups(todo, input_uri=input_uri, output_uri=output_uri, version=version, settings=settings,
-                             store=store, decode_cpus=cfg.decode_cpus, ray_data=ray.data):
-        done += int(pc.sum(table.column("files")).as_py() or 0)
-        accepted += int(pc.sum(table.column("accepted")).as_py() or 0)
-        hours += float(pc.sum(table.column("seconds")).as_py() or 0.0) / 3600
-        if time.monotonic() - last > 5 or done == num_files:
-            last = time.monotonic()
-            progress(f"prepare: {done}/{num_files} files ({100 * done / max(num_files, 1):.0f}%), "
-                     f"{accepted} accepted in this run, {hours:.2f} h")
-
-    # 5. commit
-    stage("commit")
-    summary = _commit(listing, groups, sidecar_report, output_uri, input_uri, version, settings, store, started)
+    converted = _run_groups(todo, input_uri=input_uri, output_uri=output_uri, version=version, settings=settings,
+                            store=store, decode_cpus=cfg.decode_cpus, ray_data=ray.data)
+    manifest_uri = storage.join(output_uri, S.MANIFEST_FILE)
+    with storage.atomic_path(manifest_uri, store) as (fs, path), \
+            pq.ParquetWriter(path, S.MANIFEST_SCHEMA, filesystem=fs, compression="zstd") as manifest:
+        tally = _Tally(manifest, _listing_outcomes(input_uri, listing.rejected))
+        last = time.monotonic()
+        for g, table in _outcomes(groups, finished, converted, work=work, store=store):
+            tally.add(g, table)
+            if time.monotonic() - last > 5 or tally.files == num_files:
+                last = time.monotonic()
+                progress(f"prepare: {tally.files}/{num_files} files ({100 * tally.files / max(num_files, 1):.0f}%), "
+                         f"{tally.accepted} accepted, {sum(s['hours'] for s in tally.splits.values()):.2f} h")
+        # 5. commit: the manifest is published as this block ends, then the rejects and the summary
+        stage("commit")
+    summary = _commit(tally, listing, sidecar_report, output_uri, input_uri, version, settings, store, started)
     progress(f"prepare: done in {summary['seconds']:.0f} s: {summary['files_in']} files in, "
              f"{summary['accepted']} accepted ({summary['hours']:.2f} h), {summary['rejected']} rejected "
              f"{summary['rejected_by_reason']}, {len(summary['shards'])} shards")
@@ -585,25 +586,49 @@ def prepare(
 
 
 def _run_groups(todo: list[Group], *, input_uri: str, output_uri: str, version: str, settings: Settings,
-                store: storage.Storage, decode_cpus: float, ray_data: Any) -> Iterator[pa.Table]:
-    """Stage 4 on Ray Data: one task per group, each returning its counts."""
+                store: storage.Storage, decode_cpus: float, ray_data: Any) -> Iterator[tuple[str, int, pa.Table]]:
+    """Stage 4 on Ray Data: one task per group; ``(split, group, outcome table)`` in the
+    order of ``todo`` (a later group that finishes first waits, small, in the object store)."""
     if not todo:
         return
     items = [g.__dict__ for g in todo]
+    ds = ray_data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _convert_group_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=decode_cpus,
+        fn_kwargs={"input_uri": input_uri, "out_root": output_uri, "version": version, "settings": settings,
+                   "store": store},
+    )
+    ds.context.execution_options.preserve_order = True
     try:
-        yield from ray_data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _convert_group_batch,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=decode_cpus,
-            fn_kwargs={"input_uri": input_uri, "out_root": output_uri, "version": version, "settings": settings,
-                       "store": store},
-        ).iter_batches(batch_size=None, batch_format="pyarrow")
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in block.to_pylist():
+                yield row["split"], row["group"], pa.ipc.open_stream(row["outcomes"]).read_all()
     except Exception as e:  # a task's StorageError arrives wrapped by Ray Data
         cause = storage.failure_in(e)
         if cause is None:
             raise
         raise cause from None
+
+
+def _outcomes(groups: list[Group], finished: set[str], converted: Iterator[tuple[str, int, pa.Table]], *,
+              work: str, store: storage.Storage) -> Iterator[tuple[Group, pa.Table]]:
+    """Every group's outcome table in (split, group) order: read back for the groups an
+    earlier run finished, as the tasks return them for the others."""
+
+    def read(g: Group) -> pa.Table:
+        return storage.read_table(storage.join(work, DONE_DIR, f"{g.name}.parquet"), None, store)
+
+    before = _prefetched(read, [g for g in groups if g.name in finished])
+    for g in groups:
+        if g.name in finished:
+            yield g, next(before)
+            continue
+        split, group, table = next(converted)
+        if (split, group) != (g.split, g.group):
+            raise RuntimeError(f"prepare: group {split}-{group:05d} came back where {g.name} was expected")
+        yield g, table
 
 
 def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_bytes: bytes | None,
@@ -689,49 +714,51 @@ def _listing_outcomes(input_uri: str, rejected: pa.Table) -> pa.Table:
     }).cast(S.REJECTS_SCHEMA)
 
 
+class _Tally:
+    """The outcome tables, in (split, group) order, written into the manifest (thus sorted by
+    split, shard, row) and counted for the summary; only the rejects are kept, for their table."""
+
+    def __init__(self, manifest: pq.ParquetWriter, listing_rejects: pa.Table) -> None:
+        self.manifest = manifest
+        self.rejects = [listing_rejects]
+        self.reasons: Counter[str] = Counter(listing_rejects.column(S.REASON).to_pylist())
+        self.shards: dict[str, dict[str, Any]] = {}
+        self.splits: dict[str, dict[str, Any]] = {split: {"utterances": 0, "hours": 0.0, "shards": 0}
+                                                  for split in S.SPLITS}
+        self.files = 0
+        self.accepted = 0
+
+    def add(self, g: Group, result: pa.Table) -> None:
+        if result.num_rows != g.num_files:
+            raise RuntimeError(f"prepare lost track of files: group {g.name} has {result.num_rows} outcomes for "
+                               f"{g.num_files} files; nothing was committed")
+        ok = result.column(S.REASON).is_null()
+        accepted = result.filter(ok)
+        rejected = result.filter(pc.invert(ok))
+        self.manifest.write_table(accepted.select(S.MANIFEST_SCHEMA.names).cast(S.MANIFEST_SCHEMA))
+        self.rejects.append(rejected.select(S.REJECTS_SCHEMA.names).cast(S.REJECTS_SCHEMA))
+        self.reasons.update(rejected.column(S.REASON).to_pylist())
+        self.files += result.num_rows
+        self.accepted += accepted.num_rows
+        self.splits[g.split]["utterances"] += accepted.num_rows
+        self.splits[g.split]["hours"] += float(pc.sum(accepted.column(S.DURATION)).as_py() or 0.0) / 3600
+        per_shard = accepted.group_by(S.SHARD).aggregate(
+            [(S.NUM_SAMPLES, "count"), (S.NUM_SAMPLES, "sum"), ("audio_bytes", "sum")])
+        for rec in per_shard.to_pylist():
+            s = self.shards.setdefault(rec[S.SHARD], {"path": rec[S.SHARD], "split": g.split, "num_rows": 0,
+                                                      "num_samples": 0, "num_bytes": 0})
+            s["num_rows"] += rec[f"{S.NUM_SAMPLES}_count"]
+            s["num_samples"] += rec[f"{S.NUM_SAMPLES}_sum"]
+            s["num_bytes"] += rec["audio_bytes_sum"]
+
+
 def _commit(
-    listing: Listing, groups: list[Group], sidecar_report: dict[str, Any] | None, output_uri: str, input_uri: str,
+    tally: _Tally, listing: Listing, sidecar_report: dict[str, Any] | None, output_uri: str, input_uri: str,
     version: str, settings: Settings, store: storage.Storage, started: float,
 ) -> dict[str, Any]:
-    """Stage 5: the groups' outcome tables streamed, in (split, group) order, into the
-    manifest (thus sorted by split, shard, row); rejects, summary; the work area removed."""
-    work = work_uri(output_uri, version)
-    rejects = [_listing_outcomes(input_uri, listing.rejected)]
-    shards: dict[str, dict[str, Any]] = {}
-    reasons: Counter[str] = Counter(rejects[0].column(S.REASON).to_pylist())
-    splits = {split: {"utterances": 0, "hours": 0.0, "shards": 0} for split in S.SPLITS}
-    accepted_total = 0
-    def outcome(g: Group) -> pa.Table:
-        uri = storage.join(work, DONE_DIR, f"{g.name}.parquet")
-        if not storage.exists(uri, store):
-            raise RuntimeError(f"prepare: group {g.name} has no outcome ({uri}); nothing was committed. "
-                               "Run the same command again: it converts the groups left.")
-        return storage.read_table(uri, None, store)
-
-    ordered = sorted(groups, key=lambda g: (g.split, g.group))
-    with storage.atomic_path(storage.join(output_uri, S.MANIFEST_FILE), store) as (fs, path), \
-            pq.ParquetWriter(path, S.MANIFEST_SCHEMA, filesystem=fs, compression="zstd") as manifest:
-        for g, result in zip(ordered, _prefetched(outcome, ordered), strict=True):
-            if result.num_rows != g.num_files:
-                raise RuntimeError(f"prepare lost track of files: group {g.name} has {result.num_rows} outcomes for "
-                                   f"{g.num_files} files; nothing was committed")
-            ok = result.column(S.REASON).is_null()
-            accepted = result.filter(ok)
-            rejected = result.filter(pc.invert(ok))
-            manifest.write_table(accepted.select(S.MANIFEST_SCHEMA.names).cast(S.MANIFEST_SCHEMA))
-            rejects.append(rejected.select(S.REJECTS_SCHEMA.names).cast(S.REJECTS_SCHEMA))
-            reasons.update(rejected.column(S.REASON).to_pylist())
-            accepted_total += accepted.num_rows
-            splits[g.split]["utterances"] += accepted.num_rows
-            splits[g.split]["hours"] += float(pc.sum(accepted.column(S.DURATION)).as_py() or 0.0) / 3600
-            per_shard = accepted.group_by(S.SHARD).aggregate(
-                [(S.NUM_SAMPLES, "count"), (S.NUM_SAMPLES, "sum"), ("audio_bytes", "sum")])
-            for rec in per_shard.to_pylist():
-                s = shards.setdefault(rec[S.SHARD], {"path": rec[S.SHARD], "split": g.split, "num_rows": 0,
-                                                     "num_samples": 0, "num_bytes": 0})
-                s["num_rows"] += rec[f"{S.NUM_SAMPLES}_count"]
-                s["num_samples"] += rec[f"{S.NUM_SAMPLES}_sum"]
-                s["num_bytes"] += rec["audio_bytes_sum"]
+    """Stage 5, after the manifest: rejects, then the summary (the commit point); the work area removed."""
+    rejects, shards, reasons, splits = tally.rejects, tally.shards, tally.reasons, tally.splits
+    accepted_total = tally.accepted
     rejected_table = pa.concat_tables(rejects).sort_by(S.SOURCE_URI)
     storage.write_table(storage.join(output_uri, S.REJECTS_FILE), rejected_table, store, compression="zstd")
     for s in shards.values():

@@ -593,16 +593,27 @@ def read_bytes(uri: str, storage: Storage | None = None) -> bytes:
 def atomic_path(uri: str, storage: Storage | None = None) -> Iterator[tuple[pafs.FileSystem, str]]:
     """``(filesystem, path)`` to write ``uri`` through, so that ``uri`` appears whole or not at all.
 
-    An S3 object is created whole when its upload completes; a local file is written under a
-    temporary name beside it and renamed into place once the block ends without an error.
+    The file is written under a temporary name and published only when the block ends
+    without an error: renamed into place beside it (local), or written in the local
+    temporary directory and uploaded whole (s3://). A writer that fails half-way (its
+    ``close`` still runs) publishes nothing.
     """
+    if is_s3(uri):
+        fd, local = tempfile.mkstemp(prefix="wavray-upload-")
+        os.close(fd)
+        try:
+            yield pafs.LocalFileSystem(), local
+            upload_file(local, uri, storage)
+        except OSError as e:
+            raise local_disk_error(e, tempfile.gettempdir(), f"writing {uri} before its upload") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(local)
+        return
     fs, path = resolve(uri, storage)
     parent = posixpath.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
-    if is_s3(uri):
-        yield fs, path
-        return
     tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         yield fs, tmp
