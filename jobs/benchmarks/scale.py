@@ -264,14 +264,39 @@ def measure(n: int, args: argparse.Namespace, s3: storage.Storage, meter: Meter)
 # --- the table -------------------------------------------------------------------------------------
 
 
+SUPERLINEAR = 1.1
+"""Exponents above this are projected as the power law; below, by the last interval's slope."""
+
+
 def fit(sizes: list[int], values: list[float], floor: float) -> tuple[float | None, float | None]:
-    """(exponent k of cost ~ N^k, the cost projected to 10^7 files); None below the noise floor."""
+    """(exponent k of cost ~ N^k over the sizes, the cost projected to 10^7 files); None below
+    the noise floor.
+
+    A fixed part (a module imported, a worker started) flattens the log-log fit of a cost
+    that is linear in N, so up to ``SUPERLINEAR`` the projection extends the slope between
+    the two largest sizes (the per-file cost, which dominates at 10^7); above, the power law.
+    """
     pairs = [(n, v) for n, v in zip(sizes, values, strict=True) if v >= floor]
     if len(pairs) < 2:
         return None, None
     k = float(np.polyfit(np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs]), 1)[0])
-    n_last, v_last = pairs[-1]
-    return k, v_last * (PROJECT_TO / n_last) ** k
+    (n0, v0), (n1, v1) = pairs[-2], pairs[-1]
+    if k > SUPERLINEAR:
+        return k, v1 * (PROJECT_TO / n1) ** k
+    return k, v1 + max(0.0, (v1 - v0) / (n1 - n0)) * (PROJECT_TO - n1)
+
+
+def load_results(path: str) -> list[SizeResult]:
+    """The figures a ``--json`` file holds, as measured."""
+    saved = json.loads(Path(path).read_text())
+    results = [SizeResult(files=n, shards=s) for n, s in zip(saved["sizes"], saved["shards"], strict=True)]
+    for row in saved["rows"]:
+        for r, value in zip(results, row["values"], strict=True):
+            if row["metric"] == "position_kb":
+                r.position_kb = value
+            else:
+                setattr(r.stages.setdefault(row["stage"], Measured()), row["metric"], value)
+    return results
 
 
 def table(results: list[SizeResult]) -> tuple[str, list[dict[str, Any]]]:
@@ -305,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/wavray-scale", help="object store state and corpus (kept)")
     parser.add_argument("--fresh", action="store_true", help="make the corpus again")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--table-of", default=None, help="print the table of figures an earlier --json wrote")
     args = parser.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    if args.table_of:
+        print(table(load_results(args.table_of))[0])
+        return 0
 
     import ray
 
