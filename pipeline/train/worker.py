@@ -29,7 +29,7 @@ from pipeline.train.deepspeed_compat import consolidated_state_dict
 from pipeline.train.engine import Engine, build_engine
 from pipeline.train.loop import LoopHooks, NonFiniteLossError, TrainLoop
 from pipeline.train.metrics import Alarm
-from pipeline.train.pretrain import PretrainStep
+from pipeline.train.objectives import pretraining_step
 
 log = logging.getLogger("wavray.train")
 
@@ -123,6 +123,7 @@ class RayHooks(LoopHooks):
             ckpt.save(
                 tmp, cfg=self.cfg, engine=self.eng.engine, step=step,
                 skipped_steps=int(metrics.get("skipped_steps", 0)), data_position=merged, metrics=metrics,
+                train_seconds=metrics.get("train_seconds", 0.0),
             )
             report = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
             report["step"] = step
@@ -200,7 +201,7 @@ class PretrainTask(WorkerTask):
         return model
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
-        return PretrainStep(cfg, model)
+        return pretraining_step(cfg, model)
 
     def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
         from models.factory import build_pretraining_model
@@ -241,12 +242,12 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     model = task.build_model(cfg)
     eng = build_engine(cfg, model)
 
-    start_step, skipped, position = 0, 0, None
+    start_step, skipped, position, seconds = 0, 0, None, 0.0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.load(d, engine=eng.engine, cfg=cfg)
-        start_step, skipped, position = state.step, state.skipped_steps, state.data_position
+        start_step, skipped, position, seconds = state.step, state.skipped_steps, state.data_position, state.train_seconds
         if rank == 0:
             say(f"[wavray] resumed from step {start_step} ({resumed.path})")
             if tracker is not None:
@@ -265,8 +266,12 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
         cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
         position=DataPosition(position), start_step=start_step,
     )
+    if cfg.train.max_seconds and seconds >= cfg.train.max_seconds:
+        if rank == 0:
+            say(f"[wavray] nothing to do: the run spent {seconds:.0f} s of train.max_seconds = {cfg.train.max_seconds:g}")
+        return
     loop = TrainLoop(cfg, eng, task.build_step(cfg, model), start_step=start_step, hooks=hooks,
-                     skipped_steps=skipped)
+                     skipped_steps=skipped, train_seconds=seconds)
     try:
         result = loop.run(batches)
     except NonFiniteLossError as e:
