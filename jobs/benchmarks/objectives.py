@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.benchmarks.pretraining_value import _fmt, finetune, make_data, pretrain, probes, random_checkpoint
+from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain, probes, random_checkpoint
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ"}
 
@@ -90,11 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra pretraining overrides, the same for every objective")
     args = parser.parse_args(argv)
 
-    import torch
-
     from jobs.evaluate import evaluate
     from models.factory import count_parameters
-    from pipeline.cluster import connect_ray
     from pipeline.config import preset_config
     from pipeline.probe import load_labelled_set
     from pipeline.train.checkpoint import read_state
@@ -102,20 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     presets = [p for p in args.objectives.split(",") if p]
     for p in presets:
         preset_config(p)  # an unknown preset fails here, before any work
-    torch.set_num_threads(1)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[objectives {_fmt(time.perf_counter() - t_all)}] {msg}", flush=True)
-
-    wall: dict[str, float] = {}
-    connect_ray()
-    t0 = time.perf_counter()
-    data = make_data(work, seed=args.seed, pretrain_minutes=args.pretrain_minutes, label_minutes=args.label_minutes,
-                     test_minutes=args.test_minutes, log=log)
-    wall["data"] = time.perf_counter() - t0
+    session = Session("objectives", args)
+    work, data, log, t_all = session.work, session.data, session.log, session.started
+    wall: dict[str, float] = {"data": session.data_seconds}
 
     rows: list[dict[str, Any]] = [{"key": "logmel", "label": "log-mel filterbank (80)", "checkpoint": None}]
     random_rows: dict[str, dict[str, Any]] = {}
