@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from models.checkpoint import load_weights, save_weights
-from models.hf import load_hf, read_hf_config, save_hf_ctc, save_hf_pretraining
+from models.hf import load_hf, read_hf_config, save_hf_ctc, save_hf_encoder, save_hf_pretraining
 from pipeline.config import CONFIG_FILE, PRESETS, ConfigError, from_dict, save_config, to_dict, to_flat_dict
 from pipeline.data.storage import Storage
 from pipeline.model_io import fetch, load_model
@@ -37,6 +37,7 @@ def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfi
     arch_keys = [
         "transformer.dim", "transformer.num_layers", "transformer.ffn_dim", "transformer.num_heads",
         "transformer.layer_norm_first", "transformer.kind", "encoder.mode", "encoder.conv_layers",
+        "frontend.kind", "objective",
     ]
     best, best_score = "base", -1
     for name, make in PRESETS.items():
@@ -51,7 +52,10 @@ def closest_preset(model_cfg) -> str:  # noqa: ANN001 - models.config.ModelConfi
 
 def export_to_hf(checkpoint: str, out: str | Path, *, ctc: bool = False, pad_token_id: int = 0,
                  store: Storage | None = None, tracking_uri: str = "") -> Path:
-    """wavray checkpoint -> HF ``Wav2Vec2ForPreTraining`` (or ``Wav2Vec2ForCTC``) directory."""
+    """wavray checkpoint -> HF ``Wav2Vec2ForPreTraining`` (or ``Wav2Vec2ForCTC``) directory; the
+    encoder alone (``Wav2Vec2Model``) for an objective whose heads Hugging Face has no class
+    for (BEST-RQ); ``Wav2Vec2Conformer*`` for a conformer. A log-mel front end cannot be
+    represented (the error says so)."""
     trained = load_model(str(checkpoint), store=store, tracking_uri=tracking_uri)
     if trained.config is None:
         raise ValueError(f"{checkpoint!r} is a Hugging Face directory already; nothing to export")
@@ -62,6 +66,9 @@ def export_to_hf(checkpoint: str, out: str | Path, *, ctc: bool = False, pad_tok
     cfg = trained.config
     if ctc:
         return save_hf_ctc(trained.model, cfg.model, out, pad_token_id=pad_token_id, normalize=cfg.data.normalize)
+    if cfg.model.objective != "wav2vec2":
+        encoder = {k[len("encoder."):]: v for k, v in trained.model.state_dict().items() if k.startswith("encoder.")}
+        return save_hf_encoder(encoder, cfg.model, out, normalize=cfg.data.normalize)
     return save_hf_pretraining(trained.model, cfg.model, out, normalize=cfg.data.normalize)
 
 

@@ -11,6 +11,7 @@ the field's docstring says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,6 +55,40 @@ class FeatureEncoderConfig:
     def dim(self) -> int:
         """Channels of the last convolution (the latent dimension, 512 in BASE)."""
         return int(self.conv_layers[-1][0])
+
+
+@dataclass(kw_only=True)
+class FrontendConfig:
+    """What turns the waveform into frames: the conv feature encoder (``model.encoder``) or
+    log-mel filterbanks (``models.frontends.LogMelFrontend``; FAMILY.md sections 6, 7, 10)."""
+
+    kind: Literal["conv", "logmel"] = "conv"
+    """``conv``: wav2vec 2.0's learned feature encoder (``model.encoder``), 20 ms frames;
+    ``logmel``: ``n_mels`` filterbanks every ``hop`` samples, ``stack`` frames side by side."""
+    n_mels: int = 80
+    """log-mel only: filterbank channels."""
+    hop: int = 160
+    """log-mel only: samples between filterbank frames (160: 10 ms)."""
+    window: int = 400
+    """log-mel only: analysis window in samples (400: 25 ms)."""
+    stack: int = 4
+    """log-mel only: frames stacked into one model frame (4 x 10 ms: BEST-RQ's 40 ms)."""
+    normalize: bool = True
+    """log-mel only: zero mean and unit variance per utterance and channel (BEST-RQ)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "logmel"):
+            raise ValueError(f"model.frontend.kind: expected 'conv' or 'logmel', got {self.kind!r}")
+        for name in ("n_mels", "hop", "window", "stack"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.frontend.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.window > 512:
+            raise ValueError(f"model.frontend.window: expected at most 512 samples (the FFT size), got {self.window}")
+
+    @property
+    def dim(self) -> int:
+        """Values per log-mel frame (``n_mels * stack``)."""
+        return self.n_mels * self.stack
 
 
 @dataclass(kw_only=True)
@@ -229,14 +264,53 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
-    """wav2vec 2.0: feature encoder, masking, context network, quantizer, losses."""
+class BestRqConfig:
+    """BEST-RQ's frozen random-projection quantizer (FAMILY.md section 7; ``models.best_rq``):
+    the targets are ids of the nearest random codeword of a random projection of each
+    frame's normalised log-mel features, stacked to the model's frame rate."""
 
+    codebooks: int = 1
+    """Codebooks, each with its own projection and prediction (the multi-softmax option)."""
+    codebook_size: int = 8192
+    """Codewords per codebook: the chance level of the loss is ln(codebook_size)."""
+    codebook_dim: int = 16
+    """Width of the projection and of the codewords."""
+    n_mels: int = 80
+    """Filterbank channels of the target features (10 ms frames, stacked to the frame rate)."""
+    seed: int = 0
+    """Draws the projection and the codebooks (saved with the model, never trained)."""
+
+    def __post_init__(self) -> None:
+        for name in ("codebooks", "codebook_dim", "n_mels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.best_rq.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.codebook_size < 2:
+            raise ValueError(f"model.best_rq.codebook_size: expected >= 2, got {self.codebook_size}")
+
+
+OBJECTIVES = ("wav2vec2", "best_rq")
+"""What a pretraining model learns to do (``model.objective``)."""
+TARGET_HOP = 160
+"""Samples between the log-mel frames that targets are computed from (10 ms)."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A pretraining model: a front end, a context network and an objective.
+
+    ``objective``: ``wav2vec2`` (contrastive over a Gumbel quantizer's codes: ``quantizer``,
+    ``loss``), ``best_rq`` (masked prediction of random-projection codes: ``best_rq``).
+    """
+
+    objective: Literal["wav2vec2", "best_rq"] = "wav2vec2"
+    """The pretraining objective; every objective trains with any front end and context network."""
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    best_rq: BestRqConfig = field(default_factory=BestRqConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
     dropout_input: float = 0.1
@@ -254,6 +328,13 @@ class ModelConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"model.{name}: expected in [0, 1), got {v}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"model.objective: expected one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "best_rq" and self.frame_stride % TARGET_HOP:
+            raise ValueError(
+                f"model.objective=best_rq: its targets are 10 ms log-mel frames stacked to the model's frame "
+                f"rate, so the frame stride must be a multiple of {TARGET_HOP} samples, got {self.frame_stride}"
+            )
         cv = self.quantizer.codevector_dim or self.final_dim
         if cv % self.quantizer.groups:
             raise ValueError(
@@ -265,6 +346,18 @@ class ModelConfig:
     def codevector_dim(self) -> int:
         """Resolved width of the concatenated codewords."""
         return self.quantizer.codevector_dim or self.final_dim
+
+    @property
+    def frame_stride(self) -> int:
+        """Samples per model frame: the conv strides' product, or log-mel hop x stack."""
+        if self.frontend.kind == "logmel":
+            return self.frontend.hop * self.frontend.stack
+        return math.prod(int(s) for _, _, s in self.encoder.conv_layers)
+
+    @property
+    def frontend_dim(self) -> int:
+        """Values per frame the front end gives the projection."""
+        return self.frontend.dim if self.frontend.kind == "logmel" else self.encoder.dim
 
 
 # --- presets -------------------------------------------------------------------------
@@ -340,4 +433,40 @@ def laptop() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop}
+def best_rq() -> ModelConfig:
+    """BEST-RQ BASE as SpeechBrain's recipe (FAMILY.md section 7): 80 normalised log-mel
+    channels stacked to 40 ms (SpeechBrain subsamples with two conv layers), 12 pre-LN
+    Conformer layers of 576 with 8 heads and relative positions, one codebook of 8192
+    16-dim codes, about 60% of frames masked (0.15 span starts per 10 ms frame, 4 frames
+    each, is one 40 ms frame each: prob 0.6, length 1)."""
+    cfg = ModelConfig(objective="best_rq")
+    cfg.frontend = FrontendConfig(kind="logmel", n_mels=80, hop=160, window=400, stack=4, normalize=True)
+    cfg.transformer = TransformerConfig(
+        kind="conformer", num_layers=12, dim=576, ffn_dim=2048, num_heads=8, layer_norm_first=True,
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, layerdrop=0.0, conv_kernel=31,
+        position="relative",
+    )
+    cfg.encoder.grad_mult = 1.0
+    cfg.mask = MaskConfig(prob=0.6, length=1, min_masks=2)
+    cfg.best_rq = BestRqConfig(codebooks=1, codebook_size=8192, codebook_dim=16)
+    cfg.dropout_input = 0.0
+    return cfg
+
+
+def best_rq_laptop() -> ModelConfig:
+    """BEST-RQ at the laptop preset's size (2 Conformer layers of 64): what learns on the
+    demo corpus within minutes of CPU."""
+    cfg = best_rq()
+    cfg.transformer = TransformerConfig(
+        kind="conformer", num_layers=2, dim=64, ffn_dim=128, num_heads=4, layer_norm_first=True,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, conv_kernel=15,
+        position="relative",
+    )
+    cfg.best_rq.codebook_size = 256
+    return cfg
+
+
+PRESETS = {
+    "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
+    "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+}

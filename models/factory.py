@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from models.config import ModelConfig
+from models.best_rq import RandomProjectionQuantizer
+from models.config import TARGET_HOP, ModelConfig
 from models.conformer import ConformerEncoder
 from models.feature_encoder import FeatureEncoder, FeatureProjection
+from models.frontends import LogMelFrontend
+from models.masked_prediction import MaskedPredictionModel
 from models.quantizer import GumbelVectorQuantizer
 from models.transformer import TransformerEncoder
 from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretraining
 
 
-def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
-    """Feature encoder + projection + mask embedding + context network (Transformer or Conformer)."""
+def build_frontend(cfg: ModelConfig) -> FeatureEncoder | LogMelFrontend:
+    """The conv feature encoder (``model.encoder``) or log-mel filterbanks (``model.frontend``)."""
+    if cfg.frontend.kind == "logmel":
+        fe = cfg.frontend
+        return LogMelFrontend(fe.n_mels, win_length=fe.window, hop_length=fe.hop, stack=fe.stack,
+                              normalize=fe.normalize)
     enc = cfg.encoder
+    return FeatureEncoder(enc.conv_layers, mode=enc.mode, conv_bias=enc.conv_bias)
+
+
+def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
+    """Front end + projection + mask embedding + context network (Transformer or Conformer)."""
     tr = cfg.transformer
-    feature_encoder = FeatureEncoder(enc.conv_layers, mode=enc.mode, conv_bias=enc.conv_bias)
-    projection = FeatureProjection(enc.dim, tr.dim, cfg.dropout_input)
+    feature_encoder = build_frontend(cfg)
+    projection = FeatureProjection(cfg.frontend_dim, tr.dim, cfg.dropout_input)
     common = dict(
         dim=tr.dim, ffn_dim=tr.ffn_dim, num_layers=tr.num_layers, num_heads=tr.num_heads,
         dropout=tr.dropout, attention_dropout=tr.attention_dropout,
@@ -29,15 +41,24 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
         transformer = TransformerEncoder(
             **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups
         )
-    return Wav2Vec2Encoder(feature_encoder, projection, transformer, grad_mult=enc.grad_mult)
+    # The log-mel front end has no weights: nothing to scale the gradient of.
+    grad_mult = cfg.encoder.grad_mult if cfg.frontend.kind == "conv" else 1.0
+    return Wav2Vec2Encoder(feature_encoder, projection, transformer, grad_mult=grad_mult)
 
 
-def build_pretraining_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining:
-    """The self-supervised model of ``cfg`` with fresh weights (fairseq's initialisation)."""
+def build_pretraining_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining | MaskedPredictionModel:
+    """The self-supervised model of ``cfg``'s objective with fresh weights."""
+    if cfg.objective == "best_rq":
+        return build_best_rq_model(cfg)
+    return build_wav2vec2_model(cfg)
+
+
+def build_wav2vec2_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining:
+    """wav2vec 2.0's contrastive model (fairseq's initialisation)."""
     encoder = build_encoder(cfg)
     q = cfg.quantizer
     quantizer = GumbelVectorQuantizer(
-        cfg.encoder.dim, groups=q.groups, entries=q.entries, codevector_dim=cfg.codevector_dim,
+        cfg.frontend_dim, groups=q.groups, entries=q.entries, codevector_dim=cfg.codevector_dim,
         temperature=(q.temperature.start, q.temperature.end, q.temperature.decay),
     )
     return Wav2Vec2ForPretraining(
@@ -45,6 +66,23 @@ def build_pretraining_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining:
         mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
         num_negatives=cfg.loss.num_negatives, logit_temp=cfg.loss.logit_temp,
         diversity_weight=cfg.loss.diversity_weight, feature_penalty_weight=cfg.loss.feature_penalty_weight,
+    )
+
+
+def build_best_rq_model(cfg: ModelConfig) -> MaskedPredictionModel:
+    """BEST-RQ: masked prediction of a frozen random-projection quantizer's ids of each
+    frame's normalised log-mel features (10 ms frames stacked to the model's frame rate)."""
+    b = cfg.best_rq
+    encoder = build_encoder(cfg)
+    stack = cfg.frame_stride // TARGET_HOP
+    target_features = LogMelFrontend(b.n_mels, hop_length=TARGET_HOP, stack=stack, normalize=True)
+    quantizer = RandomProjectionQuantizer(
+        target_features.dim, codebooks=b.codebooks, codebook_size=b.codebook_size, codebook_dim=b.codebook_dim,
+        seed=b.seed,
+    )
+    return MaskedPredictionModel(
+        encoder, target_features=target_features, quantizer=quantizer,
+        mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
     )
 
 

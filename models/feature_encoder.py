@@ -8,6 +8,7 @@ channels after every convolution (LARGE LV-60k, more stable). GELU follows each 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -87,6 +88,8 @@ class FeatureEncoder(nn.Module):
             in_dim = int(dim)
         self.layers = nn.ModuleList(blocks)
         self.dim = in_dim
+        self.stride = math.prod(self.strides)
+        """Samples per output frame (320: 20 ms)."""
 
     def output_lengths(self, num_samples: Tensor) -> Tensor:
         """Frames produced from ``num_samples`` samples: ``floor((L - k) / s) + 1`` per layer.
@@ -100,7 +103,9 @@ class FeatureEncoder(nn.Module):
             lengths = lengths.clamp(min=0)
         return lengths
 
-    def forward(self, source: Tensor) -> Tensor:
+    def forward(self, source: Tensor, num_samples: Tensor | None = None) -> Tensor:
+        """(B, S) -> (B, T, C); ``num_samples`` is the front-end interface's (unused: each
+        frame sees only its receptive field)."""
         x = source.unsqueeze(1)  # (B, 1, S)
         for layer in self.layers:
             x = layer(x)

@@ -262,6 +262,12 @@ def model_config_to_hf(
     ``temperature`` is the current Gumbel temperature (recorded, HF does not use it).
     Raises ``ValueError`` for a conformer Hugging Face cannot represent.
     """
+    if cfg.frontend.kind != "conv":
+        raise ValueError(
+            f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "
+            "the waveform through their conv feature encoder and have no place for a log-mel front end; the "
+            "model stays a wavray checkpoint (config.yaml + model.safetensors)"
+        )
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
     hf: dict[str, Any] = {
         "model_type": "wav2vec2",
@@ -502,6 +508,21 @@ def save_hf_pretraining(
         cfg, architecture=HF_PRETRAINING, temperature=float(model.quantizer.temperature.float().cpu())
     )
     out = _write_dir(out_dir, config, {**pretraining_state_to_hf(state), **_unused_hf_weights(cfg)})
+    write_preprocessor_config(out, normalize=normalize)
+    return out
+
+
+def save_hf_encoder(
+    encoder_state: dict[str, Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, *, normalize: bool = False
+) -> Path:
+    """Write an encoder (our ``Wav2Vec2Encoder`` state dict, keys without ``encoder.``) as a HF
+    ``Wav2Vec2Model`` (``Wav2Vec2ConformerModel`` for a conformer): what an objective whose
+    heads Hugging Face has no class for (BEST-RQ) leaves for others to fine-tune."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in encoder_state.items()}
+    conformer = cfg.transformer.kind == "conformer"
+    config = model_config_to_hf(cfg, architecture="Wav2Vec2Model")
+    unused = hf_conformer.unused_hf_weights(cfg) if conformer else {}
+    out = _write_dir(out_dir, config, {**encoder_to_hf(state), **unused})
     write_preprocessor_config(out, normalize=normalize)
     return out
 

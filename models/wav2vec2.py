@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from models.conformer import ConformerEncoder
 from models.feature_encoder import FeatureEncoder, FeatureProjection, grad_multiply
+from models.frontends import LogMelFrontend
 from models.losses import contrastive_loss, diversity_loss, feature_penalty
 from models.masking import compute_channel_mask, compute_span_mask, frame_padding_mask, sample_negatives
 from models.quantizer import GumbelVectorQuantizer
@@ -43,11 +44,16 @@ class MaskEmbedding(nn.Module):
 
 
 class Wav2Vec2Encoder(nn.Module):
-    """Feature encoder + projection + mask embedding + context network (shared by both heads)."""
+    """Front end + projection + mask embedding + context network (shared by every head).
+
+    The front end (``feature_encoder``, named as in wav2vec 2.0) is the conv feature
+    encoder or log-mel filterbanks (``models.frontends``): ``forward(source, num_samples)``
+    and ``output_lengths``; the context network a Transformer or a Conformer.
+    """
 
     def __init__(
         self,
-        feature_encoder: FeatureEncoder,
+        feature_encoder: FeatureEncoder | LogMelFrontend,
         feature_projection: FeatureProjection,
         transformer: TransformerEncoder | ConformerEncoder,
         *,
@@ -78,20 +84,22 @@ class Wav2Vec2Encoder(nn.Module):
         """
         if source.dim() != 2:
             raise ValueError(f"source: expected (B, S) float samples, got shape {tuple(source.shape)}")
+        num_samples = None
+        if padding_mask is not None:
+            if padding_mask.shape != source.shape:
+                raise ValueError(
+                    f"padding_mask: expected the shape of source {tuple(source.shape)}, got {tuple(padding_mask.shape)}"
+                )
+            num_samples = (~padding_mask.bool()).long().sum(dim=1)  # (B,)
         if self.feature_encoder_frozen or self.grad_mult == 0.0:
             with torch.no_grad():
-                features = self.feature_encoder(source)
+                features = self.feature_encoder(source, num_samples)
         else:
-            features = grad_multiply(self.feature_encoder(source), self.grad_mult)  # (B, T, C)
+            features = grad_multiply(self.feature_encoder(source, num_samples), self.grad_mult)  # (B, T, C)
         batch, time, _ = features.shape
-        if padding_mask is None:
+        if num_samples is None:
             lengths = torch.full((batch,), time, dtype=torch.long, device=features.device)
             return features, None, lengths
-        if padding_mask.shape != source.shape:
-            raise ValueError(
-                f"padding_mask: expected the shape of source {tuple(source.shape)}, got {tuple(padding_mask.shape)}"
-            )
-        num_samples = (~padding_mask.bool()).long().sum(dim=1)  # (B,)
         lengths = self.feature_encoder.output_lengths(num_samples).clamp(max=time)
         return features, frame_padding_mask(time, lengths), lengths
 
@@ -100,7 +108,8 @@ class Wav2Vec2Encoder(nn.Module):
         return self.mask_embedding(x, mask)
 
 
-def _check_mask(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
+def check_shape(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
+    """A given input tensor has the shape the batch implies; the error names it."""
     if tuple(value.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(value.shape)}")
 
@@ -226,7 +235,7 @@ class Wav2Vec2ForPretraining(nn.Module):
         if mask_time_indices is None:
             mask, sampled_neg = self.sample_masks(batch, time, lengths, generator)
         else:
-            _check_mask("mask_time_indices", mask_time_indices, (batch, time))
+            check_shape("mask_time_indices", mask_time_indices, (batch, time))
             mask = mask_time_indices.to(device=x.device, dtype=torch.bool)
             if frame_pad is not None:
                 mask = mask & ~frame_pad
@@ -236,7 +245,7 @@ class Wav2Vec2ForPretraining(nn.Module):
                 mask, self.num_negatives, generator=generator
             )
         else:
-            _check_mask("negative_indices", negative_indices, (batch, time, negative_indices.shape[-1]))
+            check_shape("negative_indices", negative_indices, (batch, time, negative_indices.shape[-1]))
             negative_indices = negative_indices.to(device=x.device, dtype=torch.long)
 
         x = self.encoder.apply_time_mask(x, mask)

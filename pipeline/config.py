@@ -46,7 +46,7 @@ __all__ = [
     "CONFIG_FILE", "PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
     "FinetuneConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "ScalingConfig", "ScheduleConfig",
     "TrackingConfig", "TrainConfig", "apply_overrides", "base", "copy_config", "from_dict", "large", "large_lv60k",
-    "laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
+    "laptop", "best_rq", "best_rq_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
 
@@ -134,7 +134,36 @@ def laptop() -> Config:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop}
+def best_rq() -> Config:
+    """BEST-RQ BASE as SpeechBrain's recipe (FAMILY.md section 7), per GPU: AdamW (0.9, 0.98),
+    eps 1e-9, weight decay 0.01, Noam schedule to 8e-4 over 25k updates, 300k updates,
+    clipping at 10, up to 400 s of audio per batch and 2 accumulated batches per update."""
+    cfg = Config(preset="best_rq", model=model_config.best_rq())
+    cfg.optim.lr = 8e-4
+    cfg.optim.eps = 1e-9
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.schedule.kind = "noam"
+    cfg.schedule.warmup_steps = 25_000
+    cfg.train.max_steps = 300_000
+    cfg.train.grad_accum = 2
+    cfg.data.max_samples_per_batch = 6_400_000
+    return cfg
+
+
+def best_rq_laptop() -> Config:
+    """BEST-RQ at the laptop preset's size and data settings (``models.config.best_rq_laptop``):
+    what the objectives benchmark and the demo sweep compare with wav2vec 2.0."""
+    cfg = laptop()
+    cfg.preset = "best_rq_laptop"
+    cfg.model = model_config.best_rq_laptop()
+    cfg.optim.clip_grad_norm = 10.0
+    return cfg
+
+
+PRESETS = {
+    "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
+    "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+}
 
 
 # --- the override mechanism ----------------------------------------------------------

@@ -140,9 +140,10 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule over optimizer updates."""
 
-    kind: Literal["polynomial", "tri_stage"] = "polynomial"
-    """``polynomial``: linear warm-up then polynomial decay (pretraining);
-    ``tri_stage``: warm-up, hold, exponential decay (fine-tuning)."""
+    kind: Literal["polynomial", "tri_stage", "noam"] = "polynomial"
+    """``polynomial``: linear warm-up then polynomial decay (wav2vec 2.0 pretraining);
+    ``tri_stage``: warm-up, hold, exponential decay (fine-tuning); ``noam``: linear
+    warm-up then decay with the inverse square root of the update (BEST-RQ, Conformers)."""
     warmup_steps: int = 32_000
     power: float = 1.0
     """Exponent of the polynomial decay (1 = linear)."""
@@ -155,8 +156,10 @@ class ScheduleConfig:
     """tri_stage: lr at the end, as a fraction of the peak."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("polynomial", "tri_stage"):
-            raise ValueError(f"schedule.kind: expected 'polynomial' or 'tri_stage', got {self.kind!r}")
+        if self.kind not in ("polynomial", "tri_stage", "noam"):
+            raise ValueError(f"schedule.kind: expected 'polynomial', 'tri_stage' or 'noam', got {self.kind!r}")
+        if self.kind == "noam" and self.warmup_steps < 1:
+            raise ValueError("schedule.warmup_steps: the noam schedule peaks at the end of its warm-up; expected >= 1, got 0")
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if self.power <= 0:
@@ -202,6 +205,16 @@ class TrainConfig:
     """Steps between metric reductions/logs (no host sync in between)."""
     max_nonfinite_steps: int = 10
     """Consecutive non-finite losses after which the run stops."""
+    max_seconds: float = 0.0
+    """A compute budget: the run ends after this many seconds of training (measured by
+    ``budget_clock``, start-up and checkpoints excluded, summed over resumes) or at
+    ``max_steps``, whichever comes first; 0: no time limit. Objectives that cost more per
+    update reach fewer updates in the same budget, which is what comparing them at equal
+    compute means."""
+    budget_clock: Literal["auto", "cpu", "wall"] = "auto"
+    """What ``max_seconds`` counts: ``cpu``, the CPU time of the training process (its
+    threads included: CPU-seconds, unmoved by other load on the machine); ``wall``, elapsed
+    time (GPU-seconds on an accelerator); ``auto``: ``cpu`` on CPU, ``wall`` on GPU."""
     init_from: str = ""
     """Initialise the model from a trained model: a wavray checkpoint or run folder, a
     Hugging Face directory, local or ``s3://``, or an MLflow model URI
@@ -222,6 +235,10 @@ class TrainConfig:
             raise ValueError(f"train.precision: expected 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every: expected >= 1, got {self.log_every}")
+        if self.max_seconds < 0:
+            raise ValueError(f"train.max_seconds: expected >= 0, got {self.max_seconds}")
+        if self.budget_clock not in ("auto", "cpu", "wall"):
+            raise ValueError(f"train.budget_clock: expected 'auto', 'cpu' or 'wall', got {self.budget_clock!r}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
         if self.chance_margin < 0:

@@ -17,6 +17,8 @@ not a run. Each function names the behaviour it depends on:
 - :class:`ObjectStoreMeter`: bytes in the object stores of the whole cluster, from the
   raylet's ``FormatGlobalMemoryInfo`` reply (``ray._private.internal_api``, what
   ``ray memory --stats-only`` prints); no public API reports it.
+- :func:`quiet_env` / :func:`quiet_driver_logs`: Ray Data logs every dataset's execution
+  plan and progress at INFO; ``RAY_DATA_LOG_LEVEL`` is the level it reads for its logger.
 - :func:`quiet_worker_logs` / :func:`train_logging_config`: Ray Train logs every
   ``ray.train.report`` of every worker at INFO ("Reporting training result ...") from a
   logger named after its source file, outside the ``ray.train`` hierarchy that its own
@@ -107,7 +109,7 @@ def local_instance_env() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def start_local(
-    *, num_cpus: int | None = None, dashboard: bool = True, logging_level: int = logging.WARNING
+    *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
 ) -> str:
     """Start a Ray instance on this machine, on 127.0.0.1 only; returns its GCS address.
 
@@ -127,8 +129,9 @@ def start_local(
                 ray.init(
                     num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard,
                     dashboard_host="127.0.0.1", dashboard_port=free_port() if dashboard else None,
-                    runtime_env={"env_vars": {"RAY_ADDRESS": address, **task_env}},
-                    configure_logging=True, logging_level=logging_level, log_to_driver=True,
+                    runtime_env={"env_vars": {"RAY_ADDRESS": address, **task_env, **quiet_env(verbose)}},
+                    configure_logging=True, logging_level=logging.INFO if verbose else logging.WARNING,
+                    log_to_driver=True,
                 )
             return address
         except Exception as e:
@@ -205,6 +208,22 @@ class ObjectStoreMeter:
         """Object-store bytes in use over all nodes now (primary copies and secondary)."""
         reply = self._api.get_memory_info_reply(self._state, timeout_seconds=10.0)
         return int(reply.store_stats.object_store_bytes_used)
+
+
+DATA_LOG_LEVEL_VAR = "RAY_DATA_LOG_LEVEL"
+"""Read by Ray Data when it configures its ``ray.data`` logger in each process."""
+
+
+def quiet_env(verbose: bool) -> dict[str, str]:
+    """``env_vars`` for a job's tasks and actors: Ray Data's per-dataset INFO lines (execution
+    plans, progress) off the console unless ``verbose``."""
+    return {} if verbose else {DATA_LOG_LEVEL_VAR: "WARNING"}
+
+
+def quiet_driver_logs(verbose: bool) -> None:
+    """The same for the job's own process, whose Ray Data logger is already configured."""
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def train_logging_config(verbose: bool) -> Any:

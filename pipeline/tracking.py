@@ -242,10 +242,33 @@ def _metric_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
 
 
-def log_final_model(tracker: Tracker, model: Any, cfg: Config) -> None:
-    """The trained model in Hugging Face format as the run's ``hf_model`` artifact."""
-    from models.hf import save_hf_pretraining
+MODEL_ARTIFACT = "model"
+"""Where a run logs a model Hugging Face has no pretraining class for: a wavray bundle
+(``pipeline.model_io.write_bundle``)."""
 
+
+def final_model_artifact(cfg: Config) -> str:
+    """The artifact a pretraining run logs its final model as (and registers)."""
+    if cfg.model.objective == "wav2vec2" and cfg.model.frontend.kind == "conv":
+        return HF_MODEL_ARTIFACT
+    return MODEL_ARTIFACT
+
+
+def log_final_model(tracker: Tracker, model: Any, cfg: Config) -> str:
+    """The trained model as a run artifact (:func:`final_model_artifact`): wav2vec 2.0 on the
+    conv front end as a Hugging Face ``Wav2Vec2(Conformer)ForPreTraining`` directory, any
+    other model as a wavray bundle (its checkpoint files, and its encoder in Hugging Face
+    format where one maps). Returns the artifact path."""
+    from models.hf import save_hf_pretraining
+    from pipeline.model_io import write_bundle
+
+    artifact = final_model_artifact(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        out = save_hf_pretraining(model, cfg.model, Path(tmp) / HF_MODEL_ARTIFACT, normalize=cfg.data.normalize)
-        tracker.log_artifacts(out, HF_MODEL_ARTIFACT)
+        out = Path(tmp) / artifact
+        if artifact == HF_MODEL_ARTIFACT:
+            save_hf_pretraining(model, cfg.model, out, normalize=cfg.data.normalize)
+        else:
+            write_bundle(model, cfg, out)
+            (out / CONFIG_FILE).write_text(redact((out / CONFIG_FILE).read_text()))
+        tracker.log_artifacts(out, artifact)
+    return artifact

@@ -91,32 +91,62 @@ def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: 
     return out
 
 
-def _finished(run_dir: Path, steps: int) -> Path | None:
-    """The final checkpoint of a run that already reached ``steps`` updates."""
+class Session:
+    """What every demo-corpus benchmark starts with: its work directory, a timed log, Ray,
+    and the three prepared datasets of :func:`make_data` (reused when already there)."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        import torch
+
+        from pipeline.cluster import connect_ray
+
+        torch.set_num_threads(1)  # the probe in this process; 2 shared cores gain nothing from more
+        self.name = name
+        self.work = Path(args.workdir).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        connect_ray()
+        self.data = make_data(self.work, seed=args.seed, pretrain_minutes=args.pretrain_minutes,
+                              label_minutes=args.label_minutes, test_minutes=args.test_minutes, log=self.log)
+        self.data_seconds = time.perf_counter() - self.started
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name} {_fmt(time.perf_counter() - self.started)}] {msg}", flush=True)
+
+
+def _finished(run_dir: Path, steps: int, seconds: float = 0.0) -> Path | None:
+    """The final checkpoint of a run that already reached ``steps`` updates (or spent its
+    ``seconds`` of training)."""
     from pipeline.train.checkpoint import latest_complete, read_state
 
     latest = latest_complete(run_dir)
-    if latest is not None and read_state(latest).step >= steps:
+    if latest is None:
+        return None
+    state = read_state(latest)
+    if state.step >= steps or (seconds and state.train_seconds >= seconds):
         return latest
     return None
 
 
-def pretrain(work: Path, data: str, *, seed: int, steps: int, overrides: list[str], log: Any) -> tuple[Path, float]:
+def pretrain(work: Path, data: str, *, seed: int, steps: int, overrides: list[str], log: Any,
+             preset: str = PRETRAIN_PRESET, seconds: float = 0.0, log_every: int = 0) -> tuple[Path, float]:
+    """Pretrain ``preset`` for ``steps`` updates, or for ``seconds`` of training when given (a
+    compute budget: the run ends there, whatever its update count)."""
     from pipeline.config import apply_overrides, preset_config
     from pipeline.train.trainer import run_pretraining
 
     items = PRETRAIN_OVERRIDES + overrides + [f"train.max_steps={steps}", f"train.seed={seed}",
-                                              f"data.shuffle_seed={seed}"]
-    name = f"pretrain-s{seed}-{steps}-{_tag([PRETRAIN_PRESET, *items])}"
+                                              f"data.shuffle_seed={seed}", f"train.max_seconds={seconds}"]
+    name = f"pretrain-s{seed}-{steps if not seconds else f'{seconds:g}s'}-{_tag([preset, *items])}"
     runs = work / "runs"
-    done = _finished(runs / name, steps)
+    done = _finished(runs / name, steps, seconds)
     if done is not None:
         log(f"pretraining: reusing {done}")
         return done, float("nan")
-    cfg = apply_overrides(preset_config(PRETRAIN_PRESET), items + [
+    cfg = apply_overrides(preset_config(preset), items + [
         f"data.train_uri={data}", f"checkpoint.storage_path={runs}", f"checkpoint.run_name={name}",
         f"checkpoint.every_steps={steps}", "checkpoint.keep_last=1", "tracking.experiment=pretraining-value",
-        f"train.log_every={max(1, steps // 20)}",
+        f"train.log_every={log_every or max(1, steps // 20)}",
     ])
     log(f"pretraining {name}: {steps} updates; overrides {items}")
     t0 = time.perf_counter()
@@ -170,27 +200,23 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
     return out
 
 
-def probes(pretrained: Path, random_ckpt: Path, labelled: str, test: str, *, seed: int, steps: int,
+def probes(models: dict[str, str | None], labelled: str, test: str, *, seed: int, steps: int, normalize: bool,
            log: Any) -> dict[str, dict]:
-    """The frozen-feature probe on the three inputs."""
-    from models.checkpoint import load_weights
-    from models.factory import build_pretraining_model
-    from pipeline.config import ProbeConfig, load_config
+    """The frozen-feature probe on each named input: a checkpoint path, or None for log-mel
+    filterbanks; the same head, budget and data for every row."""
+    from pipeline.config import ProbeConfig
     from pipeline.features import LogMelFrontend
+    from pipeline.model_io import load_model
     from pipeline.probe import load_labelled_set, run_probe
 
-    cfg = load_config(pretrained / CONFIG_FILE)
     train_set = load_labelled_set(labelled)
     test_set = load_labelled_set(test)
-    trained = build_pretraining_model(cfg.model)
-    trained.load_state_dict(load_weights(pretrained))
-    random_init = build_pretraining_model(cfg.model)
-    random_init.load_state_dict(load_weights(random_ckpt))
     pcfg = ProbeConfig(head="conv", hidden=64, steps=steps, batch_size=16, lr=2e-3, seed=seed)
     out = {}
-    for name, model in (("logmel", LogMelFrontend(80)), ("random", random_init), ("pretrained", trained)):
+    for name, location in models.items():
+        model = LogMelFrontend(80) if location is None else load_model(location).model
         log(f"probe {name}: {steps} updates of a {pcfg.head} CTC head on frozen features")
-        out[name] = run_probe(model, train_set, test_set, pcfg, normalize=cfg.data.normalize)
+        out[name] = run_probe(model, train_set, test_set, pcfg, normalize=normalize)
     return out
 
 
@@ -248,26 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-probe", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
-
     from jobs.evaluate import evaluate
-    from pipeline.cluster import connect_ray
     from pipeline.config import load_config
 
-    torch.set_num_threads(1)  # the probe in this process; 2 shared cores gain nothing from more
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[pretraining-value {_fmt(time.perf_counter() - t_all)}] {msg}", flush=True)
-
-    seconds: dict[str, float] = {}
-    connect_ray()
-    t0 = time.perf_counter()
-    data = make_data(work, seed=args.seed, pretrain_minutes=args.pretrain_minutes, label_minutes=args.label_minutes,
-                     test_minutes=args.test_minutes, log=log)
-    seconds["data"] = time.perf_counter() - t0
+    session = Session("pretraining-value", args)
+    work, data, log, t_all = session.work, session.data, session.log, session.started
+    seconds: dict[str, float] = {"data": session.data_seconds}
     pre_ckpt, seconds["pretrain"] = pretrain(work, data["unlabelled"], seed=args.seed, steps=args.pretrain_steps,
                                              overrides=args.pretrain_set, log=log)
     random_ckpt = random_checkpoint(pre_ckpt, work / "random-init", seed=args.seed)
@@ -290,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     probe_results: dict[str, dict] = {}
     if not args.skip_probe:
         t0 = time.perf_counter()
-        probe_results = probes(pre_ckpt, random_ckpt, data["labelled"], data["test"], seed=args.seed, steps=args.probe_steps,
-                               log=log)
+        probe_results = probes({"logmel": None, "random": str(random_ckpt), "pretrained": str(pre_ckpt)},
+                               data["labelled"], data["test"], seed=args.seed, steps=args.probe_steps,
+                               normalize=normalize, log=log)
         seconds["probes"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 

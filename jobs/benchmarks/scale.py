@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import gc
 import json
-import logging
 import os
 import sys
 import threading
@@ -357,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         connect_ray(num_cpus=args.num_cpus, dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per dataset otherwise
         meter = Meter()
         results = []
         try:

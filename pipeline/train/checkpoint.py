@@ -74,6 +74,8 @@ class TrainerState:
     tag: str
     data_position: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    """Seconds of training up to this checkpoint, resumes included (``train.max_seconds``)."""
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -124,6 +126,7 @@ def save(
     skipped_steps: int,
     data_position: dict[str, Any] | None,
     metrics: dict[str, float] | None = None,
+    train_seconds: float = 0.0,
 ) -> Path:
     """Write this rank's part of the checkpoint of update ``step`` into ``out_dir``.
 
@@ -147,6 +150,7 @@ def save(
         state = TrainerState(
             step=step, skipped_steps=skipped_steps, world_size=world_size, zero_stage=zero_stage, tag=tag,
             data_position=data_position, metrics={k: float(v) for k, v in (metrics or {}).items()},
+            train_seconds=float(train_seconds),
         )
         tmp = out / f".{STATE_FILE}.tmp"
         tmp.write_text(state.to_json())

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.train import engine as E
 from pipeline.train import seeding
-from pipeline.train.metrics import Alarm, AlarmState, MetricWindow, check_health, ratio
+from pipeline.train.metrics import Alarm, AlarmState, Health, MetricWindow, check_health, ratio
 from pipeline.train.schedule import lr_multiplier
 
 log = logging.getLogger("wavray.train")
@@ -98,6 +98,10 @@ class TrainStep(Protocol):
         """Turn the reduced sums of a log interval into logged values."""
         ...
 
+    def health(self) -> Health | None:
+        """What the health alarms watch (chance level, target collapse); None: nothing."""
+        ...
+
 
 class LoopHooks:
     """Callbacks of the loop; the defaults do nothing. All ranks call every hook."""
@@ -142,6 +146,7 @@ class TrainLoop:
         start_step: int = 0,
         hooks: LoopHooks | None = None,
         skipped_steps: int = 0,
+        train_seconds: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.eng = eng
@@ -161,6 +166,13 @@ class TrainLoop:
         self._window_steps = 0
         self.last_metrics: dict[str, float] = {}
         self._last_checkpoint = start_step
+        self.train_seconds = train_seconds
+        """Seconds of training so far by ``train.budget_clock``, resumes included."""
+        clock = cfg.train.budget_clock
+        if clock == "auto":
+            clock = "wall" if self.device.type == "cuda" else "cpu"
+        self._now = time.perf_counter if clock == "wall" else time.process_time
+        self._clock: float | None = None
 
     # -- one update ------------------------------------------------------------------
 
@@ -280,6 +292,7 @@ class TrainLoop:
             "speed/audio_s_per_s_per_worker": local.get("num_samples", 0.0) / rate / elapsed,
             "speed/data_wait_frac": sums.get("data_wait_s", 0.0) / W / elapsed,
             "speed/step_time_s": elapsed / max(num_updates, 1.0),
+            "train_seconds": self.train_seconds,
         })
         self._data_wait = 0.0
         self._window_start = time.perf_counter()
@@ -288,10 +301,10 @@ class TrainLoop:
         return metrics
 
     def _log(self, metrics: dict[str, float]) -> None:
-        alarms = check_health(
-            metrics, step=self.step, warmup_steps=self.cfg.schedule.warmup_steps,
-            num_negatives=self.cfg.model.loss.num_negatives, chance_margin=self.cfg.train.chance_margin,
-            min_perplexity=self.cfg.train.min_perplexity,
+        health = self.task.health()
+        alarms = [] if health is None else check_health(
+            metrics, step=self.step, warmup_steps=self.cfg.schedule.warmup_steps, health=health,
+            chance_margin=self.cfg.train.chance_margin, min_perplexity=self.cfg.train.min_perplexity,
         )
         raised, cleared = self.alarm_state.update(alarms, self.step)
         if self.rank == 0:
@@ -309,20 +322,44 @@ class TrainLoop:
                 "lower optim.lr, set optim.clip_grad_norm, or check the data for silent/corrupt audio."
             )
 
+    def _tick(self) -> None:
+        now = self._now()
+        if self._clock is not None:
+            self.train_seconds += now - self._clock
+        self._clock = now
+
+    def _out_of_time(self) -> bool:
+        """Whether ``train.max_seconds`` is spent, agreed by every rank (the slowest decides)."""
+        budget = self.cfg.train.max_seconds
+        if budget <= 0:
+            return False
+        spent = torch.tensor(self.train_seconds, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+        return float(spent) >= budget
+
     def run(self, batches: Iterator[Batch]) -> LoopResult:
-        """Train until ``train.max_steps`` updates are done (all ranks together)."""
+        """Train until ``train.max_steps`` updates are done or ``train.max_seconds`` of training
+        are spent (all ranks together)."""
         max_steps = self.cfg.train.max_steps
         self.eng.engine.train()
         self._window_start = time.perf_counter()
+        self._clock = None
+        self._tick()
         while self.step < max_steps:
             ran = self.train_step(batches)
+            self._tick()
             if not ran:
                 if self.rank == 0:
                     log.warning(
                         "the training data ended after update %d of train.max_steps = %d "
                         "(data.max_epochs = %d); finishing here", self.step, max_steps, self.cfg.data.max_epochs,
                     )
-            at_end = not ran or self.step == max_steps
+            out_of_time = ran and self._out_of_time()
+            if out_of_time and self.rank == 0:
+                log.info("train.max_seconds = %s spent after update %d; finishing here",
+                         self.cfg.train.max_seconds, self.step)
+            at_end = not ran or self.step == max_steps or out_of_time
             at_log = self.step % self.cfg.train.log_every == 0
             at_ckpt = self.hooks.should_checkpoint(self.step) or at_end
             if at_end and self.step == self._last_checkpoint:
@@ -333,6 +370,7 @@ class TrainLoop:
                 if at_ckpt and metrics["nonfinite_now"] == 0:
                     self.hooks.on_checkpoint(self.step, metrics)
                     self._last_checkpoint = self.step
-            if not ran:
+            self._tick()  # checkpoints are not training time
+            if not ran or out_of_time:
                 break
         return LoopResult(step=self.step, metrics=self.last_metrics, skipped_steps=self.skipped_steps)

@@ -119,34 +119,68 @@ class AlarmState:
         return raised, cleared
 
 
+@dataclass(frozen=True)
+class Health:
+    """What an objective's health alarms watch (each pretraining step says, ``health()``)."""
+
+    loss_key: str
+    """The metric that sits at ``chance`` when the model learns nothing."""
+    chance: float
+    """Its value at chance, nats per counted unit."""
+    chance_text: str
+    """How the chance level is computed, for the message (``ln(K+1)``)."""
+    hint: str
+    """What to check when the run sits at chance."""
+    collapse_keys: tuple[str, ...]
+    """Prefixes of perplexity metrics whose values near 1 mean the targets collapsed."""
+    collapse_hint: str
+    """What to do about a collapse."""
+
+
+def contrastive_health(num_negatives: int) -> Health:
+    """wav2vec 2.0's: InfoNCE over K distractors sits at ln(K + 1); its codebook can collapse."""
+    return Health(
+        loss_key="loss/contrastive", chance=math.log(num_negatives + 1), chance_text=f"ln({num_negatives}+1)",
+        hint="check masking, the learning rate and the quantizer temperature",
+        collapse_keys=("perplexity/code", "perplexity/prob"),
+        collapse_hint="the quantizer collapsed onto a few codewords (raise the diversity weight or the Gumbel "
+                      "temperature)",
+    )
+
+
 def check_health(
     metrics: Mapping[str, float],
     *,
     step: int,
     warmup_steps: int,
-    num_negatives: int,
     chance_margin: float,
     min_perplexity: float,
+    num_negatives: int | None = None,
+    health: Health | None = None,
 ) -> list[Alarm]:
-    """Alarms for a run at chance level or with a collapsed codebook (after warm-up only)."""
+    """Alarms for a run at chance level or with collapsed targets (after warm-up only).
+
+    ``health`` says what to watch; ``num_negatives`` alone means wav2vec 2.0's
+    (:func:`contrastive_health`).
+    """
+    if health is None:
+        if num_negatives is None:
+            raise ValueError("check_health: give the objective's health or wav2vec 2.0's num_negatives")
+        health = contrastive_health(num_negatives)
     if step <= warmup_steps:
         return []
     alarms: list[Alarm] = []
-    chance = math.log(num_negatives + 1)
-    contrastive = metrics.get("loss/contrastive")
-    if contrastive is not None and math.isfinite(contrastive) and abs(contrastive - chance) <= chance_margin:
+    value = metrics.get(health.loss_key)
+    if value is not None and math.isfinite(value) and abs(value - health.chance) <= chance_margin:
         alarms.append(Alarm(
             "alarm_chance_level",
-            f"contrastive loss {contrastive:.4f} nats per masked frame is within {chance_margin} of "
-            f"chance ln({num_negatives}+1) = {chance:.4f} at step {step}: the model is not learning "
-            "(check masking, the learning rate and the quantizer temperature)",
+            f"{health.loss_key} {value:.4f} nats is within {chance_margin} of chance {health.chance_text} = "
+            f"{health.chance:.4f} at step {step}: the model is not learning ({health.hint})",
         ))
-    for key, value in metrics.items():
-        if ("perplexity/code" in key or "perplexity/prob" in key) and math.isfinite(value) and value < min_perplexity:
+    for key, ppl in metrics.items():
+        if key.startswith(health.collapse_keys) and math.isfinite(ppl) and ppl < min_perplexity:
             alarms.append(Alarm(
-                "alarm_codebook_collapse",
-                f"{key} = {value:.3f} < {min_perplexity} at step {step}: the quantizer collapsed onto "
-                "a few codewords (raise the diversity weight or the Gumbel temperature)",
+                "alarm_codebook_collapse", f"{key} = {ppl:.3f} < {min_perplexity} at step {step}: {health.collapse_hint}",
             ))
             break
     return alarms

@@ -1,4 +1,5 @@
-"""The wav2vec 2.0 pretraining step: a batch -> (loss sum over masked frames, count, metrics).
+"""The wav2vec 2.0 pretraining step: a batch -> (loss sum over masked frames, count, metrics);
+and what every pretraining step shares (:func:`audio_inputs`).
 
 Masks and distractors are drawn in :meth:`PretrainStep.prepare`, before any forward,
 from a generator seeded by (seed, step, rank, micro-step): the loop needs every
@@ -15,6 +16,7 @@ so their logged value is the masked-frame-weighted mean over micro-batches and r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,44 @@ from models.wav2vec2 import Wav2Vec2ForPretraining
 from pipeline.config import Config
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
-from pipeline.train.metrics import ratio
+from pipeline.train.metrics import Health, contrastive_health, ratio
+
+
+@dataclass
+class AudioInputs:
+    """A host batch's audio on the device with the frame counts a model's front end gives it."""
+
+    source: torch.Tensor
+    """(B, S) float32 samples."""
+    padding_mask: torch.Tensor | None
+    """(B, S) bool, True at padding; None when no row is padded."""
+    lengths: torch.Tensor
+    """(B,) long: valid frames per row."""
+    frames: int
+    """T, the frames of the longest row."""
+    num_samples: int
+    """Audio samples in the batch (not padding): the speed metrics' unit."""
+
+
+def audio_inputs(batch: Mapping[str, np.ndarray], frontend: torch.nn.Module, device: torch.device) -> AudioInputs:
+    """``batch['source']`` (and its padding mask) on ``device`` with the frame counts of
+    ``frontend`` (``output_lengths``): what every pretraining step needs before drawing masks."""
+    source_np = batch["source"]
+    if source_np.ndim != 2:
+        raise ValueError(f"batch['source']: expected (B, S) samples, got shape {source_np.shape}")
+    pad_np = batch.get("padding_mask")
+    has_pad = pad_np is not None and bool(pad_np.any())
+    num_samples = int(source_np.size - (int(pad_np.sum()) if has_pad else 0))
+    source = to_device(source_np.astype(np.float32, copy=False), device)  # (B, S)
+    padding_mask = to_device(pad_np.astype(bool, copy=False), device) if has_pad else None  # (B, S)
+    batch_size, num_samples_max = source.shape
+    frames = int(frontend.output_lengths(torch.tensor(num_samples_max)).item())  # host arithmetic, CPU tensor
+    if padding_mask is not None:
+        lengths = frontend.output_lengths((~padding_mask).long().sum(dim=1)).clamp(max=frames)  # (B,)
+    else:
+        lengths = torch.full((batch_size,), frames, dtype=torch.long, device=device)
+    return AudioInputs(source=source, padding_mask=padding_mask, lengths=lengths, frames=frames,
+                       num_samples=num_samples)
 
 
 class PretrainStep:
@@ -39,23 +78,10 @@ class PretrainStep:
     def prepare(
         self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
     ) -> Prepared:
-        source_np = batch["source"]
-        if source_np.ndim != 2:
-            raise ValueError(f"batch['source']: expected (B, S) samples, got shape {source_np.shape}")
-        pad_np = batch.get("padding_mask")
-        has_pad = pad_np is not None and bool(pad_np.any())
-        num_samples = int(source_np.size - (int(pad_np.sum()) if has_pad else 0))
-
-        source = to_device(source_np.astype(np.float32, copy=False), device)  # (B, S)
-        padding_mask = to_device(pad_np.astype(bool, copy=False), device) if has_pad else None  # (B, S)
-        batch_size, num_samples_max = source.shape
+        audio = audio_inputs(batch, self.model.encoder.feature_encoder, device)
+        source, padding_mask, lengths, frames = audio.source, audio.padding_mask, audio.lengths, audio.frames
+        batch_size = source.shape[0]
         gen = seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device)
-        fe = self.model.encoder.feature_encoder
-        frames = int(fe.output_lengths(torch.tensor(num_samples_max)).item())  # host arithmetic, CPU tensor
-        if padding_mask is not None:
-            lengths = fe.output_lengths((~padding_mask).long().sum(dim=1)).clamp(max=frames)  # (B,)
-        else:
-            lengths = torch.full((batch_size,), frames, dtype=torch.long, device=device)
 
         if "mask_time_indices" in batch:
             mask = to_device(np.asarray(batch["mask_time_indices"], dtype=bool), device)  # (B, T)
@@ -73,7 +99,7 @@ class PretrainStep:
             "negative_indices": negatives,
             "generator": gen,
         }
-        return Prepared(inputs=inputs, count=mask.sum(), num_samples=num_samples)
+        return Prepared(inputs=inputs, count=mask.sum(), num_samples=audio.num_samples)
 
     def begin_update(self, module: torch.nn.Module, step: int) -> None:
         module.set_num_updates(step)
@@ -101,6 +127,9 @@ class PretrainStep:
             metrics[f"pt/code_ppl_{g}"] = code_ppl[g]
             metrics[f"pt/prob_ppl_{g}"] = prob_ppl[g]
         return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+
+    def health(self) -> Health:
+        return contrastive_health(self.cfg.model.loss.num_negatives)
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
         n = sums.get("pt/num_masked", 0.0)

@@ -7,6 +7,8 @@ update that DeepSpeed or the finite check skips cannot shift the schedule.
 - ``polynomial`` (pretraining, fairseq's ``polynomial_decay``): linear warm-up from 0 to
   the peak over ``warmup_steps``, then ``(peak - end) * (1 - progress) ** power + end``
   until ``train.max_steps``.
+- ``noam`` (BEST-RQ, SpeechBrain's ``NoamScheduler``): linear warm-up to the peak over
+  ``warmup_steps``, then ``peak * sqrt(warmup / step)``.
 - ``tri_stage`` (fine-tuning, fairseq's ``tri_stage``): linear warm-up from
   ``final_lr_scale * peak``, hold at the peak for ``hold_ratio`` of the run, exponential
   decay to ``final_lr_scale * peak`` over ``decay_ratio`` of the run, then constant.
@@ -68,5 +70,16 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
 
         return tri
 
-    raise ValueError(f"schedule.kind: expected 'polynomial' or 'tri_stage', got {cfg.kind!r}")
+    if cfg.kind == "noam":
+        warmup = cfg.warmup_steps
+
+        def noam(step: int) -> float:
+            # Linear to the peak at ``warmup``, then peak * sqrt(warmup / step).
+            if step < warmup:
+                return step / warmup
+            return math.sqrt(warmup / step)
+
+        return noam
+
+    raise ValueError(f"schedule.kind: expected 'polynomial', 'tri_stage' or 'noam', got {cfg.kind!r}")
 

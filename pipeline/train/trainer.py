@@ -264,7 +264,11 @@ def fit_run(
 
     latest = latest_checkpoint_uri(run_uri, store)
     step = read_trainer_state(latest, store).step if latest else None
-    version = tracker.register_model(cfg.tracking.register_as) if register else None
+    version = None
+    if register:
+        from pipeline.tracking import final_model_artifact
+
+        version = tracker.register_model(cfg.tracking.register_as, artifact_path=final_model_artifact(cfg))
     tracker.end("FINISHED")
     return RunResult(
         run_name=run_name, run_uri=run_uri, checkpoint_uri=latest, step=step, mlflow_uri=tracker.uri,

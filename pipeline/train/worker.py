@@ -31,7 +31,7 @@ from pipeline.train.deepspeed_compat import consolidated_state_dict
 from pipeline.train.engine import Engine, build_engine
 from pipeline.train.loop import LoopHooks, NonFiniteLossError, TrainLoop
 from pipeline.train.metrics import Alarm
-from pipeline.train.pretrain import PretrainStep
+from pipeline.train.objectives import pretraining_step
 
 log = logging.getLogger("wavray.train")
 
@@ -96,6 +96,8 @@ class RayHooks(LoopHooks):
             return
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
+        if self.cfg.train.max_seconds:  # a time budget ends the run first, typically
+            eta = min(eta, self.cfg.train.max_seconds - metrics.get("train_seconds", 0.0))
         say(self.progress(step, metrics, eta))
         if self.tracker is not None:
             try:
@@ -131,6 +133,7 @@ class RayHooks(LoopHooks):
                 ckpt.save(
                     tmp, cfg=self.cfg, engine=self.eng.engine, step=step,
                     skipped_steps=int(metrics.get("skipped_steps", 0)), data_position=merged, metrics=metrics,
+                    train_seconds=metrics.get("train_seconds", 0.0),
                 )
             except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
                 err = staging_error(e, staging, f"writing the checkpoint of step {step} (rank {self.rank})")
@@ -246,7 +249,7 @@ class PretrainTask(WorkerTask):
         return model
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
-        return PretrainStep(cfg, model)
+        return pretraining_step(cfg, model)
 
     def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
         from models.factory import build_pretraining_model
@@ -289,12 +292,12 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     model = task.build_model(cfg)
     eng = build_engine(cfg, model)
 
-    start_step, skipped, position = 0, 0, None
+    start_step, skipped, position, seconds = 0, 0, None, 0.0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.load(d, engine=eng.engine, cfg=cfg)
-        start_step, skipped, position = state.step, state.skipped_steps, state.data_position
+        start_step, skipped, position, seconds = state.step, state.skipped_steps, state.data_position, state.train_seconds
         if rank == 0:
             say(f"[wavray] resumed from step {start_step} ({resumed.path})")
             if tracker is not None:
@@ -314,8 +317,12 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
         position=DataPosition(position), start_step=start_step,
         run_uri=loop_config["run_uri"], store=loop_config["storage"],
     )
+    if cfg.train.max_seconds and seconds >= cfg.train.max_seconds:
+        if rank == 0:
+            say(f"[wavray] nothing to do: the run spent {seconds:.0f} s of train.max_seconds = {cfg.train.max_seconds:g}")
+        return
     loop = TrainLoop(cfg, eng, task.build_step(cfg, model), start_step=start_step, hooks=hooks,
-                     skipped_steps=skipped)
+                     skipped_steps=skipped, train_seconds=seconds)
     try:
         result = loop.run(batches)
     except NonFiniteLossError as e:

@@ -6,20 +6,19 @@ import json
 import tempfile
 from pathlib import Path
 
-from pipeline.config import CONFIG_FILE, Config, save_config
-from pipeline.model_io import BUNDLE_DIR
+from pipeline.config import CONFIG_FILE, Config
 from pipeline.tune.names import BEST_ALIAS, SWEEP_TAG, TRIAL_TAG
 from pipeline.tune.results import TrialRecord
 
 
 def register_best(best: TrialRecord, cfg: Config, *, sweep: str, model_name: str, tracking_uri: str,
                   experiment: str) -> str:
-    """Log the best trial's probed checkpoint in Hugging Face format (``best_model/hf_model``)
-    with its resolved ``best_model/config.yaml`` on the trial's run, and register it as a new
+    """Log the best trial's probed checkpoint as a bundle (``best_model``: its config, its
+    weights, and ``hf_model/`` where Hugging Face has a class for it;
+    :func:`pipeline.model_io.write_bundle`) on the trial's run, and register it as a new
     version of ``model_name`` with the alias ``best``. Idempotent: a version of this sweep
     for the same checkpoint is reused (a restored sweep registers nothing new)."""
-    from models.hf import save_hf_pretraining
-    from pipeline.model_io import load_model
+    from pipeline.model_io import load_model, write_bundle
     from pipeline.tracking import Tracker, redact
     from pipeline.train.trainer import storage_for
 
@@ -39,9 +38,7 @@ def register_best(best: TrialRecord, cfg: Config, *, sweep: str, model_name: str
         trial_cfg = trained.config
         assert trial_cfg is not None  # a training checkpoint always holds its config
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "best_model"
-            save_hf_pretraining(trained.model, trial_cfg.model, out / BUNDLE_DIR, normalize=trial_cfg.data.normalize)
-            save_config(trial_cfg, out / CONFIG_FILE)
+            out = write_bundle(trained.model, trial_cfg, Path(tmp) / "best_model")
             (out / CONFIG_FILE).write_text(redact((out / CONFIG_FILE).read_text()))
             tracker.log_artifacts(out, "best_model")
         version = tracker.register_model(model_name, artifact_path="best_model")

@@ -33,12 +33,23 @@ class TrialRecord:
     error: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(step, probe CER) of every probed checkpoint."""
+    train_seconds: float = math.nan
+    """Seconds of training at the last probed checkpoint."""
+    budget_spent: float | None = None
+    """How much of the trial's budget it had spent there, 0-1: updates over
+    ``train.max_steps``, or seconds over ``train.max_seconds`` when the sweep gives every
+    trial a time budget. None: rank by updates (records made without a config)."""
+
+    @property
+    def progress(self) -> float:
+        return self.budget_spent if self.budget_spent is not None else float(self.step or 0)
 
     def row(self, keys: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"trial": self.trial_id, "outcome": self.outcome}
         out.update({k: self.params.get(k, "") for k in keys})
         out.update({
             "steps": "" if self.step is None else self.step,
+            "seconds": "" if math.isnan(self.train_seconds) else f"{self.train_seconds:.0f}",
             "loss": _fmt(self.loss), "probe_cer": _fmt(self.probe_cer), "probe_wer": _fmt(self.probe_wer),
             "run_id": self.run_id,
         })
@@ -68,7 +79,7 @@ class SweepResult:
 def format_table(records: list[TrialRecord], keys: list[str]) -> str:
     """The summary as a Markdown table, best first (:func:`sort_records`)."""
     rows = [r.row(keys) for r in sort_records(records)]
-    header = ["trial", "outcome", *keys, "steps", "loss", "probe_cer", "probe_wer"]
+    header = ["trial", "outcome", *keys, "steps", "seconds", "loss", "probe_cer", "probe_wer"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(str(row[h]) for h in header) + " |")
@@ -77,11 +88,14 @@ def format_table(records: list[TrialRecord], keys: list[str]) -> str:
 
 def _rank_key(r: TrialRecord) -> tuple:
     scored = not math.isnan(r.probe_cer)
-    return (not scored, -(r.step or 0), r.probe_cer if scored else 0.0, r.trial_id)
+    return (not scored, -round(r.progress, 3), r.probe_cer if scored else 0.0, r.trial_id)
 
 
 def sort_records(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Best first: the furthest-trained trials by probe score, then the ones stopped earlier."""
+    """Best first: the trials that spent the most of their budget by probe score, then the
+    ones stopped earlier. With a time budget every finished trial spent all of it, so they
+    compare by probe score whatever their update counts: an objective that costs more per
+    update pays for it."""
     return sorted(records, key=_rank_key)
 
 
@@ -131,9 +145,16 @@ def collect_records(result_grid: Any, client: Any, cfg: Config, sweep: str, keys
         cer = float(metrics.get("probe_cer", math.nan))
         if math.isnan(cer) and curve:  # a final report that re-marked an already probed checkpoint
             cer = curve[-1][1]
+        step = int(metrics[TIME_ATTR]) if TIME_ATTR in metrics else None
+        seconds = float(metrics.get("train_seconds", math.nan))
+        if cfg.train.max_seconds > 0:
+            spent = min(1.0, seconds / cfg.train.max_seconds) if math.isfinite(seconds) else 0.0
+            if outcome == "completed":
+                spent = 1.0  # ended at its budget (or at max_steps, or when the data did: all it could get)
+        else:
+            spent = min(1.0, (step or 0) / cfg.train.max_steps)
         records.append(TrialRecord(
-            trial_id=trial_id, outcome=outcome, params=params,
-            step=int(metrics[TIME_ATTR]) if TIME_ATTR in metrics else None,
+            trial_id=trial_id, outcome=outcome, params=params, step=step, train_seconds=seconds, budget_spent=spent,
             loss=float(metrics.get("loss", math.nan)), probe_cer=cer,
             probe_wer=float(metrics.get("probe_wer", math.nan)),
             checkpoint_uri=str(metrics.get("checkpoint_uri", "")),
@@ -168,7 +189,7 @@ def write_summary(records: list[TrialRecord], keys: list[str], out_dir: Path) ->
     """``summary.csv``, ``summary.md`` and the plots of probe CER against each parameter and
     against the step, into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["trial", "outcome", *keys, "steps", "loss", "probe_cer", "probe_wer", "run_id"]
+    header = ["trial", "outcome", *keys, "steps", "seconds", "loss", "probe_cer", "probe_wer", "run_id"]
     csv_path = out_dir / "summary.csv"
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")

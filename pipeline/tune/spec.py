@@ -341,6 +341,11 @@ def validate_sweep(spec: SweepSpec) -> None:
             f"checkpoint.every_steps ({every}) / probe.every_steps: expected at most train.max_steps "
             f"({cfg.train.max_steps}), so that ASHA sees probe scores before the end"
         )
+    if s.scheduler == "asha" and cfg.train.max_seconds > 0:
+        raise SweepError(
+            f"train.max_seconds = {cfg.train.max_seconds:g}: every trial gets the same time budget and is ranked "
+            "at its end, while ASHA stops trials at equal updates; use sweep.scheduler=fifo"
+        )
     if s.scheduler == "asha" and s.grace_period > cfg.train.max_steps:
         raise SweepError(
             f"sweep.grace_period: expected at most train.max_steps ({cfg.train.max_steps}), got {s.grace_period}"

@@ -108,6 +108,7 @@ def tune_report(ref: CheckpointRef, probe: Mapping[str, float], *, done: bool, r
         "loss": float(m.get("loss", math.nan)),
         "loss_contrastive": float(m.get("loss/contrastive", math.nan)),
         "accuracy": float(m.get("accuracy", math.nan)),
+        "train_seconds": float(m.get("train_seconds", math.nan)),
         "checkpoint_uri": ref.uri,
         "mlflow_run_id": run_id,
         "trial_done": done,

@@ -219,3 +219,36 @@ def test_command_line_checks_a_sweep_without_running_it() -> None:
                          timeout=120)
     assert bad.returncode == 2
     assert "model.quantizer.entires" in bad.stderr and "entries" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_a_sweep_over_the_objective_ranks_trials_at_equal_compute(corpus: Path) -> None:
+    """``model.objective`` is a search dimension like any other: a wav2vec 2.0 and a BEST-RQ
+    trial on the same encoder, each given the same seconds of training (``train.max_seconds``),
+    ranked by the probe at their end; the best is registered."""
+    from mlflow.tracking import MlflowClient
+
+    budget = 12.0
+    spec = load_sweep(ROOT / "jobs" / "configs" / "sweep" / "objectives_demo.yaml", [
+        f"data.train_uri={corpus / 'shards'}", f"probe.train_uri={corpus / 'shards'}",
+        f"checkpoint.storage_path={corpus / 'runs-objectives'}", f"train.max_seconds={budget}",
+        "checkpoint.every_steps=1000", "probe.train_minutes=1.0", "probe.dev_minutes=0.5", "probe.head=linear",
+        "probe.steps=50", "sweep.name=objectives-test", "space.model.mask.prob={grid: [0.6]}",
+        "data.max_samples_per_batch=64000", "data.max_sample_size=32000",
+    ])
+    assert [d.key for d in spec.space] == ["model.objective", "model.mask.prob"]
+    result = run_sweep(spec)
+    by_objective = {r.params["model.objective"]: r for r in result.records}
+    assert set(by_objective) == {"wav2vec2", "best_rq"}
+    for objective, r in by_objective.items():
+        assert r.outcome == "completed" and math.isfinite(r.probe_cer), objective
+        assert r.train_seconds >= budget and r.budget_spent == 1.0, objective  # each spent the whole budget
+    # Ranked by the probe at equal compute, whatever the update counts.
+    best = min(result.records, key=lambda r: r.probe_cer)
+    assert result.best is not None and result.best.trial_id == best.trial_id
+    assert "| seconds |" in result.table()
+    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
+    mv = client.get_model_version_by_alias(result.model_name, BEST_ALIAS)
+    assert mv.run_id == best.run_id
+    ce = client.get_metric_history(by_objective["best_rq"].run_id, "loss/masked_ce")
+    assert ce and all(math.isfinite(m.value) for m in ce)

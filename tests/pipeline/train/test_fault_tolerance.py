@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+import torch
 
 from pipeline import config as C
 from pipeline.tracking import Tracker
@@ -31,7 +32,9 @@ EVERY = 4
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=True)
+    from pipeline.cluster import connect_ray
+
+    connect_ray(num_cpus=2)
     try:
         yield
     finally:
@@ -49,8 +52,8 @@ def shards(local_ray, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root / "shards")
 
 
-def _config(shards: str, storage: Path, name: str) -> C.Config:
-    return C.apply_overrides(C.tiny(), [
+def _config(shards: str, storage: Path, name: str, preset: C.Config | None = None) -> C.Config:
+    return C.apply_overrides(preset or C.tiny(), [
         f"data.train_uri={shards}", f"checkpoint.storage_path={storage}", f"checkpoint.run_name={name}",
         f"train.max_steps={STEPS}", "train.log_every=1", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=2",
         "checkpoint.max_failures=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
@@ -138,3 +141,33 @@ def test_sigkill_worker_resumes_from_checkpoint_and_repeats_losses(shards: str, 
     out = tmp_path / "hf"
     assert export(["--checkpoint", str(tmp_path / "runs" / "killed" / kept[-1]), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_best_rq_on_two_zero2_workers_resumes_with_its_targets_unchanged(shards: str, tmp_path: Path) -> None:
+    """BEST-RQ through everything wavray has: Ray Train, DeepSpeed ZeRO-2 on 2 workers,
+    checkpoints, a resume that extends the run, MLflow; its frozen quantizer is the same in
+    every checkpoint and the final model is logged as a bundle."""
+    from models.checkpoint import load_weights
+    from models.factory import build_pretraining_model
+
+    cfg = C.apply_overrides(_config(shards, tmp_path / "runs", "best-rq", C.best_rq_laptop()),
+                            ["train.max_steps=4", "checkpoint.every_steps=2", "schedule.warmup_steps=2"])
+    first = run_pretraining(cfg)
+    assert first.step == 4
+    saved = {4: load_weights(Path(first.run_uri) / "checkpoint_000000004")}
+    second = run_pretraining(C.apply_overrides(cfg, ["train.max_steps=8"]))
+    saved[8] = load_weights(Path(second.run_uri) / "checkpoint_000000008")
+    assert second.step == 8 and second.mlflow_run_id == first.mlflow_run_id
+    client = Tracker(second.mlflow_uri, "wavray", second.mlflow_run_id).client
+    run = client.get_run(second.mlflow_run_id)
+    assert run.data.tags["wavray.resumed_from"] == "4"
+    ce = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss/masked_ce")}
+    assert sorted(ce) == list(range(1, 9)) and all(v == v for v in ce.values())
+    assert run.data.metrics["perplexity/target_0"] > 2.0
+    fresh = build_pretraining_model(cfg.model).quantizer.state_dict()
+    for step, state in saved.items():
+        assert torch.equal(state["quantizer.projection"], fresh["projection"]), step
+        assert torch.equal(state["quantizer.codebook"], fresh["codebook"]), step
+    assert not torch.equal(saved[4]["prediction_head.weight"], saved[8]["prediction_head.weight"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/config.yaml", "model/model.safetensors"} <= artifacts
