@@ -15,6 +15,7 @@ credentials, so the module's Ray workers can use it too) and stops only that one
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -77,7 +78,9 @@ def test_the_store_starts_again_on_its_port_at_once_with_its_data(own_store: obj
     assert storage.read_bytes(f"s3://{BUCKET}/kept", s3) == b"still here"
 
 
-def test_reads_and_writes_ride_out_an_outage_then_name_the_endpoint(own_store: objectstore.ObjectStore) -> None:
+def test_reads_and_writes_ride_out_an_outage_then_name_the_endpoint(
+    own_store: objectstore.ObjectStore, caplog: pytest.LogCaptureFixture
+) -> None:
     s3 = Storage.from_config(own_store.endpoint, retry_s=30)
     storage.write_bytes(f"s3://{BUCKET}/a", b"x" * 1000, s3)
     objectstore.stop(own_store.state_dir)
@@ -98,10 +101,11 @@ def test_reads_and_writes_ride_out_an_outage_then_name_the_endpoint(own_store: o
     assert time.monotonic() - started < 15
     # A wrong request is not an outage: it fails at once, whatever the budget.
     _restart(own_store)
-    started = time.monotonic()
-    with pytest.raises(FileNotFoundError):
+    assert [r for r in caplog.records if "retrying" in r.getMessage()], "the outages above logged no retry"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wavray.storage"), pytest.raises(FileNotFoundError):
         storage.read_bytes(f"s3://{BUCKET}/never-written", s3)
-    assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()], "a missing key was retried"
 
 
 def _corpus(uri: str, n: int, s3: Storage) -> None:

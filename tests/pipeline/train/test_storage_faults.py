@@ -224,5 +224,4 @@ def test_a_full_local_checkpoint_disk_stops_the_run_naming_it(
     out = capfd.readouterr()
     assert code == 3, out.err[-3000:]
     assert f"the local disk at {full} is full" in out.err and "checkpoint of step 4" in out.err, out.err[-3000:]
-    assert elapsed < 240
     print(f"full disk: the run stopped {elapsed:.0f} s after it started, naming {full}")
