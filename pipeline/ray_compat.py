@@ -221,7 +221,10 @@ def quiet_env(verbose: bool) -> dict[str, str]:
 
 
 def quiet_driver_logs(verbose: bool) -> None:
-    """The same for the job's own process, whose Ray Data logger is already configured."""
+    """The same for the job's own process. Importing ``ray.data`` configures its logger (level
+    DEBUG) and would undo a level set before, so it is imported first."""
+    import ray.data  # noqa: F401
+
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
