@@ -59,6 +59,11 @@ class DataConfig:
     else AWS itself. Credentials come only from the AWS variables: this config is logged."""
     s3_region: str = ""
     """Region for s3:// URIs; empty: ``AWS_DEFAULT_REGION``, else ``us-east-1``."""
+    s3_retry_seconds: float = 300.0
+    """How long a running job keeps retrying (with backoff) an object store it cannot
+    reach (reads, shard writes, checkpoint uploads, Ray Train's own bookkeeping) before it
+    stops with an error naming the endpoint; the same command then resumes. A job still
+    fails fast on a store that is unreachable when it starts."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -98,6 +103,8 @@ class DataConfig:
                 f"data.prepare_max_seconds ({self.prepare_max_seconds}) must be > "
                 f"data.prepare_min_seconds ({self.prepare_min_seconds})"
             )
+        if self.s3_retry_seconds < 0:
+            raise ValueError(f"data.s3_retry_seconds: expected >= 0, got {self.s3_retry_seconds}")
         if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(
                 f"data.s3_endpoint: expected a URL starting with http:// or https://, got {self.s3_endpoint!r}"
@@ -278,12 +285,34 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Keep below the node's CPUs so Ray Data keeps CPUs for decoding (STACK.md)."""
+    worker_resources: list[str] = field(default_factory=list)
+    """Custom Ray resources each worker asks for besides CPUs (and the GPU of ``use_gpu``),
+    as ``name=amount``: workers then run only on nodes that advertise them (a node type's
+    own resource, or a multi-node test cluster's stand-in for GPUs)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"scaling.num_workers: expected >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"scaling.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+        self.resources()
+
+    def resources(self) -> dict[str, float]:
+        """``worker_resources`` as a mapping; ValueError naming a bad entry."""
+        out = {}
+        for item in self.worker_resources:
+            name, _, amount = str(item).partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+                raise ValueError(
+                    f"scaling.worker_resources: expected entries like 'trainer=1' (a custom resource and a "
+                    f"positive amount; CPU and GPU have their own settings), got {item!r}"
+                )
+            out[name.strip()] = value
+        return out
 
 
 @dataclass(kw_only=True)
@@ -298,6 +327,9 @@ class CheckpointConfig:
     keep_last: int = 3
     max_failures: int = 3
     """Worker failures tolerated; each restarts from the newest checkpoint."""
+    local_dir: str = ""
+    """Where each worker writes its part of a checkpoint before uploading it (a large local
+    disk on the training nodes); empty: the system's temporary directory."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:

@@ -118,11 +118,12 @@ class DatasetInfo:
         return storage.join(self.root, shard.path)
 
 
-def read_dataset_info(uri: str, store: storage.Storage | None = None) -> DatasetInfo:
-    """Read and check ``<uri>/summary.json``; errors name the file and what is missing."""
+def read_dataset_info(uri: str, store: storage.Storage | None = None, *, wait: bool = False) -> DatasetInfo:
+    """Read and check ``<uri>/summary.json``; errors name the file and what is missing.
+    ``wait``: a store that cannot be reached is waited for (see :func:`storage.check_reachable`)."""
     if not uri:
         raise ValueError("data.train_uri: expected the root of a prepared dataset (jobs.prepare --output), got ''")
-    storage.check_reachable(uri, store)
+    storage.check_reachable(uri, store, wait=wait)
     path = storage.join(uri, S.SUMMARY_FILE)
     if not storage.exists(path, store):
         raise ValueError(f"data.train_uri: {path!r} does not exist; run `python -m jobs.prepare --output {uri}` first")
@@ -175,10 +176,17 @@ _NOTHING_SEEN: frozenset[int] = frozenset()
 
 def plan_units(
     num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
-    extra_splits: list[int],
+    extra_splits: list[int], batches: list[int] | None = None, max_batches: int | None = None,
 ) -> list[list[Unit]]:
-    """Read tasks as lists of units, finished units left out."""
+    """Read tasks as lists of units, finished units left out.
+
+    ``max_batches``: stop once the units planned hold that many batches (``batches``: each
+    shard's count in an epoch, extra splits included): a run that needs 12 epochs of a
+    corpus plans 12, not ``data.max_epochs``, so its start (and every restart) costs read
+    tasks in proportion to what it will read.
+    """
     tasks: list[list[Unit]] = []
+    planned = 0
     for epoch in range(position.epochs_done, max_epochs):
         order = shard_order(num_shards, shuffle_seed, epoch).tolist()
         if position.touches(epoch):
@@ -188,32 +196,113 @@ def plan_units(
             ]
         else:
             pending = [(epoch, s, _NOTHING_SEEN, extra_splits[s]) for s in order]
+        if max_batches is not None and batches is not None:
+            for i, unit in enumerate(pending):
+                planned += batches[unit[1]] - len(unit[2])
+                if planned >= max_batches:
+                    pending = pending[:i + 1]
+                    break
         tasks.extend(pending[i:i + per_task] for i in range(0, len(pending), per_task))
+        if max_batches is not None and planned >= max_batches:
+            break
     return tasks
 
 
-def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None) -> list[np.ndarray]:
-    """Utterance lengths of each shard in row order, from the manifest (no audio read)."""
+def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None) -> Iterator[np.ndarray]:
+    """Utterance lengths of each of ``shards`` in row order, from the manifest (no audio read).
+
+    The manifest (sorted by split, shard, row) is streamed a record batch at a time and one
+    shard's lengths are held at once, so planning a corpus of 10^7 files needs the memory of
+    one shard, not of the corpus.
+    """
     uri = storage.join(info.root, S.MANIFEST_FILE)
-    table = storage.read_table(uri, [S.SHARD, S.ROW, S.NUM_SAMPLES], store)
-    table = table.sort_by([(S.SHARD, "ascending"), (S.ROW, "ascending")])
-    encoded = table.column(S.SHARD).combine_chunks().dictionary_encode()
-    codes = encoded.indices.to_numpy()
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
-    spans = {encoded.dictionary[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)
-             if b > a}
-    rows = table.column(S.ROW).to_numpy()
-    lengths = table.column(S.NUM_SAMPLES).to_numpy()
-    out = []
-    for s in shards:
-        a, b = spans.get(s.path, (0, 0))
-        if b - a != s.num_rows or not np.array_equal(rows[a:b], np.arange(s.num_rows)):
+    wanted = {s.path: s for s in shards}
+    found: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
+    next_index = 0
+    for path, rows, lengths in _manifest_runs(uri, store):
+        shard = wanted.get(path)
+        if shard is None:
+            continue
+        if path in seen:
+            raise ValueError(f"{uri}: the rows of shard {path} are not together; run jobs.prepare again")
+        if len(rows) != shard.num_rows or not np.array_equal(rows, np.arange(shard.num_rows)):
             raise ValueError(
-                f"{uri}: has {b - a} rows for shard {s.path}, {S.SUMMARY_FILE} says {s.num_rows}; "
+                f"{uri}: has {len(rows)} rows for shard {path}, {S.SUMMARY_FILE} says {shard.num_rows}; "
                 "was jobs.prepare interrupted? Run it again."
             )
-        out.append(lengths[a:b].astype(np.int64))
-    return out
+        seen.add(path)
+        found[path] = lengths
+        # Handed out in the order asked for as soon as ready: both orders are by path, so
+        # nothing waits unless a manifest was written in another order.
+        while next_index < len(shards) and shards[next_index].path in found:
+            yield found.pop(shards[next_index].path)
+            next_index += 1
+    if next_index < len(shards):
+        missing = shards[next_index]
+        raise ValueError(
+            f"{uri}: has no rows for shard {missing.path}, {S.SUMMARY_FILE} says {missing.num_rows}; "
+            "was jobs.prepare interrupted? Run it again."
+        )
+
+
+def _manifest_runs(uri: str, store: storage.Storage | None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(shard, rows, lengths)`` for each run of consecutive manifest rows of one shard."""
+    fs, path = storage.resolve(uri, store)
+    with fs.open_input_file(path) as handle:
+        current = ""
+        rows: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1 << 16, columns=[S.SHARD, S.ROW, S.NUM_SAMPLES]):
+            encoded = batch.column(S.SHARD).dictionary_encode()
+            codes = encoded.indices.to_numpy()
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
+            row = batch.column(S.ROW).to_numpy()
+            num = batch.column(S.NUM_SAMPLES).to_numpy()
+            for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+                shard = encoded.dictionary[int(codes[a])].as_py()
+                if shard != current:
+                    if rows:
+                        yield current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64)
+                    current, rows, lengths = shard, [], []
+                rows.append(row[a:b])
+                lengths.append(num[a:b])
+        if rows:
+            yield current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64)
+
+
+def _spec(cfg: DataConfig) -> BatchSpec:
+    return BatchSpec(
+        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
+        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
+    )
+
+
+def _planned_counts(
+    cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec, store: storage.Storage | None
+) -> tuple[list[int], list[int]]:
+    """(batches, extra splits) of each shard of ``split`` in one epoch, from the lengths alone
+    (before any audio is read): the extra splits make every epoch's batch count a multiple
+    of the worker count."""
+    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, info.split(split), store)]
+    if sum(c for c, _ in counts) == 0:
+        raise ValueError(
+            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
+        )
+    extra = spread_extra_splits(counts, num_splits)
+    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
+        warnings.warn(
+            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
+            "streaming_split(equal=True) drops the remainder at the end of the stream",
+            stacklevel=3,
+        )
+    return [c for c, _ in counts], extra
+
+
+def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int) -> list[int]:
+    """Batches of each shard of ``split`` in one epoch (extra splits included), in shard order."""
+    counts, extra = _planned_counts(cfg, info, split, num_splits, _spec(cfg), storage.Storage.for_data(cfg))
+    return [c + e for c, e in zip(counts, extra, strict=True)]
 
 
 def build_train_dataset(
@@ -223,6 +312,8 @@ def build_train_dataset(
     position: dict | None = None,
     seed: int = 0,
     num_splits: int = 1,
+    wait: bool = False,
+    max_batches: int | None = None,
 ) -> ray.data.Dataset:
     """The training stream of ``cfg.train_uri``'s ``split`` as a Ray Dataset of ready batches.
 
@@ -231,11 +322,16 @@ def build_train_dataset(
     the checkpoint being resumed. ``seed``: the crop offsets. ``num_splits``: the number
     of training workers (``scaling.num_workers``); each epoch's batch count is made a
     multiple of it, so ``streaming_split(equal=True)`` drops nothing at the end.
+    ``wait``: ride out an object store that cannot be reached (a restart of a running
+    job) instead of failing fast (a job that starts). ``max_batches``: the most batches
+    all consumers together will take (the run's remaining updates x workers x
+    accumulation); the stream ends soon after instead of planning every epoch of
+    ``data.max_epochs``.
     """
     import ray.data
 
-    store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
-    info = read_dataset_info(cfg.train_uri, store)
+    store = storage.Storage.for_data(cfg)
+    info = read_dataset_info(cfg.train_uri, store, wait=wait)
     if info.sample_rate != cfg.sample_rate:
         raise ValueError(
             f"data.sample_rate: {cfg.train_uri} holds {info.sample_rate} Hz audio, the config expects "
@@ -246,34 +342,18 @@ def build_train_dataset(
         raise ValueError(f"{cfg.train_uri}: the {split!r} split has no shards (see {S.SUMMARY_FILE})")
     if num_splits < 1:
         raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
-    spec = BatchSpec(
-        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
-        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
-    )
+    spec = _spec(cfg)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
         seed=seed, num_splits=num_splits,
     )
-    # Batch counts depend on lengths alone: make every epoch's total a multiple of the
-    # worker count here, before any audio is read.
-    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, shards, store)]
-    if sum(c for c, _ in counts) == 0:
-        raise ValueError(
-            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
-        )
-    extra = spread_extra_splits(counts, num_splits)
-    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
-        warnings.warn(
-            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
-            "streaming_split(equal=True) drops the remainder at the end of the stream",
-            stacklevel=2,
-        )
+    counts, extra = _planned_counts(cfg, info, split, num_splits, spec, store)
     plan = f"{info.version}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
         len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
-        extra_splits=extra,
+        extra_splits=extra, batches=[c + e for c, e in zip(counts, extra, strict=True)], max_batches=max_batches,
     )
     if not tasks:
         raise ValueError(

@@ -146,7 +146,7 @@ class Targets:
         from pipeline.data import schema as S
         from pipeline.data import storage
 
-        store = storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+        store = storage.Storage.for_data(cfg.data)
         uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
         if not storage.exists(uri, store):
             raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")

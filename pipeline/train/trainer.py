@@ -46,7 +46,7 @@ def make_run_name(cfg: Config) -> str:
 
 def storage_for(cfg: Config) -> storage.Storage:
     """How to reach s3:// URIs (endpoint/region from the data section or the AWS variables)."""
-    return storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+    return storage.Storage.for_data(cfg.data)
 
 
 def latest_checkpoint_uri(
@@ -99,20 +99,32 @@ class TrainDataFactory:
     num_workers: int
     run_uri: str
     store: storage.Storage
+    max_steps: int = 0
+    """The run's ``train.max_steps`` (0: stream every epoch of ``data.max_epochs``)."""
+    grad_accum: int = 1
+    started: bool = False
+    """Set after the first worker group's dataset: later calls are restarts of a running
+    run, which ride out an object store that cannot be reached instead of failing fast."""
 
-    def position(self) -> dict[str, Any] | None:
+    def position(self) -> tuple[dict[str, Any] | None, int]:
+        """(data position, step) of the checkpoint the workers resume from; (None, 0) when none."""
         uri = latest_checkpoint_uri(self.run_uri, self.store, recorded_only=True)
         if uri is None:
-            return None
-        return read_trainer_state(uri, self.store).data_position
+            return None, 0
+        state = read_trainer_state(uri, self.store)
+        return state.data_position, state.step
 
     def __call__(self) -> Any:
         from pipeline.data.loader import build_train_dataset
 
-        position = self.position()
+        position, step = self.position()
+        # What the run will still read: its remaining updates, on every worker.
+        needed = max(1, self.max_steps - step) * self.grad_accum * self.num_workers if self.max_steps else None
         ds = build_train_dataset(
             self.data, split="train", position=position, seed=self.seed, num_splits=self.num_workers,
+            wait=self.started, max_batches=needed,
         )
+        self.started = True
         # The progress line of rank 0 says how training goes; Ray Data's bars for the
         # split only interleave with it.
         ds.context.enable_progress_bars = False
@@ -208,7 +220,7 @@ def fit_run(
         tracker.set_tag(key, value)
 
     use_gpu = cfg.scaling.use_gpu
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources()}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -234,12 +246,16 @@ def fit_run(
         ),
         datasets={"train": TrainDataFactory(
             cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
+            max_steps=cfg.train.max_steps, grad_accum=cfg.train.grad_accum,
         )},
     )
     try:
         trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracker.end("FAILED")
+        cause = storage.failure_in(e)
+        if cause is not None:
+            raise cause from e
         raise
     if storage.exists(abort_uri, store):
         info = storage.read_json(abort_uri, store)
