@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("jobs.benchmarks.data", "decoding shards: plain soundfile vs the Ray Data training input, local and S3"),
     "pretraining-value": ("jobs.benchmarks.pretraining_value", "pretrained vs random-init vs log-mel with 10 min of labels (CPC-style table)"),
     "objectives": ("jobs.benchmarks.objectives", "every objective at equal compute, probed and fine-tuned on held-out voices"),
+    "probe": ("jobs.benchmarks.probe", "the frozen-feature probe of one model, as a sweep scores its trials"),
 }
 
 
