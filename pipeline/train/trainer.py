@@ -162,12 +162,12 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None, verbose: bool =
         from pipeline.tracking import default_tracking_uri
 
         labels = training_labels(cfg, tracking_uri=default_tracking_uri(cfg))
-        _check_resumed_labels(cfg, run_name or cfg.checkpoint.run_name, labels)
+        check_resumed_labels(cfg, run_name or cfg.checkpoint.run_name, labels)
     return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as), verbose=verbose,
                    labels=labels)
 
 
-def _check_resumed_labels(cfg: Config, run_name: str, labels: Any) -> None:
+def check_resumed_labels(cfg: Config, run_name: str, labels: Any) -> None:
     """A run being resumed continues on the labels it started with; refused here, before any
     worker starts, when the label set was remade with other settings since."""
     if not run_name:

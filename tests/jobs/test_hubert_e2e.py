@@ -31,7 +31,7 @@ from pipeline.data import schema as S
 from pipeline.data import storage
 from pipeline.label.job import KILL_ONCE_ENV, run_labelling, training_labels
 from pipeline.tracking import Tracker
-from pipeline.train.trainer import _check_resumed_labels, run_pretraining
+from pipeline.train.trainer import check_resumed_labels, run_pretraining
 
 pytestmark = pytest.mark.e2e
 
@@ -177,6 +177,6 @@ def test_hubert_on_two_zero2_workers_resumes_on_its_labels(data_uri: str, labell
     # Had the set been relabelled since (another version under the same name), the run could
     # not go on: its checkpoint's data position names the labels it trained on.
     spec = training_labels(cfg)
-    _check_resumed_labels(cfg, "hubert", spec)
+    check_resumed_labels(cfg, "hubert", spec)
     with pytest.raises(ValueError, match=f"label version {spec.version}.*cannot change its targets midway"):
-        _check_resumed_labels(cfg, "hubert", dataclasses.replace(spec, version="0123456789ab"))
+        check_resumed_labels(cfg, "hubert", dataclasses.replace(spec, version="0123456789ab"))
