@@ -115,7 +115,7 @@ def render(results: dict[str, Any]) -> str:
         f"  downstream, equal for all rows: probe {s['probe_steps']} updates of a conv CTC head; "
         f"fine-tune {s['finetune_steps']} updates",
         "",
-        f"  {'row':<58} {'params':>8} {'updates':>8} {'label s':>8} {'audio-s/s':>10} {'probe CER':>10} "
+        f"  {'row':<62} {'params':>8} {'updates':>8} {'label s':>8} {'audio-s/s':>10} {'probe CER':>10} "
         f"{'fine-tuned CER':>15}",
     ]
     for row in results["rows"]:
@@ -123,7 +123,7 @@ def render(results: dict[str, Any]) -> str:
         updates = str(row["updates"]) if row.get("updates") else "-"
         speed = f"{row['audio_s_per_s']:.0f}" if row.get("audio_s_per_s") else "-"
         labelling = f"{row['label_seconds']:.0f}" if row.get("label_seconds") else "-"
-        lines.append(f"  {row['label']:<58} {params:>8} {updates:>8} {labelling:>8} {speed:>10} "
+        lines.append(f"  {row['label']:<62} {params:>8} {updates:>8} {labelling:>8} {speed:>10} "
                      f"{pct(row.get('probe_cer')):>10} {pct(row.get('finetune_cer')):>15}")
     lines += [
         "  (character error rates on the held-out voices; greedy CTC decoding, no language model; lower is better;",
