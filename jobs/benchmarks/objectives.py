@@ -7,16 +7,17 @@
    seeded): unlabelled speech from the training voices for pretraining, 10 minutes of
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
 2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ; encoders
-   of the same width and depth) pretrains for the same **seconds of training**
-   (``train.max_seconds``), on one worker with one CPU: an objective that costs more per
-   update reaches fewer updates, which is what it costs. The table shows the updates each
-   reached and its audio seconds per second. HuBERT and WavLM (``hubert_laptop``,
-   ``wavlm_laptop``) first label the corpus (``jobs.label``: MFCC, 100 clusters), and that
-   labelling's seconds come out of their budget; ``<preset>:2`` runs HuBERT's two
-   iterations in the one budget: the first (labelling included) gets 40% of it (the paper's
-   250k of 650k updates), then the corpus is labelled again from layer 1 of that model (500
-   clusters, ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model trains on
-   what is left.
+   of the same width and depth) pretrains for the same **CPU-seconds of training**
+   (``train.max_seconds``, counted by ``train.budget_clock``: the training process's CPU
+   time on CPU, so other load on the machine moves nothing), on one worker: an objective
+   that costs more per update reaches fewer updates, which is what it costs. The table shows
+   the updates each reached and its audio seconds per second. HuBERT and WavLM
+   (``hubert_laptop``, ``wavlm_laptop``) first label the corpus (``jobs.label``: MFCC, 100
+   clusters), and that labelling's seconds come out of their budget; ``<preset>:2`` runs
+   HuBERT's two iterations in the one budget: the first (labelling included) gets 40% of it
+   (the paper's 250k of 650k updates), then the corpus is labelled again from layer 1 of that
+   model (500 clusters, ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model
+   trains on what is left.
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.benchmarks.pretraining_value import _fmt, finetune, make_data, pretrain, probes, random_checkpoint
+from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain, probes, random_checkpoint
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "hubert": "HuBERT"}
 FIRST_ITERATION_SHARE = 0.4
@@ -110,7 +111,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "objectives: the same data, encoder size and compute for each objective, then the same probe",
         f"  seed {s['seed']} | pretraining: {s['pretrain_minutes']:.1f} min unlabelled, {s['num_train_voices']} voices, "
-        f"{s['seconds']:g} s of training each (1 worker, 1 CPU) | labels: {s['label_minutes']:.1f} min | "
+        f"{s['seconds']:g} CPU-s of training each (1 worker) | labels: {s['label_minutes']:.1f} min | "
         f"test: {s['test_minutes']:.1f} min, held-out voices {s['test_voices']}",
         f"  downstream, equal for all rows: probe {s['probe_steps']} updates of a conv CTC head; "
         f"fine-tune {s['finetune_steps']} updates",
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated presets, one row each; <hubert preset>:2 runs HuBERT's two iterations "
                              "in the budget (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
-                        help="seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
+                        help="CPU-seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/objectives")
     parser.add_argument("--pretrain-minutes", type=float, default=40.0)
@@ -153,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra pretraining overrides, the same for every objective")
     args = parser.parse_args(argv)
 
-    import torch
-
     from jobs.evaluate import evaluate
     from models.factory import count_parameters
-    from pipeline.cluster import connect_ray
     from pipeline.config import preset_config
     from pipeline.probe import load_labelled_set
     from pipeline.train.checkpoint import read_state
@@ -169,20 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if iterations and (not iterations.isdigit() or not 1 <= int(iterations) <= 2
                            or preset_config(name).model.objective != "hubert"):
             parser.error(f"--objectives: {p!r}: ':N' (N = 1 or 2) is for HuBERT presets only")
-    torch.set_num_threads(1)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[objectives {_fmt(time.perf_counter() - t_all)}] {msg}", flush=True)
-
-    wall: dict[str, float] = {}
-    connect_ray()
-    t0 = time.perf_counter()
-    data = make_data(work, seed=args.seed, pretrain_minutes=args.pretrain_minutes, label_minutes=args.label_minutes,
-                     test_minutes=args.test_minutes, log=log)
-    wall["data"] = time.perf_counter() - t0
+    session = Session("objectives", args)
+    work, data, log, t_all = session.work, session.data, session.log, session.started
+    wall: dict[str, float] = {"data": session.data_seconds}
 
     rows: list[dict[str, Any]] = [{"key": "logmel", "label": "log-mel filterbank (80)", "checkpoint": None}]
     random_rows: dict[str, dict[str, Any]] = {}
