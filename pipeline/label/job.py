@@ -20,7 +20,9 @@ Stages (``jobs.label``; Ray must be initialised):
    and cluster x character co-occurrence in its footer.
 5. commit (driver): every shard labelled, every utterance once with the frames its length
    gives; ``summary.json`` with the cluster usage and the purity measures
-   (:mod:`pipeline.label.purity`), written last; other versions of the set removed.
+   (:mod:`pipeline.label.purity`), written last; other versions of the set removed. Its
+   cost is recorded twice: elapsed ``seconds`` and ``cpu_seconds`` (the actors' and the
+   fit's CPU time, what a CPU compute budget counts, unmoved by other load).
 
 Layout: :mod:`pipeline.data.labels`. Pretraining (objective ``hubert``) reads the set the
 run's settings name through :func:`training_labels`, which refuses any other.
@@ -302,6 +304,7 @@ class _Sampler(_Worker):
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for item in batch.to_pylist():
+            cpu0 = time.process_time()
             table = self._shard(item["shard"], [S.AUDIO, S.NUM_SAMPLES])
             feats = [self.extractor(self._audio(table, r)) for r in json.loads(item["rows"])]
             x = np.concatenate(feats) if feats else np.zeros((0, self.extractor.dim), np.float32)  # (N, C)
@@ -309,16 +312,19 @@ class _Sampler(_Worker):
                 rng = np.random.default_rng([self.plan.seed, int(item["index"])])
                 x = x[np.sort(rng.choice(len(x), item["quota"], replace=False))]
             x = np.ascontiguousarray(x, dtype=np.float32)
-            out.append({"features": x.tobytes(), "frames": len(x), "dim": x.shape[1]})
+            out.append({"features": x.tobytes(), "frames": len(x), "dim": x.shape[1],
+                        "cpu_seconds": time.process_time() - cpu0})
         return pa.Table.from_pylist(out, schema=pa.schema([
-            ("features", pa.large_binary()), ("frames", pa.int64()), ("dim", pa.int64())]))
+            ("features", pa.large_binary()), ("frames", pa.int64()), ("dim", pa.int64()),
+            ("cpu_seconds", pa.float64())]))
 
 
 # --- stage 4: label -----------------------------------------------------------------------------
 
 
 STATS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("frames", pa.int64()),
-                          ("reused", pa.bool_()), ("stats", pa.string()), ("seconds", pa.float64())])
+                          ("reused", pa.bool_()), ("stats", pa.string()), ("seconds", pa.float64()),
+                          ("cpu_seconds", pa.float64())])
 
 
 def _file_stats(uri: str, store: storage.Storage) -> tuple[dict[str, Any], pa.Table] | None:
@@ -342,7 +348,7 @@ class _Labeller(_Worker):
         return pa.Table.from_pylist([self.label_shard(item) for item in batch.to_pylist()], schema=STATS_SCHEMA)
 
     def label_shard(self, item: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         plan = self.plan
         out_uri = storage.join(plan.version_uri, L.shard_label_path(item["shard"]))
         table = self._shard(item["shard"], [S.ID, S.NUM_SAMPLES, S.AUDIO, S.TRANSCRIPT])
@@ -354,7 +360,8 @@ class _Labeller(_Worker):
             stats, done = found
             if done.column(S.ID).to_pylist() == ids and np.array_equal(done.column(L.NUM_FRAMES).to_numpy(), expected):
                 return {"shard": item["shard"], "rows": len(ids), "frames": int(expected.sum()), "reused": True,
-                        "stats": json.dumps(stats), "seconds": time.perf_counter() - t0}
+                        "stats": json.dumps(stats), "seconds": time.perf_counter() - t0,
+                        "cpu_seconds": time.process_time() - cpu0}
         stats = LabelStats(plan.clusters)
         transcripts = table.column(S.TRANSCRIPT).to_pylist()
         labels = []
@@ -372,7 +379,8 @@ class _Labeller(_Worker):
         ], schema=L.LABEL_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats.to_json()).encode()}))
         _write_atomically(result, out_uri, plan)
         return {"shard": item["shard"], "rows": len(ids), "frames": int(expected.sum()), "reused": False,
-                "stats": json.dumps(stats.to_json()), "seconds": time.perf_counter() - t0}
+                "stats": json.dumps(stats.to_json()), "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - cpu0}
 
 
 def _write_atomically(table: pa.Table | bytes, uri: str, plan: Plan, *, fault_point: bool = True) -> None:
@@ -438,7 +446,7 @@ def fit_kmeans(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[
         saved = np.load(_open_npz(uri, store))
         progress(f"label: reusing the k-means fit at {uri}")
         return {"inertia": float(saved["inertia"]), "sample_frames": int(saved["sample_frames"]), "seconds": 0.0,
-                "reused": True}
+                "cpu_seconds": 0.0, "reused": True}
     t0 = time.perf_counter()
     lab = cfg.label
     items = sample_items(manifest, r, lab.sample_fraction, lab.max_sample_frames)
@@ -446,15 +454,19 @@ def fit_kmeans(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[
         raise ValueError(f"{cfg.data.train_uri}: no train utterance long enough to sample (label.sample_fraction="
                          f"{lab.sample_fraction})")
     parts = []
+    cpu = 0.0
     for table in _map(items, _Sampler, r.plan, cfg):
         for rec in table.to_pylist():
+            cpu += rec["cpu_seconds"]
             if rec["frames"]:
                 parts.append(np.frombuffer(rec["features"], dtype=np.float32).reshape(rec["frames"], rec["dim"]))
     sample = np.concatenate(parts)
     t_sample = time.perf_counter() - t0
     progress(f"label: {len(sample)} frames sampled from {len(items)} shards in {t_sample:.0f} s; fitting "
              f"{cfg.model.hubert.clusters} clusters")
+    cpu0 = time.process_time()  # the fit runs here, in the driver (scikit-learn's threads included)
     centroids, inertia = K.fit(sample, kmeans_settings(cfg))
+    cpu += time.process_time() - cpu0
     import io
 
     buf = io.BytesIO()
@@ -462,7 +474,8 @@ def fit_kmeans(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[
     _write_atomically(buf.getvalue(), uri, r.plan, fault_point=False)
     seconds = time.perf_counter() - t0
     progress(f"label: k-means fitted in {seconds - t_sample:.0f} s (inertia {inertia:.4g} per frame)")
-    return {"inertia": inertia, "sample_frames": int(len(sample)), "seconds": round(seconds, 1), "reused": False}
+    return {"inertia": inertia, "sample_frames": int(len(sample)), "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu, 1), "reused": False}
 
 
 def run_labelling(cfg: Config, *, force: bool = False, progress: Callable[[str], None] = print,
@@ -532,6 +545,7 @@ def _commit(r: Resolved, manifest: pa.Table, results: list[dict[str, Any]], fit:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
         "seconds_labelling": round(seconds_labelling, 1),
+        "cpu_seconds": round(fit["cpu_seconds"] + sum(float(x["cpu_seconds"]) for x in results), 1),
         "settings": r.settings,
         "stride": r.stride,
         "window": r.window,

@@ -48,3 +48,15 @@ def test_the_objectives_table_counts_labelling_and_refuses_iterations_of_other_o
     }
     table = render(results)
     assert "label s" in table and " 12 " in table and "50.0%" in table
+
+
+def test_labelling_counts_in_the_clock_the_training_budget_counts_in(monkeypatch):
+    """On CPU the budget is CPU-seconds, so a HuBERT row pays its labelling's CPU-seconds
+    (not its elapsed time, which other load on the machine stretches); with
+    ``train.budget_clock=wall``, its elapsed seconds."""
+    import pipeline.label.job as job
+    from jobs.benchmarks.objectives import label_corpus
+
+    monkeypatch.setattr(job, "run_labelling", lambda cfg, progress: {"seconds": 50.0, "cpu_seconds": 20.0})
+    assert label_corpus("hubert_laptop", "data", [], print) == 20.0
+    assert label_corpus("hubert_laptop", "data", ["train.budget_clock=wall"], print) == 50.0

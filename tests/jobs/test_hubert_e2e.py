@@ -115,6 +115,7 @@ def test_labelling_on_the_object_store_labels_every_frame_once_through_a_killed_
             assert 0 <= min(ids) and max(ids) < CLUSTERS
     assert seen == dict.fromkeys(expected, 1), "an utterance without labels, or labelled twice"
     assert summary["utterances"] == len(expected) and summary["stride"] == 160
+    assert summary["kmeans"]["cpu_seconds"] > 0 and summary["cpu_seconds"] > summary["kmeans"]["cpu_seconds"]
     usage, purity = summary["usage"], summary["purity"]
     assert usage["clusters_used"] > CLUSTERS // 2 and usage["perplexity"] > 4
     assert purity["frames"] == summary["frames"] and 0 < purity["pnmi"] < 1
@@ -134,7 +135,8 @@ def test_labelling_on_the_object_store_labels_every_frame_once_through_a_killed_
         fs.delete_file(path)
     resumed = run_labelling(_config(data_uri), progress=lambda _: None)
     assert resumed["version"] == summary["version"] and resumed["shards_reused"] == len(shards) - 1
-    assert resumed["kmeans"]["reused"] is True
+    assert resumed["kmeans"]["reused"] is True and resumed["kmeans"]["cpu_seconds"] == 0
+    assert 0 < resumed["cpu_seconds"] < summary["cpu_seconds"], "a resumed job counts only what it redid"
     assert storage.read_table(storage.join(set_uri, summary["version"], gone)).equals(before)
     assert resumed["usage"] == summary["usage"] and resumed["purity"] == summary["purity"]
 
