@@ -18,7 +18,8 @@
    first (labelling included) gets 40% of it (the paper's 250k of 650k updates), then the
    corpus is labelled again from layer 1 of that model (500 clusters,
    ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model trains on what is
-   left.
+   left; the first iteration's model gets a row of its own (``it. 1 of 2``), so the table
+   shows the probe after each iteration.
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -82,20 +83,23 @@ def label_corpus(preset: str, data: str, overrides: list[str], log: Any) -> floa
 
 
 def pretrain_budgeted(work: Path, data: str, *, preset: str, iterations: int, seed: int, seconds: float,
-                      overrides: list[str], log: Any) -> tuple[Path, dict[str, float]]:
+                      overrides: list[str], log: Any) -> tuple[Path, dict[str, Any]]:
     """Pretrain ``preset`` within ``seconds`` in all: for HuBERT, labelling first (its time out of
-    the budget), and with ``iterations`` 2 the second iteration on labels of the first's model."""
+    the budget), and with ``iterations`` 2 the second iteration on labels of the first's model.
+    The info's ``earlier`` lists the iterations before the last (checkpoint, labelling
+    seconds), so the table can show what each iteration added."""
     from pipeline.config import preset_config
     from pipeline.train.checkpoint import read_state
 
     if preset_config(preset).model.objective != "hubert":
         ckpt, secs = pretrain(work, data, seed=seed, steps=10**9, seconds=seconds, overrides=overrides, log=log,
                               preset=preset, log_every=50)
-        return ckpt, {"label_seconds": 0.0, "wall": secs}
+        return ckpt, {"label_seconds": 0.0, "wall": secs, "earlier": []}
     spent = 0.0
     label_seconds = 0.0
     extra: list[str] = []
     ckpt = None
+    earlier: list[dict[str, Any]] = []
     for it in range(1, iterations + 1):
         items = overrides + extra
         took = label_corpus(preset, data, items, log)
@@ -108,8 +112,10 @@ def pretrain_budgeted(work: Path, data: str, *, preset: str, iterations: int, se
                            preset=preset, log_every=50)
         spent += read_state(ckpt).train_seconds
         extra = SECOND_ITERATION + [f"label.teacher={ckpt}"]
+        if it < iterations:
+            earlier.append({"checkpoint": ckpt, "label_seconds": label_seconds})
     assert ckpt is not None
-    return ckpt, {"label_seconds": label_seconds, "wall": float("nan")}
+    return ckpt, {"label_seconds": label_seconds, "wall": float("nan"), "earlier": earlier}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -196,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_model(str(ckpt)).model
         what = f" {int(iterations)} iterations" if iterations and int(iterations) > 1 else ""
+        for i, it in enumerate(info["earlier"], start=1):  # what the first iteration alone reached
+            st = read_state(it["checkpoint"])
+            rows.append({
+                "key": f"{key}@{i}", "label": f"{_name(cfg)} it. {i} of {iterations} ({preset}, {_describe(cfg)})",
+                "checkpoint": str(it["checkpoint"]), "params": count_parameters(model.encoder), "updates": st.step,
+                "audio_s_per_s": st.metrics.get("speed/audio_s_per_s"), "train_seconds": st.train_seconds,
+                "label_seconds": it["label_seconds"],
+            })
         rows.append({
             "key": key, "label": f"{_name(cfg)}{what} ({preset}, {_describe(cfg)})",
             "checkpoint": str(ckpt), "params": count_parameters(model.encoder), "updates": state.step,
@@ -219,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             extra = [f"train.init_from={r['checkpoint']}"] if r["checkpoint"] else [
                 "finetune.frontend=logmel", f"data.normalize={str(normalize).lower()}"]
-            ckpt, secs = finetune(work, data["labelled"], name=r["key"].replace(" ", "-").replace("+", "").replace(":", "-"),
-                                  seed=args.seed, steps=args.finetune_steps, extra=extra, log=log)
+            name = r["key"].replace(" ", "-").replace("+", "").replace(":", "-").replace("@", "-it")
+            ckpt, secs = finetune(work, data["labelled"], name=name, seed=args.seed, steps=args.finetune_steps,
+                                  extra=extra, log=log)
             wall[f"finetune {r['key']}"] = secs
             ev, _ = evaluate(str(ckpt), data["test"])
             r["finetune_cer"] = ev.summary["cer"]
