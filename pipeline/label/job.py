@@ -21,8 +21,10 @@ Stages (``jobs.label``; Ray must be initialised):
 5. commit (driver): every shard labelled, every utterance once with the frames its length
    gives; ``summary.json`` with the cluster usage and the purity measures
    (:mod:`pipeline.label.purity`), written last; other versions of the set removed. Its
-   cost is recorded twice: elapsed ``seconds`` and ``cpu_seconds`` (the actors' and the
-   fit's CPU time, what a CPU compute budget counts, unmoved by other load).
+   cost is recorded twice: elapsed ``seconds`` and ``cpu_seconds`` (the CPU time of the
+   actors' work and of the fit, what a CPU compute budget counts, unmoved by other load;
+   start-up, the actors' imports and model loading, is left out, as a training budget
+   leaves out its own).
 
 Layout: :mod:`pipeline.data.labels`. Pretraining (objective ``hubert``) reads the set the
 run's settings name through :func:`training_labels`, which refuses any other.
