@@ -126,6 +126,16 @@ class TransformerConfig:
     (sinusoids through ``linear_pos``, learned biases u and v; fairseq ``rel_pos``, Hugging
     Face ``position_embeddings_type="relative"``); ``rotary``: rotary embeddings of the
     attention input (fairseq ``rope``, Hugging Face ``"rotary"``, base 10000)."""
+    relative_bias: Literal["none", "gated"] = "none"
+    """Transformer only: ``gated``: WavLM's gated relative position bias (FAMILY.md section 2):
+    a learned bias per head and log-spaced distance bucket, added to every layer's attention
+    scores after a gate computed from that layer's input; the conv positional embedding
+    stays. ``none``: wav2vec 2.0's and HuBERT's attention."""
+    relative_buckets: int = 320
+    """Gated bias only: distance buckets, half for each direction (WavLM's 320)."""
+    relative_max_distance: int = 800
+    """Gated bias only: frames from which distances share the last bucket (Hugging Face's
+    800; UniLM's code defaults to 1280: a checkpoint's own value is what counts)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("transformer", "conformer"):
@@ -136,6 +146,25 @@ class TransformerConfig:
             raise ValueError(
                 f"model.transformer.position: expected 'relative' or 'rotary', got {self.position!r}"
             )
+        if self.relative_bias not in ("none", "gated"):
+            raise ValueError(
+                f"model.transformer.relative_bias: expected 'none' or 'gated', got {self.relative_bias!r}"
+            )
+        if self.relative_bias == "gated":
+            if self.kind != "transformer":
+                raise ValueError(
+                    "model.transformer.relative_bias='gated' (WavLM's) is a Transformer option; the conformer "
+                    "has its own relative positions (model.transformer.position)"
+                )
+            if self.relative_buckets < 4 or self.relative_buckets % 2:
+                raise ValueError(
+                    f"model.transformer.relative_buckets: expected an even number >= 4, got {self.relative_buckets}"
+                )
+            if self.relative_max_distance <= self.relative_buckets // 4:
+                raise ValueError(
+                    f"model.transformer.relative_max_distance ({self.relative_max_distance}) must exceed the exact "
+                    f"range of relative_buckets / 4 ({self.relative_buckets // 4}) frames"
+                )
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"model.transformer.conv_kernel: expected an odd value >= 1, got {self.conv_kernel}")
         for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups"):
@@ -288,7 +317,69 @@ class BestRqConfig:
             raise ValueError(f"model.best_rq.codebook_size: expected >= 2, got {self.codebook_size}")
 
 
-OBJECTIVES = ("wav2vec2", "best_rq")
+@dataclass(kw_only=True)
+class HubertConfig:
+    """HuBERT's targets (FAMILY.md section 1; ``models.hubert``): the k-means cluster id of
+    each frame, made offline by ``jobs.label`` (MFCC features in the first iteration, a
+    layer of the previous iteration's model afterwards: the ``label`` section) and given
+    with every batch. The model scores each cluster by the cosine between a projection of
+    the context (``model.final_dim`` wide) and a learned embedding of the cluster, divided
+    by ``model.loss.logit_temp`` (0.1); the loss is the cross-entropy over masked frames,
+    plus ``model.loss.feature_penalty_weight`` times the mean square of the features."""
+
+    clusters: int = 100
+    """K: clusters of the labelling and classes of the model (the labelling job fits this
+    many; pretraining refuses labels with another number). The loss's chance level is ln(K).
+    HuBERT BASE: 100 on MFCC (iteration 1), 500 on layer 6 of iteration 1 (iteration 2)."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.clusters <= 32767:
+            raise ValueError(f"model.hubert.clusters: expected 2..32767 (ids are stored as int16), got {self.clusters}")
+
+
+@dataclass(kw_only=True)
+class MixingConfig:
+    """WavLM's denoising (FAMILY.md section 2, UniSpeech-SAT's ``mixing_collated_audios``):
+    with probability ``prob`` an utterance of the batch gets an overlay: a segment of another
+    utterance of the same batch (or, with ``noise_prob``, of a clip of the noise set), of a
+    random length up to ``max_ratio`` of the utterance, at random positions in both, scaled
+    to an energy ratio (SNR) drawn uniformly in dB. The targets stay the primary utterance's:
+    the model learns to predict its speaker's units through the interference."""
+
+    prob: float = 0.0
+    """Probability that an utterance is mixed (0: off; WavLM 0.2)."""
+    max_ratio: float = 0.5
+    """Longest overlay, as a share of the primary utterance's length (UniSpeech-SAT's T // 2)."""
+    snr_min: float = -5.0
+    """Lowest primary-to-overlay energy ratio (dB) of an utterance overlay."""
+    snr_max: float = 5.0
+    """Highest ratio (dB) of an utterance overlay (UniSpeech-SAT 5; ESPnet's recipe 20)."""
+    noise_uri: str = ""
+    """A prepared dataset of noise clips (``jobs.prepare`` of a directory of noise files);
+    empty: overlays come from the batch only."""
+    noise_prob: float = 0.0
+    """Share of the mixed utterances whose overlay is noise rather than speech (needs ``noise_uri``)."""
+    noise_snr_min: float = -5.0
+    """Lowest ratio (dB) of a noise overlay."""
+    noise_snr_max: float = 20.0
+    """Highest ratio (dB) of a noise overlay."""
+
+    def __post_init__(self) -> None:
+        for name in ("prob", "noise_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.mixing.{name}: expected in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"model.mixing.max_ratio: expected in (0, 1], got {self.max_ratio}")
+        for lo, hi in (("snr_min", "snr_max"), ("noise_snr_min", "noise_snr_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(
+                    f"model.mixing.{lo} ({getattr(self, lo)}) must be <= model.mixing.{hi} ({getattr(self, hi)})"
+                )
+        if self.noise_prob > 0 and not self.noise_uri:
+            raise ValueError("model.mixing.noise_prob > 0 needs model.mixing.noise_uri (a prepared dataset of noise)")
+
+
+OBJECTIVES = ("wav2vec2", "best_rq", "hubert")
 """What a pretraining model learns to do (``model.objective``)."""
 TARGET_HOP = 160
 """Samples between the log-mel frames that targets are computed from (10 ms)."""
@@ -299,10 +390,12 @@ class ModelConfig:
     """A pretraining model: a front end, a context network and an objective.
 
     ``objective``: ``wav2vec2`` (contrastive over a Gumbel quantizer's codes: ``quantizer``,
-    ``loss``), ``best_rq`` (masked prediction of random-projection codes: ``best_rq``).
+    ``loss``), ``best_rq`` (masked prediction of random-projection codes: ``best_rq``),
+    ``hubert`` (masked prediction of k-means labels made by ``jobs.label``: ``hubert``;
+    WavLM is HuBERT with ``mixing`` and ``transformer.relative_bias='gated'``).
     """
 
-    objective: Literal["wav2vec2", "best_rq"] = "wav2vec2"
+    objective: Literal["wav2vec2", "best_rq", "hubert"] = "wav2vec2"
     """The pretraining objective; every objective trains with any front end and context network."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
@@ -311,6 +404,8 @@ class ModelConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     best_rq: BestRqConfig = field(default_factory=BestRqConfig)
+    hubert: HubertConfig = field(default_factory=HubertConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
     dropout_input: float = 0.1
@@ -334,6 +429,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.objective=best_rq: its targets are 10 ms log-mel frames stacked to the model's frame "
                 f"rate, so the frame stride must be a multiple of {TARGET_HOP} samples, got {self.frame_stride}"
+            )
+        if self.mixing.prob > 0 and self.objective != "hubert":
+            raise ValueError(
+                f"model.mixing.prob={self.mixing.prob}: mixing keeps the primary utterance's targets, which only "
+                f"given labels allow (model.objective=hubert); model.objective is {self.objective!r}"
             )
         cv = self.quantizer.codevector_dim or self.final_dim
         if cv % self.quantizer.groups:
@@ -466,7 +566,53 @@ def best_rq_laptop() -> ModelConfig:
     return cfg
 
 
+def hubert() -> ModelConfig:
+    """HuBERT BASE as fairseq's ``hubert_base_librispeech`` (FAMILY.md section 1): wav2vec 2.0
+    BASE's encoder (group-norm extractor, gradient scale 0.1, 12 post-LN layers of 768 with
+    12 heads as in the code, LayerDrop 0.05), ~57% of frames masked (prob 0.8, spans of 10),
+    cosine logits at temperature 0.1 in a 256-wide space, feature penalty 10, and the first
+    iteration's 100 MFCC clusters (the second: 500 clusters of layer 6, ``label`` section)."""
+    cfg = ModelConfig(objective="hubert")
+    cfg.mask = MaskConfig(prob=0.8, length=10, min_masks=2)
+    cfg.hubert = HubertConfig(clusters=100)
+    cfg.final_dim = 256
+    cfg.loss.logit_temp = 0.1
+    cfg.loss.feature_penalty_weight = 10.0
+    return cfg
+
+
+def hubert_laptop() -> ModelConfig:
+    """HuBERT at the laptop preset's size and with its settings that make a tiny model learn
+    (layer-norm extractor, full encoder gradient, no feature penalty, spans of 5)."""
+    cfg = laptop()
+    cfg.objective = "hubert"
+    cfg.mask.prob = 0.8  # with spans of 5: about HuBERT's 57% of frames masked
+    cfg.hubert = HubertConfig(clusters=100)
+    cfg.loss.logit_temp = 0.1
+    return cfg
+
+
+def wavlm() -> ModelConfig:
+    """WavLM BASE (FAMILY.md section 2): HuBERT BASE with the gated relative position bias
+    (320 buckets, 800 frames as Hugging Face's config) and utterance mixing (20% of the
+    utterances, -5..5 dB, up to half their length); UniLM's masking defaults (0.65, 10)."""
+    cfg = hubert()
+    cfg.transformer.relative_bias = "gated"
+    cfg.mask.prob = 0.65
+    cfg.mixing = MixingConfig(prob=0.2, max_ratio=0.5, snr_min=-5.0, snr_max=5.0)
+    return cfg
+
+
+def wavlm_laptop() -> ModelConfig:
+    """WavLM at the laptop size: ``hubert_laptop`` with the gated relative bias and mixing."""
+    cfg = hubert_laptop()
+    cfg.transformer.relative_bias = "gated"
+    cfg.mixing = MixingConfig(prob=0.2, max_ratio=0.5, snr_min=-5.0, snr_max=5.0)
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+    "hubert": hubert, "hubert_laptop": hubert_laptop, "wavlm": wavlm, "wavlm_laptop": wavlm_laptop,
 }

@@ -7,6 +7,7 @@ from models.config import TARGET_HOP, ModelConfig
 from models.conformer import ConformerEncoder
 from models.feature_encoder import FeatureEncoder, FeatureProjection
 from models.frontends import LogMelFrontend
+from models.hubert import CosineHead
 from models.masked_prediction import MaskedPredictionModel
 from models.quantizer import GumbelVectorQuantizer
 from models.transformer import TransformerEncoder
@@ -39,7 +40,9 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
         transformer = ConformerEncoder(**common, conv_kernel=tr.conv_kernel, position=tr.position)
     else:
         transformer = TransformerEncoder(
-            **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups
+            **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
+            relative_bias=tr.relative_bias, relative_buckets=tr.relative_buckets,
+            relative_max_distance=tr.relative_max_distance,
         )
     # The log-mel front end has no weights: nothing to scale the gradient of.
     grad_mult = cfg.encoder.grad_mult if cfg.frontend.kind == "conv" else 1.0
@@ -50,6 +53,8 @@ def build_pretraining_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining | Masked
     """The self-supervised model of ``cfg``'s objective with fresh weights."""
     if cfg.objective == "best_rq":
         return build_best_rq_model(cfg)
+    if cfg.objective == "hubert":
+        return build_hubert_model(cfg)
     return build_wav2vec2_model(cfg)
 
 
@@ -83,6 +88,18 @@ def build_best_rq_model(cfg: ModelConfig) -> MaskedPredictionModel:
     return MaskedPredictionModel(
         encoder, target_features=target_features, quantizer=quantizer,
         mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
+    )
+
+
+def build_hubert_model(cfg: ModelConfig) -> MaskedPredictionModel:
+    """HuBERT (and WavLM, whose differences are the encoder's gated relative bias and the
+    step's mixing): masked prediction of given k-means labels through cosine logits."""
+    encoder = build_encoder(cfg)
+    head = CosineHead(encoder.dim, cfg.final_dim, cfg.hubert.clusters, logit_temp=cfg.loss.logit_temp)
+    return MaskedPredictionModel(
+        encoder, codebooks=1, codebook_size=cfg.hubert.clusters, head=head,
+        mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
+        feature_penalty_weight=cfg.loss.feature_penalty_weight,
     )
 
 

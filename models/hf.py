@@ -7,7 +7,8 @@ directories that ``transformers.Wav2Vec2ForPreTraining`` / ``Wav2Vec2ForCTC``
 ``Wav2Vec2ForPreTraining``, ``Wav2Vec2Model`` and ``Wav2Vec2ForCTC`` into our models.
 A model whose ``model.transformer.kind`` is ``conformer`` goes to and comes from the
 ``Wav2Vec2Conformer*`` classes instead (``model_type`` ``wav2vec2-conformer``; their
-names, fields and limits are in ``models.hf_conformer``). Reading dispatches on
+names, fields and limits are in ``models.hf_conformer``), a HuBERT or WavLM encoder to and
+from ``HubertModel`` / ``HubertForCTC`` / ``WavLMModel`` / ``WavLMForCTC`` (``models.hf_hubert``). Reading dispatches on
 ``model_type`` in config.json, and state dicts on their own keys (a conformer's layers
 have a depthwise convolution), so the same functions serve both.
 
@@ -31,10 +32,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models import hf_conformer
+from models import hf_conformer, hf_hubert
 from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
+    HubertConfig,
     LossConfig,
     MaskConfig,
     ModelConfig,
@@ -97,6 +99,10 @@ _HF_TO_ENCODER: list[tuple[str, str]] = _FRONT_FROM_HF + [
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.ffn_norm.\2"),
 ]
 
+# WavLM's gated relative position bias (only a gated encoder has these keys).
+_ENCODER_TO_HF += hf_hubert.GATED_TO_HF
+_HF_TO_ENCODER += hf_hubert.GATED_FROM_HF
+
 _CONFORMER_TO_HF = _FRONT_TO_HF + hf_conformer.LAYERS_TO_HF
 _CONFORMER_FROM_HF = _FRONT_FROM_HF + hf_conformer.LAYERS_FROM_HF
 
@@ -131,6 +137,14 @@ def is_conformer_state(state: dict[str, Tensor]) -> bool:
 
 def _base_prefix(conformer: bool) -> str:
     return hf_conformer.BASE_PREFIX if conformer else _BASE_PREFIX
+
+
+def _hf_prefix(state: dict[str, Tensor]) -> str:
+    """The base model's prefix in a HF state dict of any class we read."""
+    for prefix in hf_hubert.PREFIXES.values():
+        if any(k.startswith(prefix) for k in state):
+            return prefix
+    return _base_prefix(is_conformer_state(state))
 
 
 def encoder_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -204,11 +218,12 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def ctc_state_to_hf(state: dict[str, Tensor], *, prefix: str | None = None) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForCTC`` state dict -> HF ``Wav2Vec2ForCTC`` state dict
-    (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``)."""
+    (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``); ``prefix``: the
+    base model's name of another class (``hubert.``, ``wavlm.``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _base_prefix(is_conformer_state(enc))
+    prefix = prefix or _base_prefix(is_conformer_state(enc))
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -221,8 +236,8 @@ def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """HF state dict (any of the three classes, wav2vec 2.0 or Conformer) -> (our encoder keys,
-    our pretraining heads, CTC head)."""
-    prefix = _base_prefix(is_conformer_state(state))
+    our pretraining heads, CTC head); HuBERT's and WavLM's classes too."""
+    prefix = _hf_prefix(state)
     prefixed = any(k.startswith(prefix) for k in state)
     base: dict[str, Tensor] = {}
     heads: dict[str, Tensor] = {}
@@ -330,6 +345,11 @@ def model_config_to_hf(
         hf.update(hf_conformer.config_to_hf(tr))
         if not architecture.startswith("Wav2Vec2Conformer"):
             hf["architectures"] = [hf_conformer.architecture_name(architecture)]
+    kind = hf_hubert.family(cfg)
+    if kind is not None:
+        hf.update(hf_hubert.config_to_hf(cfg, kind))
+        hf["architectures"] = [hf_hubert.architecture_name(kind, architecture)]
+        hf["wavray"]["clusters"] = cfg.hubert.clusters
     return hf
 
 
@@ -352,14 +372,17 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     of SPEC.md (0.65, 10, 2) replaces them, with a warning.
     """
     model_type = hf.get("model_type", "wav2vec2")
-    if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE):
+    if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES):
         raise ValueError(
             f"config.json: model_type: expected 'wav2vec2', got {model_type!r}; "
-            f"the only other type read is {hf_conformer.MODEL_TYPE!r}"
+            f"the other types read are {[hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES]}"
         )
     conformer = model_type == hf_conformer.MODEL_TYPE
+    hubert = model_type in hf_hubert.MODEL_TYPES
     problems: list[str] = []
     conformer_fields = hf_conformer.transformer_fields_from_hf(hf, problems) if conformer else {}
+    if hubert:
+        conformer_fields = hf_hubert.fields_from_hf(hf, problems)
     for key, expected in (
         ("feat_extract_activation", "gelu"), ("add_adapter", False), ("adapter_attn_dim", None),
         *([] if conformer else [("hidden_act", "gelu")]),
@@ -399,7 +422,7 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
 
     if for_pretraining and not written_by_us:
         hf_mask = (_get(hf, "mask_time_prob", 0.05), _get(hf, "mask_time_length", 10), _get(hf, "mask_time_min_masks", 2))
-        mask = MaskConfig()
+        mask = MaskConfig(prob=0.8) if model_type == hf_hubert.HUBERT else MaskConfig()
         if hf_mask != (mask.prob, mask.length, mask.min_masks):
             warnings.warn(
                 f"config.json: mask_time_prob/length/min_masks {hf_mask} are Hugging Face fine-tuning "
@@ -422,6 +445,8 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     final_dim = int(_get(hf, "proj_codevector_dim", 256))
     codevector_dim = int(_get(hf, "codevector_dim", 256))
     return ModelConfig(
+        objective="hubert" if hubert else "wav2vec2",
+        hubert=HubertConfig(clusters=int(extras.get("clusters", hf_hubert.DEFAULT_CLUSTERS))) if hubert else HubertConfig(),
         encoder=FeatureEncoderConfig(
             conv_layers=[[int(c), int(k), int(s)] for c, k, s in zip(conv_dim, conv_kernel, conv_stride, strict=True)],
             mode="layer_norm" if layer_mode else "default",
@@ -503,6 +528,11 @@ def save_hf_pretraining(
     """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (``Wav2Vec2ConformerForPreTraining``
     for a conformer): config.json, model.safetensors, preprocessor_config.json; ``normalize``:
     the run's ``data.normalize``."""
+    if hf_hubert.family(cfg) is not None:
+        raise ValueError(
+            f"model.transformer.relative_bias={cfg.transformer.relative_bias!r}: Hugging Face has no WavLM "
+            "pretraining class; export the encoder (WavLMModel) instead"
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(
         cfg, architecture=HF_PRETRAINING, temperature=float(model.quantizer.temperature.float().cpu())
@@ -516,8 +546,9 @@ def save_hf_encoder(
     encoder_state: dict[str, Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, *, normalize: bool = False
 ) -> Path:
     """Write an encoder (our ``Wav2Vec2Encoder`` state dict, keys without ``encoder.``) as a HF
-    ``Wav2Vec2Model`` (``Wav2Vec2ConformerModel`` for a conformer): what an objective whose
-    heads Hugging Face has no class for (BEST-RQ) leaves for others to fine-tune."""
+    ``Wav2Vec2Model`` (``Wav2Vec2ConformerModel`` for a conformer, ``HubertModel`` /
+    ``WavLMModel`` for HuBERT / WavLM: ``models.hf_hubert``): what an objective whose heads
+    Hugging Face has no class for (BEST-RQ, HuBERT) leaves for others to fine-tune."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in encoder_state.items()}
     conformer = cfg.transformer.kind == "conformer"
     config = model_config_to_hf(cfg, architecture="Wav2Vec2Model")
@@ -535,7 +566,9 @@ def save_hf_ctc(
     conformer); ``pad_token_id`` is the CTC blank, ``normalize`` the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(cfg, architecture=HF_CTC, vocab_size=model.vocab_size, pad_token_id=pad_token_id)
-    out = _write_dir(out_dir, config, {**ctc_state_to_hf(state), **_unused_hf_weights(cfg)})
+    kind = hf_hubert.family(cfg)
+    prefix = hf_hubert.PREFIXES[kind] if kind else None
+    out = _write_dir(out_dir, config, {**ctc_state_to_hf(state, prefix=prefix), **_unused_hf_weights(cfg)})
     write_preprocessor_config(out, normalize=normalize)
     return out
 

@@ -34,6 +34,7 @@ from pipeline.config_sections import (
     DataConfig,
     DeepSpeedConfig,
     FinetuneConfig,
+    LabelConfig,
     OptimConfig,
     ProbeConfig,
     ScalingConfig,
@@ -44,9 +45,9 @@ from pipeline.config_sections import (
 
 __all__ = [
     "CONFIG_FILE", "PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
-    "FinetuneConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "ScalingConfig", "ScheduleConfig",
+    "FinetuneConfig", "LabelConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "ScalingConfig", "ScheduleConfig",
     "TrackingConfig", "TrainConfig", "apply_overrides", "base", "copy_config", "from_dict", "large", "large_lv60k",
-    "laptop", "best_rq", "best_rq_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
+    "laptop", "best_rq", "best_rq_laptop", "hubert", "hubert_laptop", "wavlm", "wavlm_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
 
@@ -67,6 +68,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def __post_init__(self) -> None:
         # Checks across sections; each section has already checked its own fields.
@@ -160,9 +162,56 @@ def best_rq_laptop() -> Config:
     return cfg
 
 
+def hubert() -> Config:
+    """HuBERT BASE as fairseq's ``hubert_base_librispeech`` (FAMILY.md section 1), per GPU of a
+    32-GPU run: Adam (0.9, 0.98), eps 1e-6, weight decay 0.01, lr 5e-4 with 32k warmup
+    updates and a linear decay, clipping at 10, crops of 250k samples (at least 32k), 1.4M
+    samples per batch; the first iteration's 250k updates on 100 MFCC clusters (the second:
+    ``jobs/configs/pretrain/hubert_it2.yaml``, 400k updates on 500 clusters of layer 6)."""
+    cfg = Config(preset="hubert", model=model_config.hubert())
+    cfg.optim.lr = 5e-4
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.schedule.warmup_steps = 32_000
+    cfg.train.max_steps = 250_000
+    cfg.data.max_samples_per_batch = 1_400_000
+    return cfg
+
+
+def hubert_laptop() -> Config:
+    """HuBERT at the laptop preset's size and data settings (``models.config.hubert_laptop``):
+    what learns on the demo corpus within minutes of CPU, 100 MFCC clusters first."""
+    cfg = laptop()
+    cfg.preset = "hubert_laptop"
+    cfg.model = model_config.hubert_laptop()
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.label.sample_fraction = 0.5
+    cfg.label.max_sample_frames = 200_000
+    cfg.label.n_init = 5
+    return cfg
+
+
+def wavlm() -> Config:
+    """WavLM BASE: HuBERT BASE's recipe with the gated relative bias and utterance mixing
+    (``models.config.wavlm``); the values WavLM was trained with are not published in code
+    (FAMILY.md section 2), so the optimisation is HuBERT's."""
+    cfg = hubert()
+    cfg.preset = "wavlm"
+    cfg.model = model_config.wavlm()
+    return cfg
+
+
+def wavlm_laptop() -> Config:
+    """WavLM at the laptop size (``models.config.wavlm_laptop``), HuBERT laptop's recipe."""
+    cfg = hubert_laptop()
+    cfg.preset = "wavlm_laptop"
+    cfg.model = model_config.wavlm_laptop()
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+    "hubert": hubert, "hubert_laptop": hubert_laptop, "wavlm": wavlm, "wavlm_laptop": wavlm_laptop,
 }
 
 

@@ -433,3 +433,72 @@ class FinetuneConfig:
             raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"finetune.freeze_encoder_steps: expected >= 0, got {self.freeze_encoder_steps}")
+
+
+@dataclass(kw_only=True)
+class LabelConfig:
+    """The labelling job (``jobs.label``, ``pipeline.label``): HuBERT's k-means targets for every
+    utterance of ``data.train_uri``, written next to its shards (``<data.train_uri>/labels/<name>``).
+    The number of clusters is the model's (``model.hubert.clusters``); a pretraining run of
+    objective ``hubert`` reads the label set these settings name and refuses one they did not make."""
+
+    name: str = ""
+    """The label set's folder under ``<data.train_uri>/labels/``; empty: named by the settings
+    (``mfcc-k100``, ``layer6-k500``)."""
+    features: Literal["mfcc", "model"] = "mfcc"
+    """``mfcc``: 13 MFCCs + deltas + delta-deltas at 100 Hz (Kaldi's recipe; HuBERT's first
+    iteration); ``model``: hidden state ``layer`` of the model at ``teacher`` (later iterations)."""
+    teacher: str = ""
+    """``features=model``: the model whose layer is clustered (any location ``train.init_from``
+    takes: a run folder stands for its newest checkpoint, pinned when the job starts)."""
+    layer: int = 6
+    """``features=model``: the hidden state clustered (0: the Transformer's input, i: the output
+    of layer i; HuBERT BASE's second iteration clusters layer 6)."""
+    sample_fraction: float = 0.1
+    """Share of the train split's utterances whose frames fit k-means (HuBERT: 10%)."""
+    max_sample_frames: int = 1_000_000
+    """At most this many frames of that sample (evenly thinned): bounds the fit's memory."""
+    batch_size: int = 10_000
+    """Frames per mini-batch of scikit-learn's ``MiniBatchKMeans`` (fairseq's recipe)."""
+    n_init: int = 20
+    """k-means++ initialisations tried (the best is kept)."""
+    max_iter: int = 100
+    """Passes over the sample at most."""
+    max_no_improvement: int = 100
+    """Mini-batches without improvement before the fit stops early."""
+    seed: int = 0
+    """Seeds the sample and the k-means fit: the same settings give the same labels."""
+    max_chunk_seconds: float = 100.0
+    """``features=model``: longer utterances run through the teacher in pieces of this length
+    (fairseq's 1.6M samples), each seeing a little of the next so no frame is lost."""
+    workers: int = 0
+    """Labelling workers (each holds the teacher once); 0: one per free GPU when the cluster
+    has some and the features come from a model, else one per two CPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs of each labelling worker (torch threads included)."""
+
+    def __post_init__(self) -> None:
+        if self.features not in ("mfcc", "model"):
+            raise ValueError(f"label.features: expected 'mfcc' or 'model', got {self.features!r}")
+        if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ValueError(f"label.name: expected letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.layer < 0:
+            raise ValueError(f"label.layer: expected >= 0, got {self.layer}")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"label.sample_fraction: expected in (0, 1], got {self.sample_fraction}")
+        for name in ("max_sample_frames", "batch_size", "n_init", "max_iter", "max_no_improvement"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"label.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_chunk_seconds <= 0:
+            raise ValueError(f"label.max_chunk_seconds: expected > 0, got {self.max_chunk_seconds}")
+        if self.workers < 0:
+            raise ValueError(f"label.workers: expected >= 0, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"label.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+
+    def set_name(self, clusters: int) -> str:
+        """The label set's folder name: ``name``, else one the settings give."""
+        if self.name:
+            return self.name
+        source = "mfcc" if self.features == "mfcc" else f"layer{self.layer}"
+        return f"{source}-k{clusters}"

@@ -23,6 +23,10 @@ Stages, each with the rows it produces:
    ``source (B, S) float32``, ``padding_mask (B, S) bool``, ``num_samples (B,) int64``,
    plus ``ids`` and the position keys that :class:`DataPosition` records.
 
+With a label set (HuBERT, ``labels=``), stage 3 also reads each shard's labels, starts
+every crop on a label frame, and adds ``target_ids`` (B, T) at the model's frame rate
+(:mod:`pipeline.data.labels` says how they stay aligned with the crops).
+
 Batching happens before the split (not in each worker) so that every batch is built
 from one shard's length buckets under the sample budget, and so that a batch is the
 unit the data position counts. Ray Data's own iterators cannot resume mid-epoch
@@ -46,6 +50,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.data import labels as L
 from pipeline.data import schema as S
 from pipeline.data import storage
 from pipeline.data.audio import decode_segment
@@ -157,6 +162,8 @@ class _Settings:
     shuffle_seed: int
     seed: int
     num_splits: int
+    labels: L.LabelSpec | None = None
+    """HuBERT's labels joined with every batch; None: audio only."""
 
     def plan_hash(self) -> str:
         keyed = {"spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits}
@@ -314,6 +321,7 @@ def build_train_dataset(
     num_splits: int = 1,
     wait: bool = False,
     max_batches: int | None = None,
+    labels: L.LabelSpec | None = None,
 ) -> ray.data.Dataset:
     """The training stream of ``cfg.train_uri``'s ``split`` as a Ray Dataset of ready batches.
 
@@ -327,6 +335,7 @@ def build_train_dataset(
     all consumers together will take (the run's remaining updates x workers x
     accumulation); the stream ends soon after instead of planning every epoch of
     ``data.max_epochs``.
+    ``labels``: a label set (:func:`pipeline.data.labels.open_label_set`) joined with every batch.
     """
     import ray.data
 
@@ -345,10 +354,18 @@ def build_train_dataset(
     spec = _spec(cfg)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
-        seed=seed, num_splits=num_splits,
+        seed=seed, num_splits=num_splits, labels=labels,
     )
+    if labels is not None:
+        if labels.dataset_version != info.version:
+            raise ValueError(
+                f"labels {labels.name!r} label version {labels.dataset_version} of the shards, {cfg.train_uri} holds "
+                f"version {info.version}: label it again (jobs.label)"
+            )
+        labels.check_position(position)
     counts, extra = _planned_counts(cfg, info, split, num_splits, spec, store)
-    plan = f"{info.version}/{split}/{settings.plan_hash()}"
+    data_key = info.version if labels is None else labels.plan_key(info.version)
+    plan = f"{data_key}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
@@ -485,6 +502,8 @@ def unit_batches(
     """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
     fs, path = storage.resolve(uri, store)
     table = pq.read_table(path, filesystem=fs, columns=[S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO])
+    spec = settings.labels
+    shard_labels = None if spec is None else L.read_shard_labels(spec, _shard_path(uri), store)
     if table.num_rows != expected_rows:
         raise ValueError(f"shard {uri}: {table.num_rows} rows, {S.SUMMARY_FILE} says {expected_rows}")
     rates = table.column(S.SAMPLE_RATE).to_numpy()
@@ -502,6 +521,8 @@ def unit_batches(
             continue
         rng = np.random.default_rng([settings.seed, epoch, shard, index])
         offsets = crop_offsets(num_samples[planned.rows], planned.lengths, rng)
+        if spec is not None:
+            offsets = L.quantize_offsets(offsets, spec.stride)
         width = planned.length
         full = bool((planned.lengths == width).all())
         source = (np.empty if full else np.zeros)((len(planned.rows), width), dtype=np.float32)  # (B, S)
@@ -512,10 +533,26 @@ def unit_batches(
             seg = decode_segment(audio[row].as_buffer(), offset, length, out=source[i, :length])
             if settings.normalize:
                 seg[:] = normalize(seg)
-        yield _batch_row(
-            source, planned.lengths, [ids[r] for r in planned.rows.tolist()],
+        batch_ids = [ids[r] for r in planned.rows.tolist()]
+        row = _batch_row(
+            source, planned.lengths, batch_ids,
             epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,
         )
+        if shard_labels is not None:
+            targets = L.batch_targets(shard_labels, batch_ids, offsets, planned.lengths, spec)
+            for name, column in L.encode_targets(targets).items():
+                row = row.append_column(name, column)
+        yield row
+
+
+def _shard_path(uri: str) -> str:
+    """A shard's path relative to its dataset root, from its URI: the last ``shards/`` of the
+    URI is the dataset's own (``shards/<version>/<split>/<file>`` holds no other)."""
+    marker = f"/{S.SHARDS_DIR}/"
+    cut = uri.rfind(marker)
+    if cut < 0:
+        raise ValueError(f"shard {uri}: expected a path under {S.SHARDS_DIR}/")
+    return uri[cut + 1:]
 
 
 def _batch_row(
@@ -564,6 +601,7 @@ def batches_from_block(block: pa.Table) -> Iterator[dict[str, Any]]:
             NUM_BATCHES: np.int64(cols[NUM_BATCHES][i].as_py()),
             NUM_SHARDS: np.int64(cols[NUM_SHARDS][i].as_py()),
             PLAN: str(cols[PLAN][i].as_py()),
+            **({L.TARGET_IDS: L.decode_targets(block, i, len(lengths))} if L.TARGET_IDS in cols else {}),
         }
 
 

@@ -15,7 +15,8 @@ from pipeline.config import Config
 from pipeline.train.masked_prediction import MaskedPredictionStep
 from pipeline.train.pretrain import PretrainStep
 
-STEPS: dict[str, type] = {"wav2vec2": PretrainStep, "best_rq": MaskedPredictionStep}
+STEPS: dict[str, type] = {"wav2vec2": PretrainStep, "best_rq": MaskedPredictionStep,
+                          "hubert": MaskedPredictionStep}
 
 
 def pretraining_step(cfg: Config, model: torch.nn.Module) -> Any:
