@@ -171,3 +171,35 @@ def test_best_rq_on_two_zero2_workers_resumes_with_its_targets_unchanged(shards:
     assert not torch.equal(saved[4]["prediction_head.weight"], saved[8]["prediction_head.weight"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/config.yaml", "model/model.safetensors"} <= artifacts
+
+
+def test_vq_wav2vec_on_two_zero2_workers_resumes_with_its_temperature(shards: str, tmp_path: Path) -> None:
+    """The first generation through everything wavray has (one of them for all: the Ray-free
+    2-rank resume of every objective is in test_first_generation.py): vq-wav2vec on 2 ZeRO-2
+    workers, checkpoints, a resume that extends the run with the Gumbel temperature where it
+    was, MLflow, the final model logged as a bundle whose tokens are extracted for the
+    second stage."""
+    import math
+
+    from pipeline.model_io import load_model
+
+    cfg = C.apply_overrides(_config(shards, tmp_path / "runs", "vq-wav2vec", C.vq_wav2vec_laptop()),
+                            ["train.max_steps=4", "checkpoint.every_steps=2", "schedule.warmup_steps=2"])
+    first = run_pretraining(cfg)
+    second = run_pretraining(C.apply_overrides(cfg, ["train.max_steps=8"]))
+    assert first.step == 4 and second.step == 8 and second.mlflow_run_id == first.mlflow_run_id
+    client = Tracker(second.mlflow_uri, "wavray", second.mlflow_run_id).client
+    run = client.get_run(second.mlflow_run_id)
+    assert run.data.tags["wavray.resumed_from"] == "4"
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ("loss/binary_contrastive", "temperature")}
+    assert sorted(history["loss/binary_contrastive"]) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in history["loss/binary_contrastive"].values())
+    for step, value in history["temperature"].items():  # update step - 1 ran at 2 * 0.999^(step - 1)
+        assert value == pytest.approx(2.0 * 0.999 ** (step - 1), rel=1e-6), step
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/config.yaml", "model/model.safetensors"} <= artifacts
+    assert not any(a.path == "hf_model" for a in client.list_artifacts(run.info.run_id))
+    final = load_model(second.run_uri).model
+    ids, lengths = final.tokens(torch.randn(2, 16000))
+    assert ids.shape == (2, int(lengths[0]), 2) and bool((ids >= 0).all())
