@@ -12,6 +12,7 @@ the field's docstring says so.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -128,7 +129,7 @@ class TransformerConfig:
     section 10). Neither reads a frame after t (the causal convs' GroupNorms take, as
     fairseq's, their statistics over the utterance), so they read the front end's frames as
     they are (no LayerNorm/Linear projection: ``dropout_input`` only), and they have no
-    heads, FFN, positions or LayerDrop."""
+    heads, FFN, positions or LayerDrop (``layerdrop`` is ignored, with a warning)."""
     num_layers: int = 12
     dim: int = 768
     ffn_dim: int = 3072
@@ -222,8 +223,10 @@ class TransformerConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.transformer.dropout: expected in [0, 1), got {self.dropout}")
         if self.layerdrop:
-            raise ValueError(f"model.transformer.layerdrop: the {self.kind} context network has no LayerDrop; "
-                             f"expected 0, got {self.layerdrop}")
+            # A warning, not an error: fine-tuning configs carry the Transformer's LayerDrop
+            # into whatever encoder they fine-tune.
+            warnings.warn(f"model.transformer.layerdrop={self.layerdrop}: ignored, the {self.kind} context network "
+                          "has no LayerDrop", stacklevel=3)
         if self.absolute_positions:
             raise ValueError(f"model.transformer.absolute_positions: the {self.kind} context network has no positions")
         if self.activation != "gelu" and self.kind != "causal_conv":

@@ -1,13 +1,14 @@
 """Which objective to pay for: every objective on the same data, encoder size and compute.
 
-    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop] [--seconds 1800]
+    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,...] [--seconds 1800]
         [--seed 0] [--workdir runs/objectives] [--finetune-steps 1500] [--probe-steps 300]
 
 1. Data, as ``jobs.bench pretraining-value`` makes it (``pipeline.data.demo_corpus``,
    seeded): unlabelled speech from the training voices for pretraining, 10 minutes of
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
-2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ; encoders
-   of the same width and depth) pretrains for the same **seconds of training**
+2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
+   ``wav2vec_laptop`` wav2vec 1.0, ``vq_wav2vec_laptop`` vq-wav2vec, ``apc_laptop`` APC,
+   ``tera_laptop`` TERA; encoders of the same width) pretrains for the same **seconds of training**
    (``train.max_seconds``), on one worker with one CPU: an objective that costs more per
    update reaches fewer updates, which is what it costs. The table shows the updates each
    reached and its audio seconds per second.
@@ -35,11 +36,15 @@ from typing import Any
 from jobs.benchmarks.pretraining_value import _fmt, finetune, make_data, pretrain, probes, random_checkpoint
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ"}
+OBJECTIVE_NAMES.update({"wav2vec": "wav2vec", "vq_wav2vec": "vq-wav2vec", "apc": "APC", "tera": "TERA"})
+DEFAULT_OBJECTIVES = "laptop,best_rq_laptop,wav2vec_laptop,vq_wav2vec_laptop,apc_laptop,tera_laptop"
 
 
 def _describe(cfg: Any) -> str:
     m = cfg.model
     front = "log-mel" if m.frontend.kind == "logmel" else "conv"
+    if m.frontend.kind == "conv" and m.encoder.mode == "wav2vec":
+        front = "wav2vec conv" + (" + vq" if m.objective == "vq_wav2vec" else "")  # the quantizer is in the encoder
     return f"{front} + {m.transformer.kind} {m.transformer.num_layers}x{m.transformer.dim}"
 
 
@@ -74,7 +79,7 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench objectives", description=__doc__.split("\n")[0])
-    parser.add_argument("--objectives", default="laptop,best_rq_laptop",
+    parser.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
                         help="comma-separated presets, one row each (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
                         help="seconds of training per objective (default: %(default)s = 30 CPU-minutes)")

@@ -180,8 +180,10 @@ def test_configs_that_cannot_train_are_refused() -> None:
         M.ModelConfig(objective="wav2vec")
     with pytest.raises(ValueError, match=r"objective=apc: it reconstructs the log-mel.*'conv'"):
         M.ModelConfig(objective="apc", transformer=M.TransformerConfig(kind="gru", layerdrop=0.0))
-    with pytest.raises(ValueError, match="model.transformer.layerdrop: the gru context network has no LayerDrop"):
+    with pytest.warns(UserWarning, match="model.transformer.layerdrop=0.05: ignored, the gru context network"):
         M.TransformerConfig(kind="gru")
+    with pytest.raises(ValueError, match="absolute_positions: the causal_conv context network has no positions"):
+        M.TransformerConfig(kind="causal_conv", layerdrop=0.0, absolute_positions=True)
     with pytest.raises(ValueError, match="model.encoder.activation='relu': only the wav2vec mode"):
         M.FeatureEncoderConfig(activation="relu")
     with pytest.raises(ValueError, match="model.tera.zero_prob"):

@@ -175,7 +175,7 @@ def test_best_rq_on_two_zero2_workers_resumes_with_its_targets_unchanged(shards:
 
 def test_vq_wav2vec_on_two_zero2_workers_resumes_with_its_temperature(shards: str, tmp_path: Path) -> None:
     """The first generation through everything wavray has (one of them for all: the Ray-free
-    2-rank resume of every objective is in test_first_generation.py): vq-wav2vec on 2 ZeRO-2
+    2-rank resume of every objective is in test_first_generation_steps.py): vq-wav2vec on 2 ZeRO-2
     workers, checkpoints, a resume that extends the run with the Gumbel temperature where it
     was, MLflow, the final model logged as a bundle whose tokens are extracted for the
     second stage."""
