@@ -9,7 +9,6 @@ run other people's clusters.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ def connect_ray(
     """
     import ray
 
-    from pipeline.ray_compat import start_local
+    from pipeline.ray_compat import quiet_driver_logs, quiet_env, start_local
 
     if ray.is_initialized():
         return str(ray.get_runtime_context().gcs_address)
@@ -40,6 +39,9 @@ def connect_ray(
             raise ValueError("--address auto: no Ray cluster started on this machine (ray start --head)")
         address = current.read_text().strip()
     if address:
-        ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, log_to_driver=True)
-        return address
-    return start_local(num_cpus=num_cpus, dashboard=dashboard, logging_level=logging.INFO if verbose else logging.WARNING)
+        ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address, **quiet_env(verbose)}},
+                 log_to_driver=True)
+    else:
+        address = start_local(num_cpus=num_cpus, dashboard=dashboard, verbose=verbose)
+    quiet_driver_logs(verbose)
+    return address

@@ -14,6 +14,8 @@ not a run. Each function names the behaviour it depends on:
 - :func:`latest_checkpoint_dir`: the checkpoint Ray Train resumes a run from, read with
   ``ray.train.Result.from_path`` (public, alpha) from the bookkeeping file Ray Train keeps
   in the run folder.
+- :func:`quiet_env` / :func:`quiet_driver_logs`: Ray Data logs every dataset's execution
+  plan and progress at INFO; ``RAY_DATA_LOG_LEVEL`` is the level it reads for its logger.
 - :func:`quiet_worker_logs` / :func:`train_logging_config`: Ray Train logs every
   ``ray.train.report`` of every worker at INFO ("Reporting training result ...") from a
   logger named after its source file, outside the ``ray.train`` hierarchy that its own
@@ -104,7 +106,7 @@ def local_instance_env() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def start_local(
-    *, num_cpus: int | None = None, dashboard: bool = True, logging_level: int = logging.WARNING
+    *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
 ) -> str:
     """Start a Ray instance on this machine, on 127.0.0.1 only; returns its GCS address.
 
@@ -124,8 +126,9 @@ def start_local(
                 ray.init(
                     num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard,
                     dashboard_host="127.0.0.1", dashboard_port=free_port() if dashboard else None,
-                    runtime_env={"env_vars": {"RAY_ADDRESS": address, **task_env}},
-                    configure_logging=True, logging_level=logging_level, log_to_driver=True,
+                    runtime_env={"env_vars": {"RAY_ADDRESS": address, **task_env, **quiet_env(verbose)}},
+                    configure_logging=True, logging_level=logging.INFO if verbose else logging.WARNING,
+                    log_to_driver=True,
                 )
             return address
         except Exception as e:
@@ -186,6 +189,22 @@ def latest_checkpoint_dir(run_path: str, fs: pafs.FileSystem) -> str | None:
     if result.checkpoint is None:
         return None
     return Path(result.checkpoint.path).name
+
+
+DATA_LOG_LEVEL_VAR = "RAY_DATA_LOG_LEVEL"
+"""Read by Ray Data when it configures its ``ray.data`` logger in each process."""
+
+
+def quiet_env(verbose: bool) -> dict[str, str]:
+    """``env_vars`` for a job's tasks and actors: Ray Data's per-dataset INFO lines (execution
+    plans, progress) off the console unless ``verbose``."""
+    return {} if verbose else {DATA_LOG_LEVEL_VAR: "WARNING"}
+
+
+def quiet_driver_logs(verbose: bool) -> None:
+    """The same for the job's own process, whose Ray Data logger is already configured."""
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def train_logging_config(verbose: bool) -> Any:

@@ -8,10 +8,11 @@
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
 2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
    ``wav2vec_laptop`` wav2vec 1.0, ``vq_wav2vec_laptop`` vq-wav2vec, ``apc_laptop`` APC,
-   ``tera_laptop`` TERA; encoders of the same width) pretrains for the same **seconds of training**
-   (``train.max_seconds``), on one worker with one CPU: an objective that costs more per
-   update reaches fewer updates, which is what it costs. The table shows the updates each
-   reached and its audio seconds per second.
+   ``tera_laptop`` TERA; encoders of the same width) pretrains for the same **CPU-seconds of
+   training** (``train.max_seconds``, counted by ``train.budget_clock``: the training
+   process's CPU time on CPU, so other load on the machine moves nothing), on one worker: an
+   objective that costs more per update reaches fewer updates, which is what it costs. The
+   table shows the updates each reached and its audio seconds per second.
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -33,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.benchmarks.pretraining_value import _fmt, finetune, make_data, pretrain, probes, random_checkpoint
+from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain, probes, random_checkpoint
 
-OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ"}
-OBJECTIVE_NAMES.update({"wav2vec": "wav2vec", "vq_wav2vec": "vq-wav2vec", "apc": "APC", "tera": "TERA"})
+OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "wav2vec": "wav2vec", "vq_wav2vec": "vq-wav2vec",
+                   "apc": "APC", "tera": "TERA"}
 DEFAULT_OBJECTIVES = "laptop,best_rq_laptop,wav2vec_laptop,vq_wav2vec_laptop,apc_laptop,tera_laptop"
 
 
@@ -56,7 +57,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "objectives: the same data, encoder size and compute for each objective, then the same probe",
         f"  seed {s['seed']} | pretraining: {s['pretrain_minutes']:.1f} min unlabelled, {s['num_train_voices']} voices, "
-        f"{s['seconds']:g} s of training each (1 worker, 1 CPU) | labels: {s['label_minutes']:.1f} min | "
+        f"{s['seconds']:g} CPU-s of training each (1 worker) | labels: {s['label_minutes']:.1f} min | "
         f"test: {s['test_minutes']:.1f} min, held-out voices {s['test_voices']}",
         f"  downstream, equal for all rows: probe {s['probe_steps']} updates of a conv CTC head; "
         f"fine-tune {s['finetune_steps']} updates",
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
                         help="comma-separated presets, one row each (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
-                        help="seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
+                        help="CPU-seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/objectives")
     parser.add_argument("--pretrain-minutes", type=float, default=40.0)
@@ -95,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra pretraining overrides, the same for every objective")
     args = parser.parse_args(argv)
 
-    import torch
-
     from jobs.evaluate import evaluate
     from models.factory import count_parameters
-    from pipeline.cluster import connect_ray
     from pipeline.config import preset_config
     from pipeline.probe import load_labelled_set
     from pipeline.train.checkpoint import read_state
@@ -107,20 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     presets = [p for p in args.objectives.split(",") if p]
     for p in presets:
         preset_config(p)  # an unknown preset fails here, before any work
-    torch.set_num_threads(1)
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[objectives {_fmt(time.perf_counter() - t_all)}] {msg}", flush=True)
-
-    wall: dict[str, float] = {}
-    connect_ray()
-    t0 = time.perf_counter()
-    data = make_data(work, seed=args.seed, pretrain_minutes=args.pretrain_minutes, label_minutes=args.label_minutes,
-                     test_minutes=args.test_minutes, log=log)
-    wall["data"] = time.perf_counter() - t0
+    session = Session("objectives", args)
+    work, data, log, t_all = session.work, session.data, session.log, session.started
+    wall: dict[str, float] = {"data": session.data_seconds}
 
     rows: list[dict[str, Any]] = [{"key": "logmel", "label": "log-mel filterbank (80)", "checkpoint": None}]
     random_rows: dict[str, dict[str, Any]] = {}

@@ -91,6 +91,29 @@ def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: 
     return out
 
 
+class Session:
+    """What every demo-corpus benchmark starts with: its work directory, a timed log, Ray,
+    and the three prepared datasets of :func:`make_data` (reused when already there)."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        import torch
+
+        from pipeline.cluster import connect_ray
+
+        torch.set_num_threads(1)  # the probe in this process; 2 shared cores gain nothing from more
+        self.name = name
+        self.work = Path(args.workdir).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        connect_ray()
+        self.data = make_data(self.work, seed=args.seed, pretrain_minutes=args.pretrain_minutes,
+                              label_minutes=args.label_minutes, test_minutes=args.test_minutes, log=self.log)
+        self.data_seconds = time.perf_counter() - self.started
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name} {_fmt(time.perf_counter() - self.started)}] {msg}", flush=True)
+
+
 def _finished(run_dir: Path, steps: int, seconds: float = 0.0) -> Path | None:
     """The final checkpoint of a run that already reached ``steps`` updates (or spent its
     ``seconds`` of training)."""
@@ -251,26 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-probe", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
-
     from jobs.evaluate import evaluate
-    from pipeline.cluster import connect_ray
     from pipeline.config import load_config
 
-    torch.set_num_threads(1)  # the probe in this process; 2 shared cores gain nothing from more
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[pretraining-value {_fmt(time.perf_counter() - t_all)}] {msg}", flush=True)
-
-    seconds: dict[str, float] = {}
-    connect_ray()
-    t0 = time.perf_counter()
-    data = make_data(work, seed=args.seed, pretrain_minutes=args.pretrain_minutes, label_minutes=args.label_minutes,
-                     test_minutes=args.test_minutes, log=log)
-    seconds["data"] = time.perf_counter() - t0
+    session = Session("pretraining-value", args)
+    work, data, log, t_all = session.work, session.data, session.log, session.started
+    seconds: dict[str, float] = {"data": session.data_seconds}
     pre_ckpt, seconds["pretrain"] = pretrain(work, data["unlabelled"], seed=args.seed, steps=args.pretrain_steps,
                                              overrides=args.pretrain_set, log=log)
     random_ckpt = random_checkpoint(pre_ckpt, work / "random-init", seed=args.seed)

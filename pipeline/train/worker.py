@@ -91,6 +91,8 @@ class RayHooks(LoopHooks):
             return
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.cfg.train.max_steps - step)
+        if self.cfg.train.max_seconds:  # a time budget ends the run first, typically
+            eta = min(eta, self.cfg.train.max_seconds - metrics.get("train_seconds", 0.0))
         say(self.progress(step, metrics, eta))
         if self.tracker is not None:
             try:

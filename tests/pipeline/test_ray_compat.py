@@ -24,6 +24,10 @@ def test_the_switches_and_messages_ray_is_read_by() -> None:
     assert set(RC.LOOPBACK_ENV) >= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"}
     # A start that missed the raylet's window is known by its message only.
     assert RC.STARTUP_TIMEOUT_TEXT in inspect.getsource(ray._private.node)
+    # Ray Data's logger level comes from this variable in every process.
+    import ray.data._internal.logging as data_logging
+
+    assert RC.DATA_LOG_LEVEL_VAR in inspect.getsource(data_logging)
     # Ray Train's run record reader and logging switch are public (alpha) and take what we pass.
     import ray.train
 

@@ -139,3 +139,31 @@ def test_a_time_budget_ends_the_run_and_survives_a_resume(tmp_path: Path) -> Non
     again = TrainLoop(cfg, eng, MaskedPredictionStep(cfg, model), start_step=result.step, hooks=rec2,
                       train_seconds=seconds).run(speechlike())
     assert again.step == result.step + 1
+
+
+def test_a_best_rq_checkpoint_fine_tunes_with_ctc(tmp_path: Path) -> None:
+    """jobs.finetune's model from a BEST-RQ checkpoint: the source's architecture (log-mel
+    front end, Conformer), its encoder weights, a fresh CTC head that trains on padded batches."""
+    from models.checkpoint import save_weights
+    from pipeline.train import finetune as FT
+
+    pre_cfg = C.best_rq_laptop()
+    torch.manual_seed(0)
+    pre = build_pretraining_model(pre_cfg.model)
+    save_weights(pre, tmp_path / "pre")
+    C.save_config(pre_cfg, tmp_path / "pre" / C.CONFIG_FILE)
+    cfg = FT.resolve_config(C.apply_overrides(C.tiny(), [
+        f"train.init_from={tmp_path / 'pre'}", "data.batch_mode=pad", "finetune.vocab=abc",
+    ]))
+    assert cfg.model.frontend.kind == "logmel" and cfg.model.transformer.kind == "conformer"
+    assert cfg.model.mask.prob == C.tiny().model.mask.prob  # the regularisers are the fine-tuning run's
+    model = FT.build_model(cfg, vocab_size=5)
+    for name, value in pre.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    source = torch.randn(2, 16000)
+    pad = torch.zeros(2, 16000, dtype=torch.bool)
+    pad[1, 9000:] = True
+    out = model(source, pad)
+    assert out.logits.shape[:2] == (2, 24) and out.output_lengths.tolist() == [24, 13]
+    out.logits.sum().backward()
+    assert model.head.weight.grad is not None
