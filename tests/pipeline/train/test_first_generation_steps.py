@@ -2,8 +2,8 @@
 objective picks the step (and is a sweep dimension), every objective trains and resumes
 exactly on 2 ranks under ZeRO-2 (its Gumbel temperature and optimizer state included), the
 health alarms know each objective's chance level (and that a regression loss has none),
-the probe reads their hidden states, and their models leave as wavray bundles. The
-Ray Train run with MLflow is in test_fault_tolerance.py."""
+the probe reads their hidden states, and their models leave as wavray bundles. Each
+one's Ray Train run with MLflow is in test_fault_tolerance.py."""
 
 from __future__ import annotations
 
