@@ -110,6 +110,37 @@ def test_tera_alterations_and_positions_by_hand() -> None:
     assert zeroed[0, 1:3].abs().sum() == 0 and torch.equal(zeroed[0, 3:], features[0, 3:])
 
 
+def test_tera_l1_by_hand() -> None:
+    """The loss counts |prediction - target| at the span frames (every channel) and at the
+    band's channels of the other valid frames, nothing on padding; ``baseline/l1`` the same
+    error of each channel's utterance mean."""
+    cfg = M.tera_laptop()
+    cfg.frontend.n_mels = 2
+    model = build_pretraining_model(cfg).eval()
+    torch.manual_seed(0)
+    source = torch.randn(2, 1600)
+    pad = torch.zeros(2, 1600, dtype=torch.bool)
+    pad[1, 800:] = True
+    _, _, lengths = model.encoder.extract_features(source, pad)
+    num_frames, short = int(lengths[0]), int(lengths[1])
+    assert short < num_frames
+    time = torch.zeros(2, num_frames, dtype=torch.bool)
+    time[:, 1:3] = True
+    alt = Alterations(time=time, treatment=torch.tensor([0, 2]), shift=torch.tensor([1, 1]),
+                      band_start=torch.tensor([1, 0]), band_width=torch.tensor([1, 0]), noisy=torch.tensor([False, False]))
+    out = model(source, pad, alterations=alt)
+    err, target = (out.predictions - out.targets).abs(), out.targets
+    mean = target[0].mean(dim=0), target[1, :short].mean(dim=0)
+    # utterance 0: frames 1, 2 whole, channel 1 of the others; utterance 1 (no band): frames 1, 2 only
+    others = [t for t in range(num_frames) if t not in (1, 2)]
+    expected = float(err[0, 1:3].sum() + err[0, others, 1].sum() + err[1, 1:3].sum())
+    baseline = float((target[0, 1:3] - mean[0]).abs().sum() + (target[0, others, 1] - mean[0][1]).abs().sum()
+                     + (target[1, 1:3] - mean[1]).abs().sum())
+    assert float(out.loss_sum) == pytest.approx(expected, rel=1e-5)
+    assert float(out.baseline_sum) == pytest.approx(baseline, rel=1e-5)
+    assert int(out.num_values) == 2 * 2 + len(others) + 2 * 2 and int(out.num_frames) == num_frames + 2
+
+
 def test_deltas_by_hand() -> None:
     x = torch.tensor([0.0, 1.0, 4.0, 9.0, 16.0]).view(1, 5, 1)
     d = regression_delta(x, torch.tensor([4]))[0, :, 0]
