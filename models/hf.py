@@ -262,6 +262,26 @@ def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 # --- config ---------------------------------------------------------------------------------
 
 
+def hf_unsupported(cfg: ModelConfig) -> str:
+    """Why Hugging Face has no class for the encoder of ``cfg``; empty when it has one
+    (``Wav2Vec2Model`` or ``Wav2Vec2ConformerModel``)."""
+    if cfg.frontend.kind != "conv":
+        return (
+            f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "
+            "the waveform through their conv feature encoder and have no place for a log-mel front end"
+        )
+    if cfg.encoder.mode not in ("default", "layer_norm"):
+        return (
+            f"model.encoder.mode={cfg.encoder.mode!r}: wav2vec 1.0's conv feature encoder (GroupNorm after every "
+            "conv, log compression) has no Hugging Face class"
+        )
+    if cfg.transformer.kind not in ("transformer", "conformer"):
+        return f"model.transformer.kind={cfg.transformer.kind!r}: this context network has no Hugging Face class"
+    if cfg.transformer.absolute_positions:
+        return "model.transformer.absolute_positions: Hugging Face's Wav2Vec2 has conv positions only"
+    return ""
+
+
 def model_config_to_hf(
     cfg: ModelConfig,
     *,
@@ -277,12 +297,9 @@ def model_config_to_hf(
     ``temperature`` is the current Gumbel temperature (recorded, HF does not use it).
     Raises ``ValueError`` for a conformer Hugging Face cannot represent.
     """
-    if cfg.frontend.kind != "conv":
-        raise ValueError(
-            f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "
-            "the waveform through their conv feature encoder and have no place for a log-mel front end; the "
-            "model stays a wavray checkpoint (config.yaml + model.safetensors)"
-        )
+    problem = hf_unsupported(cfg)
+    if problem:
+        raise ValueError(f"{problem}; the model stays a wavray checkpoint (config.yaml + model.safetensors)")
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
     hf: dict[str, Any] = {
         "model_type": "wav2vec2",

@@ -53,6 +53,15 @@ def init_linear_bert_(module: nn.Module) -> None:
                 nn.init.zeros_(sub.bias)
 
 
+def sinusoid_positions(time: int, dim: int, like: Tensor) -> Tensor:
+    """(T, D) fixed absolute positions, ``sin`` on even and ``cos`` on odd channels of
+    ``pos / 10000 ** (2 * (i // 2) / D)`` (Mockingjay's table), in ``like``'s dtype and device."""
+    pos = torch.arange(time, device=like.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    i = torch.arange(dim, device=like.device)
+    angles = pos / torch.pow(10000.0, (2 * (i // 2)).float() / dim)  # (T, D)
+    return torch.where(i % 2 == 0, angles.sin(), angles.cos()).to(like.dtype)
+
+
 class PositionalConvEmbedding(nn.Module):
     """Grouped Conv1d over time with weight norm over the kernel dim, then GELU.
 
@@ -201,7 +210,7 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Positional conv + LayerNorm placement + layers with LayerDrop. (B, T, D) -> (B, T, D)."""
+    """Positional conv (or fixed sinusoids) + LayerNorm placement + layers with LayerDrop. (B, T, D) -> (B, T, D)."""
 
     def __init__(
         self,
@@ -220,17 +229,21 @@ class TransformerEncoder(nn.Module):
         relative_bias: str = "none",
         relative_buckets: int = 320,
         relative_max_distance: int = 800,
+        absolute_positions: bool = False,
     ):
         super().__init__()
         if relative_bias not in ("none", "gated"):
             raise ValueError(f"relative_bias: expected 'none' or 'gated', got {relative_bias!r}")
         gated = relative_bias == "gated"
+        self.out_dim = dim
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
         self.checkpoint_activations = False
         """Recompute each layer in the backward instead of keeping its activations
         (``train.activation_checkpointing``): memory for compute."""
-        self.pos_conv = PositionalConvEmbedding(dim, pos_conv_kernel, pos_conv_groups)
+        self.absolute_positions = absolute_positions
+        # Mockingjay/TERA add fixed sinusoids instead: no positional parameters at all.
+        self.pos_conv = None if absolute_positions else PositionalConvEmbedding(dim, pos_conv_kernel, pos_conv_groups)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
@@ -271,7 +284,7 @@ class TransformerEncoder(nn.Module):
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
             attn_mask = (~padding_mask).view(x.shape[0], 1, 1, x.shape[1])  # (B, 1, 1, T): True = attend
-        x = x + self.pos_conv(x)
+        x = x + (sinusoid_positions(x.shape[1], x.shape[2], x) if self.pos_conv is None else self.pos_conv(x))
         if not self.layer_norm_first:
             x = self.norm(x)
         x = self.dropout(x)

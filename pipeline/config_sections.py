@@ -140,10 +140,11 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule over optimizer updates."""
 
-    kind: Literal["polynomial", "tri_stage", "noam"] = "polynomial"
+    kind: Literal["polynomial", "tri_stage", "noam", "cosine"] = "polynomial"
     """``polynomial``: linear warm-up then polynomial decay (wav2vec 2.0 pretraining);
     ``tri_stage``: warm-up, hold, exponential decay (fine-tuning); ``noam``: linear
-    warm-up then decay with the inverse square root of the update (BEST-RQ, Conformers)."""
+    warm-up then decay with the inverse square root of the update (BEST-RQ, Conformers);
+    ``cosine``: linear warm-up then half a cosine down to ``end_lr`` (wav2vec 1.0)."""
     warmup_steps: int = 32_000
     power: float = 1.0
     """Exponent of the polynomial decay (1 = linear)."""
@@ -156,8 +157,10 @@ class ScheduleConfig:
     """tri_stage: lr at the end, as a fraction of the peak."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("polynomial", "tri_stage", "noam"):
-            raise ValueError(f"schedule.kind: expected 'polynomial', 'tri_stage' or 'noam', got {self.kind!r}")
+        if self.kind not in ("polynomial", "tri_stage", "noam", "cosine"):
+            raise ValueError(
+                f"schedule.kind: expected 'polynomial', 'tri_stage', 'noam' or 'cosine', got {self.kind!r}"
+            )
         if self.kind == "noam" and self.warmup_steps < 1:
             raise ValueError("schedule.warmup_steps: the noam schedule peaks at the end of its warm-up; expected >= 1, got 0")
         if self.warmup_steps < 0:
@@ -182,7 +185,7 @@ class ScheduleConfig:
 
     def check_peak(self, peak_lr: float) -> None:
         """Checks that need the peak learning rate (``optim.lr``), another section."""
-        if self.kind == "polynomial" and self.end_lr > peak_lr:
+        if self.kind in ("polynomial", "cosine") and self.end_lr > peak_lr:
             raise ValueError(f"schedule.end_lr ({self.end_lr}) must be <= optim.lr ({peak_lr})")
 
 

@@ -1,25 +1,26 @@
 """Which objective to pay for: every objective on the same data, encoder size and compute.
 
-    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,hubert_laptop,hubert_laptop:2,wavlm_laptop]
+    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,hubert_laptop:2,...]
         [--seconds 1800] [--seed 0] [--workdir runs/objectives] [--finetune-steps 1500] [--probe-steps 300]
 
 1. Data, as ``jobs.bench pretraining-value`` makes it (``pipeline.data.demo_corpus``,
    seeded): unlabelled speech from the training voices for pretraining, 10 minutes of
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
-2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ; encoders
-   of the same width and depth) pretrains for the same **CPU-seconds of training**
-   (``train.max_seconds``, counted by ``train.budget_clock``: the training process's CPU
-   time on CPU, so other load on the machine moves nothing), on one worker: an objective
-   that costs more per update reaches fewer updates, which is what it costs. The table shows
-   the updates each reached and its audio seconds per second. HuBERT and WavLM
-   (``hubert_laptop``, ``wavlm_laptop``) first label the corpus (``jobs.label``: MFCC, 100
-   clusters), and that labelling's CPU-seconds (its workers' and the k-means fit's) come
-   out of their budget; ``<preset>:2`` runs HuBERT's two iterations in the one budget: the
-   first (labelling included) gets 40% of it (the paper's 250k of 650k updates), then the
-   corpus is labelled again from layer 1 of that model (500 clusters,
-   ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model trains on what is
-   left; the first iteration's model gets a row of its own (``it. 1 of 2``), so the table
-   shows the probe after each iteration.
+2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
+   ``hubert_laptop`` / ``wavlm_laptop`` HuBERT / WavLM, ``wav2vec_laptop`` wav2vec 1.0,
+   ``vq_wav2vec_laptop`` vq-wav2vec, ``apc_laptop`` APC, ``tera_laptop`` TERA; encoders of
+   the same width) pretrains for the same **CPU-seconds of training** (``train.max_seconds``,
+   counted by ``train.budget_clock``: the training process's CPU time on CPU, so other load
+   on the machine moves nothing), on one worker: an objective that costs more per update
+   reaches fewer updates, which is what it costs. The table shows the updates each reached
+   and its audio seconds per second. HuBERT and WavLM first label the corpus
+   (``jobs.label``: MFCC, 100 clusters), and that labelling's CPU-seconds (its workers' and
+   the k-means fit's) come out of their budget; ``<preset>:2`` runs HuBERT's two iterations
+   in the one budget: the first (labelling included) gets 40% of it (the paper's 250k of
+   650k updates), then the corpus is labelled again from layer 1 of that model (500
+   clusters, ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model trains on
+   what is left; the first iteration's model gets a row of its own (``it. 1 of 2``), so the
+   table shows the probe after each iteration.
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -43,16 +44,20 @@ from typing import Any
 
 from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain, probes, random_checkpoint
 
-OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "hubert": "HuBERT"}
+OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "hubert": "HuBERT", "wav2vec": "wav2vec",
+                   "vq_wav2vec": "vq-wav2vec", "apc": "APC", "tera": "TERA"}
 FIRST_ITERATION_SHARE = 0.4
 """Of a two-iteration HuBERT row's budget, the first iteration's (HuBERT BASE: 250k of 650k updates)."""
 SECOND_ITERATION = ["model.hubert.clusters=500", "label.features=model", "label.layer=1"]
 """The laptop model's second iteration (``jobs/configs/pretrain/hubert_laptop_it2.yaml``)."""
+DEFAULT_OBJECTIVES = "laptop,best_rq_laptop,hubert_laptop:2,wavlm_laptop,wav2vec_laptop,vq_wav2vec_laptop,apc_laptop,tera_laptop"
 
 
 def _describe(cfg: Any) -> str:
     m = cfg.model
     front = "log-mel" if m.frontend.kind == "logmel" else "conv"
+    if m.frontend.kind == "conv" and m.encoder.mode == "wav2vec":
+        front = "wav2vec conv" + (" + vq" if m.objective == "vq_wav2vec" else "")  # the quantizer is in the encoder
     gated = " + gated bias" if m.transformer.relative_bias == "gated" else ""
     return f"{front} + {m.transformer.kind}{gated} {m.transformer.num_layers}x{m.transformer.dim}"
 
@@ -152,7 +157,7 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench objectives", description=__doc__.split("\n")[0])
-    parser.add_argument("--objectives", default="laptop,best_rq_laptop,hubert_laptop,hubert_laptop:2,wavlm_laptop",
+    parser.add_argument("--objectives", default=DEFAULT_OBJECTIVES,
                         help="comma-separated presets, one row each; <hubert preset>:2 runs HuBERT's two iterations "
                              "in the budget (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
