@@ -263,6 +263,32 @@ class PretrainTask(WorkerTask):
                 log.warning("could not log the final model to MLflow: %s", e)
 
 
+def restore(resumed: Any, eng: Engine, cfg: Config, store: storage.Storage) -> ckpt.TrainerState:
+    """Load the checkpoint Ray Train resumes from into ``eng``; its trainer state.
+
+    Ray records a checkpoint only once its state file (uploaded last) is there, so a copy
+    that comes down without one of its files was listed by a store that is not itself yet
+    (seen right after an object store restarts mid-run). Such a copy is fetched again for
+    up to ``data.s3_retry_seconds`` before the run fails naming what is missing.
+    """
+    import pyarrow.fs as pafs
+
+    remote = not isinstance(resumed.filesystem, pafs.LocalFileSystem)
+    deadline = time.monotonic() + (store.retry_s if remote else 0.0)
+    while True:
+        with tempfile.TemporaryDirectory(prefix="wavray-resume-") as tmp:
+            resumed.to_directory(tmp)
+            try:
+                ckpt.validate(tmp)
+            except ValueError as e:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("%s; fetching %s again (data.s3_retry_seconds)", e, resumed.path)
+                time.sleep(5.0)
+                continue
+            return ckpt.load(tmp, engine=eng.engine, cfg=cfg)
+
+
 def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     """The body of every task's ``train_loop_per_worker``.
 
@@ -295,8 +321,7 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     start_step, skipped, position, seconds = 0, 0, None, 0.0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt.load(d, engine=eng.engine, cfg=cfg)
+        state = restore(resumed, eng, cfg, loop_config["storage"])
         start_step, skipped, position, seconds = state.step, state.skipped_steps, state.data_position, state.train_seconds
         if rank == 0:
             say(f"[wavray] resumed from step {start_step} ({resumed.path})")
