@@ -558,7 +558,42 @@ class TeraConfig:
             raise ValueError(f"model.tera.noise_std: expected >= 0, got {self.noise_std}")
 
 
-OBJECTIVES = ("wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera")
+@dataclass(kw_only=True)
+class VqBertConfig:
+    """vq-wav2vec's second stage (Baevski et al. 2019, section 3.3; ``models.vq_bert``): a BERT
+    on the tokens of a vq-wav2vec model. ``jobs.label`` with ``label.features=tokens`` turns
+    every frame's G codeword ids into one token of a vocabulary of the ``vocab - 1`` pairs
+    most frequent in its sample, the last id standing for every other pair (fairseq's
+    recipe builds a dictionary of the ``g0-g1`` strings the same way). The model embeds the
+    tokens, masks spans (``model.mask``: the paper's starts at p = 0.05 of the tokens, 10
+    tokens each, is ``mask.prob`` 0.5, ``mask.length`` 10), replaces masked tokens BERT's
+    way (``[MASK]``, a random token, or kept) and predicts the masked tokens' ids with a
+    cross-entropy over the vocabulary."""
+
+    vocab: int = 16384
+    """K: tokens of the vocabulary, the unknown-pair token included (ids are stored as int16).
+    The paper's Gumbel model uses about 13.5k of its 102,400 pairs (k-means about 23k)."""
+    stride: int = 160
+    """Samples per token: the tokeniser's frame stride (vq-wav2vec: 10 ms at 16 kHz); the
+    label join checks it against the label set's."""
+    random_token_prob: float = 0.1
+    """Share of the masked tokens replaced by a random token instead of ``[MASK]`` (BERT, fairseq: 0.1)."""
+    leave_unmasked_prob: float = 0.1
+    """Share of the masked tokens left as they are (still predicted; BERT, fairseq: 0.1)."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.vocab <= 32767:
+            raise ValueError(f"model.vq_bert.vocab: expected 2..32767 (ids are stored as int16), got {self.vocab}")
+        if self.stride < 1:
+            raise ValueError(f"model.vq_bert.stride: expected >= 1 samples, got {self.stride}")
+        for name in ("random_token_prob", "leave_unmasked_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.vq_bert.{name}: expected in [0, 1], got {getattr(self, name)}")
+        if self.random_token_prob + self.leave_unmasked_prob > 1.0:
+            raise ValueError("model.vq_bert: random_token_prob + leave_unmasked_prob must be <= 1")
+
+
+OBJECTIVES = ("wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "vq_bert")
 """What a pretraining model learns to do (``model.objective``)."""
 FUTURE_OBJECTIVES = ("wav2vec", "vq_wav2vec", "apc")
 """Objectives that predict frames after t from the context at t: they need a causal context network."""
@@ -579,10 +614,12 @@ class ModelConfig:
     ``wav2vec`` (binary contrastive prediction of future features: ``wav2vec``),
     ``vq_wav2vec`` (the same on quantized features: ``wav2vec``, ``vq_wav2vec``), ``apc``
     (autoregressive prediction of a future log-mel frame: ``apc``), ``tera`` (reconstruction
-    of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``).
+    of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``), ``vq_bert``
+    (vq-wav2vec's second stage: a BERT on the tokens ``jobs.label`` made with a vq-wav2vec
+    model, ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``).
     """
 
-    objective: Literal["wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera"] = "wav2vec2"
+    objective: Literal["wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "vq_bert"] = "wav2vec2"
     """The pretraining objective. wav2vec2, best_rq and hubert train with any front end and context
     network; wav2vec, vq_wav2vec and apc predict the future, so they need a causal context
     network (``transformer.kind`` causal_conv or gru); apc and tera reconstruct log-mel
@@ -600,6 +637,7 @@ class ModelConfig:
     vq_wav2vec: VqWav2vecConfig = field(default_factory=VqWav2vecConfig)
     apc: ApcConfig = field(default_factory=ApcConfig)
     tera: TeraConfig = field(default_factory=TeraConfig)
+    vq_bert: VqBertConfig = field(default_factory=VqBertConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
     dropout_input: float = 0.1
@@ -658,10 +696,19 @@ class ModelConfig:
 
     @property
     def frame_stride(self) -> int:
-        """Samples per model frame: the conv strides' product, or log-mel hop x stack."""
+        """Samples per model frame: the conv strides' product, or log-mel hop x stack (vq_bert:
+        one frame per token, ``model.vq_bert.stride``)."""
+        if self.objective == "vq_bert":
+            return self.vq_bert.stride
         if self.frontend.kind == "logmel":
             return self.frontend.hop * self.frontend.stack
         return math.prod(int(s) for _, _, s in self.encoder.conv_layers)
+
+    @property
+    def label_classes(self) -> int:
+        """Classes of the label set the model trains on (``jobs.label`` makes this many):
+        HuBERT's clusters, or vq_bert's token vocabulary."""
+        return self.vq_bert.vocab if self.objective == "vq_bert" else self.hubert.clusters
 
     @property
     def frontend_dim(self) -> int:
@@ -977,6 +1024,33 @@ def tera_laptop() -> ModelConfig:
     return _tiny_transformer(tera())
 
 
+def vq_bert() -> ModelConfig:
+    """vq-wav2vec's BERT BASE (the paper, section 4.3; fairseq's ``roberta_base`` on the
+    tokens; FAMILY.md section 9 gives no BERT values): 12 post-LN layers of 768, FFN 3072,
+    12 heads, dropout 0.1 (attention 0.1), spans of 10 tokens from p = 0.05 of the tokens
+    (``mask.prob`` 0.5). fairseq's ``--mask-stdev 10`` varies the span length; here it is
+    fixed at 10. Positions: fixed sinusoids (RoBERTa learns 512 positions; the tokens of an
+    utterance are many more)."""
+    cfg = ModelConfig(objective="vq_bert")
+    cfg.transformer = TransformerConfig(
+        kind="transformer", num_layers=12, dim=768, ffn_dim=3072, num_heads=12, layer_norm_first=False,
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.0, absolute_positions=True,
+    )
+    cfg.mask = MaskConfig(prob=0.5, length=10, min_masks=1)
+    cfg.vq_bert = VqBertConfig(vocab=16384)
+    cfg.dropout_input = 0.1
+    return cfg
+
+
+def vq_bert_laptop() -> ModelConfig:
+    """vq-wav2vec's BERT at the laptop presets' size, on the tokens of ``vq_wav2vec_laptop``
+    (2 groups of 32 codewords: at most 1,024 pairs, a vocabulary of 512 tokens)."""
+    cfg = _tiny_transformer(vq_bert())
+    cfg.mask = MaskConfig(prob=0.5, length=5, min_masks=1)
+    cfg.vq_bert.vocab = 512
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -985,4 +1059,5 @@ PRESETS = {
     "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
     "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
     "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
+    "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
 }

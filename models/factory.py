@@ -19,10 +19,12 @@ from models.quantizer import GumbelVectorQuantizer
 from models.reconstruction import ApcModel, MaskedReconstructionModel
 from models.transformer import TransformerEncoder
 from models.vq import KmeansVectorQuantizer, QuantizedProjection
+from models.vq_bert import TokenEncoder, VqBertModel
 from models.wav2vec1 import Wav2VecModel
 from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretraining
 
-PretrainingModel = Wav2Vec2ForPretraining | MaskedPredictionModel | Wav2VecModel | ApcModel | MaskedReconstructionModel
+PretrainingModel = (Wav2Vec2ForPretraining | MaskedPredictionModel | Wav2VecModel | ApcModel | MaskedReconstructionModel
+                    | VqBertModel)
 
 
 def build_frontend(cfg: ModelConfig) -> FeatureEncoder | LogMelFrontend | Wav2VecFeatureEncoder:
@@ -99,7 +101,7 @@ def build_pretraining_model(cfg: ModelConfig) -> PretrainingModel:
     """The self-supervised model of ``cfg``'s objective with fresh weights."""
     builders = {
         "best_rq": build_best_rq_model, "hubert": build_hubert_model, "wav2vec": build_wav2vec_model, "vq_wav2vec": build_wav2vec_model,
-        "apc": build_apc_model, "tera": build_tera_model,
+        "apc": build_apc_model, "tera": build_tera_model, "vq_bert": build_vq_bert_model,
     }
     return builders.get(cfg.objective, build_wav2vec2_model)(cfg)
 
@@ -193,6 +195,23 @@ def build_tera_model(cfg: ModelConfig) -> MaskedReconstructionModel:
         mask_length=m.length, min_masks=m.min_masks, zero_prob=t.zero_prob, replace_prob=t.replace_prob,
         freq_width=t.freq_width, noise_prob=t.noise_prob, noise_std=t.noise_std,
     )
+
+
+def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
+    """vq-wav2vec's BERT on its tokens (``model.vq_bert``, ``model.mask``, ``model.transformer``):
+    no audio front end, the Transformer of ``model.transformer`` on an embedding of the tokens."""
+    tr, vb, m = cfg.transformer, cfg.vq_bert, cfg.mask
+    if tr.kind != "transformer":
+        raise ValueError(f"model.objective=vq_bert: a BERT needs model.transformer.kind='transformer', got {tr.kind!r}")
+    transformer = TransformerEncoder(
+        dim=tr.dim, ffn_dim=tr.ffn_dim, num_layers=tr.num_layers, num_heads=tr.num_heads, dropout=tr.dropout,
+        attention_dropout=tr.attention_dropout, activation_dropout=tr.activation_dropout, layerdrop=tr.layerdrop,
+        layer_norm_first=tr.layer_norm_first, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
+        absolute_positions=tr.absolute_positions,
+    )
+    encoder = TokenEncoder(vb.vocab, transformer, dropout_input=cfg.dropout_input)
+    return VqBertModel(encoder, mask_prob=m.prob, mask_length=m.length, min_masks=m.min_masks,
+                       random_token_prob=vb.random_token_prob, leave_unmasked_prob=vb.leave_unmasked_prob)
 
 
 def build_ctc_model(cfg: ModelConfig, vocab_size: int) -> Wav2Vec2ForCTC:

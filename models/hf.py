@@ -265,6 +265,8 @@ def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 def hf_unsupported(cfg: ModelConfig) -> str:
     """Why Hugging Face has no class for the encoder of ``cfg``; empty when it has one
     (``Wav2Vec2Model`` or ``Wav2Vec2ConformerModel``)."""
+    if cfg.objective == "vq_bert":
+        return "model.objective=vq_bert: a BERT on vq-wav2vec's tokens reads no waveform; Wav2Vec2Model has no place for it"
     if cfg.frontend.kind != "conv":
         return (
             f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "

@@ -50,7 +50,7 @@ __all__ = [
     "laptop", "best_rq", "best_rq_laptop", "hubert", "hubert_laptop", "wavlm", "wavlm_laptop",
     "wav2vec", "wav2vec_laptop", "vq_wav2vec", "vq_wav2vec_laptop",
     "vq_wav2vec_kmeans", "vq_wav2vec_kmeans_laptop", "apc", "apc_laptop", "mockingjay", "mockingjay_laptop", "tera",
-    "tera_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
+    "tera_laptop", "vq_bert", "vq_bert_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
 
@@ -350,6 +350,36 @@ def tera_laptop() -> Config:
     return cfg
 
 
+def vq_bert() -> Config:
+    """vq-wav2vec's BERT BASE as its paper and fairseq's ``masked_lm`` command on the tokens
+    (``roberta_base``; FAMILY.md section 9 has no BERT values): Adam (0.9, 0.98), eps 1e-6,
+    weight decay 0.01, lr 5e-4 with 10k warm-up updates and a linear (polynomial) decay over
+    250k updates, no clipping. The tokens come from ``jobs.label label.features=tokens
+    label.teacher=<the vq-wav2vec model>``; the vocabulary is built on every train utterance
+    (``label.sample_fraction`` 1)."""
+    cfg = Config(preset="vq_bert", model=model_config.vq_bert())
+    cfg.optim.lr = 5e-4
+    cfg.optim.betas = [0.9, 0.98]
+    cfg.optim.eps = 1e-6
+    cfg.optim.weight_decay = 0.01
+    cfg.optim.clip_grad_norm = 0.0
+    cfg.schedule.kind = "polynomial"
+    cfg.schedule.warmup_steps = 10_000
+    cfg.train.max_steps = 250_000
+    cfg.label.features = "tokens"
+    cfg.label.sample_fraction = 1.0
+    return cfg
+
+
+def vq_bert_laptop() -> Config:
+    """vq-wav2vec's BERT at the laptop presets' size (``models.config.vq_bert_laptop``) on the
+    tokens of a ``vq_wav2vec_laptop`` model."""
+    cfg = _laptop_objective("vq_bert_laptop", model_config.vq_bert_laptop())
+    cfg.label.features = "tokens"
+    cfg.label.sample_fraction = 1.0
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -358,6 +388,7 @@ PRESETS = {
     "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
     "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
     "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
+    "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
 }
 
 

@@ -440,19 +440,24 @@ class FinetuneConfig:
 
 @dataclass(kw_only=True)
 class LabelConfig:
-    """The labelling job (``jobs.label``, ``pipeline.label``): HuBERT's k-means targets for every
-    utterance of ``data.train_uri``, written next to its shards (``<data.train_uri>/labels/<name>``).
-    The number of clusters is the model's (``model.hubert.clusters``); a pretraining run of
-    objective ``hubert`` reads the label set these settings name and refuses one they did not make."""
+    """The labelling job (``jobs.label``, ``pipeline.label``): HuBERT's k-means targets, or
+    vq-wav2vec's tokens (``features=tokens``), for every utterance of ``data.train_uri``, written
+    next to its shards (``<data.train_uri>/labels/<name>``). The number of classes is the
+    model's (``model.hubert.clusters``; vq_bert: ``model.vq_bert.vocab``); a pretraining run of
+    objective ``hubert`` or ``vq_bert`` reads the label set these settings name and refuses one
+    they did not make."""
 
     name: str = ""
     """The label set's folder under ``<data.train_uri>/labels/``; empty: named by the settings
     (``mfcc-k100``, ``layer6-k500``)."""
-    features: Literal["mfcc", "model"] = "mfcc"
+    features: Literal["mfcc", "model", "tokens"] = "mfcc"
     """``mfcc``: 13 MFCCs + deltas + delta-deltas at 100 Hz (Kaldi's recipe; HuBERT's first
-    iteration); ``model``: hidden state ``layer`` of the model at ``teacher`` (later iterations)."""
+    iteration); ``model``: hidden state ``layer`` of the model at ``teacher`` (later iterations);
+    ``tokens``: the vq-wav2vec model at ``teacher``'s codeword ids of every frame, one token
+    per frame (no k-means: the sample builds the vocabulary; vq_bert's input and targets)."""
     teacher: str = ""
-    """``features=model``: the model whose layer is clustered (any location ``train.init_from``
+    """``features=model``: the model whose layer is clustered; ``features=tokens``: the
+    vq-wav2vec model that tokenises (any location ``train.init_from``
     takes: a run folder stands for its newest checkpoint, pinned when the job starts)."""
     layer: int = 6
     """``features=model``: the hidden state clustered (0: the Transformer's input, i: the output
@@ -481,8 +486,8 @@ class LabelConfig:
     """CPUs of each labelling worker (torch threads included)."""
 
     def __post_init__(self) -> None:
-        if self.features not in ("mfcc", "model"):
-            raise ValueError(f"label.features: expected 'mfcc' or 'model', got {self.features!r}")
+        if self.features not in ("mfcc", "model", "tokens"):
+            raise ValueError(f"label.features: expected 'mfcc', 'model' or 'tokens', got {self.features!r}")
         if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
             raise ValueError(f"label.name: expected letters, digits, '-', '_' or '.', got {self.name!r}")
         if self.layer < 0:
@@ -503,5 +508,5 @@ class LabelConfig:
         """The label set's folder name: ``name``, else one the settings give."""
         if self.name:
             return self.name
-        source = "mfcc" if self.features == "mfcc" else f"layer{self.layer}"
+        source = {"mfcc": "mfcc", "tokens": "tokens"}.get(self.features, f"layer{self.layer}")
         return f"{source}-k{clusters}"

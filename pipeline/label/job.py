@@ -1,4 +1,5 @@
-"""The labelling job: every utterance of a prepared dataset -> its k-means cluster id per frame.
+"""The labelling job: every utterance of a prepared dataset -> its k-means cluster id per frame,
+or its vq-wav2vec token per frame (``label.features=tokens``, :mod:`pipeline.label.tokens`).
 
 Stages (``jobs.label``; Ray must be initialised):
 
@@ -26,8 +27,16 @@ Stages (``jobs.label``; Ray must be initialised):
    start-up, the actors' imports and model loading, is left out, as a training budget
    leaves out its own).
 
-Layout: :mod:`pipeline.data.labels`. Pretraining (objective ``hubert``) reads the set the
-run's settings name through :func:`training_labels`, which refuses any other.
+Tokens (``label.features=tokens``, vq-wav2vec's second stage) take the same stages with
+the vq-wav2vec model at ``label.teacher`` as the features: the sample counts the frames of
+every codeword pair instead of keeping features, the fit builds the vocabulary of the
+``K - 1`` most frequent pairs (``vocabulary.npz``, no k-means), and each label file holds
+one token id per frame; the summary adds the token usage (pairs seen, their perplexity,
+the share of frames outside the vocabulary).
+
+Layout: :mod:`pipeline.data.labels`. Pretraining (objective ``hubert``, or ``vq_bert`` on
+tokens) reads the set the run's settings name through :func:`training_labels`, which
+refuses any other.
 """
 
 from __future__ import annotations
@@ -63,6 +72,10 @@ log = logging.getLogger("wavray.label")
 
 TMP_DIR = "_tmp"
 STATS_KEY = b"wavray.stats"
+PAIRS_KEY = b"wavray.pairs"
+"""Tokens: the frames of each codeword pair of a label file (before the vocabulary's remap)."""
+TEACHER_FEATURES = ("model", "tokens")
+"""Features that come from a model at ``label.teacher``."""
 KILL_ONCE_ENV = "WAVRAY_LABEL_KILL_ONCE"
 """Fault injection for tests: a local file path; the first labelling task that finds it
 absent creates it and kills its own worker (SIGKILL) between writing its file under the
@@ -104,7 +117,8 @@ def pin_teacher(location: str, store: storage.Storage | None, tracking_uri: str 
     from pipeline.train.trainer import latest_checkpoint_uri
 
     if not location:
-        raise ValueError("label.teacher: label.features=model needs the model whose layer is clustered, got ''")
+        raise ValueError("label.teacher: label.features=model (tokens) needs the model whose layer is clustered "
+                         "(the vq-wav2vec model that tokenises), got ''")
     pinned = model_io.pin(location, tracking_uri=tracking_uri)
     if model_io.is_mlflow_uri(pinned):
         return pinned
@@ -146,6 +160,12 @@ def make_extractor(plan: Plan, device: str = "cpu") -> Any:
         from pipeline.label.features import MfccFeatures
 
         return MfccFeatures(device)
+    if plan.features == "tokens":
+        from pipeline.label.tokens import TokenFeatures
+        from pipeline.model_io import load_model
+
+        trained = load_model(plan.teacher, store=plan.store, tracking_uri=plan.tracking_uri)
+        return TokenFeatures(trained.model, normalize=trained.normalize, device=device)
     from pipeline.label.features import load_teacher
 
     return load_teacher(plan.teacher, plan.layer, max_chunk_seconds=plan.max_chunk_seconds, device=device,
@@ -154,7 +174,7 @@ def make_extractor(plan: Plan, device: str = "cpu") -> Any:
 
 def kmeans_settings(cfg: Config) -> K.KMeansSettings:
     lab = cfg.label
-    return K.KMeansSettings(clusters=cfg.model.hubert.clusters, batch_size=lab.batch_size, n_init=lab.n_init,
+    return K.KMeansSettings(clusters=cfg.model.label_classes, batch_size=lab.batch_size, n_init=lab.n_init,
                             max_iter=lab.max_iter, max_no_improvement=lab.max_no_improvement, seed=lab.seed)
 
 
@@ -179,8 +199,8 @@ def resolve(cfg: Config, *, store: storage.Storage | None = None, tracking_uri: 
     store = store or storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
     info = read_dataset_info(cfg.data.train_uri, store)
     lab = cfg.label
-    teacher = pin_teacher(lab.teacher, store, tracking_uri) if lab.features == "model" else ""
-    clusters = cfg.model.hubert.clusters
+    teacher = pin_teacher(lab.teacher, store, tracking_uri) if lab.features in TEACHER_FEATURES else ""
+    clusters = cfg.model.label_classes
     name = lab.set_name(clusters)
     uri = L.set_uri(cfg.data.train_uri, name)
     plan = Plan(
@@ -192,41 +212,50 @@ def resolve(cfg: Config, *, store: storage.Storage | None = None, tracking_uri: 
     features = extractor.describe()
     if teacher:
         features["teacher_weights"] = teacher_digest(teacher, store, tracking_uri)
-    settings = {
+    settings: dict[str, Any] = {
         "format_version": L.FORMAT_VERSION,
         "dataset_version": info.version,
         "features": features,
-        "kmeans": asdict(kmeans_settings(cfg)),
-        "sample": {"fraction": lab.sample_fraction, "max_frames": lab.max_sample_frames, "seed": lab.seed},
     }
+    if lab.features == "tokens":  # no k-means: the sample's most frequent pairs, the last id for the rest
+        settings["vocabulary"] = {"size": clusters, "unknown": clusters - 1}
+        settings["sample"] = {"fraction": lab.sample_fraction, "seed": lab.seed}
+    else:
+        settings["kmeans"] = asdict(kmeans_settings(cfg))
+        settings["sample"] = {"fraction": lab.sample_fraction, "max_frames": lab.max_sample_frames, "seed": lab.seed}
     version = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     plan = Plan(**{**plan.__dict__, "version_uri": storage.join(uri, version)})
     return Resolved(plan=plan, name=name, set_uri=uri, version=version,
-                    settings={**settings, "teacher": teacher, "layer": lab.layer if teacher else None},
+                    settings={**settings, "teacher": teacher, "layer": lab.layer if lab.features == "model" else None},
                     dataset=info, stride=int(extractor.stride), window=int(extractor.window))
 
 
 def label_command(cfg: Config) -> str:
     """The ``jobs.label`` command that makes the labels ``cfg`` names."""
     lab = cfg.label
+    classes = "model.vq_bert.vocab" if cfg.model.objective == "vq_bert" else "model.hubert.clusters"
     parts = [f"python -m jobs.label --preset {cfg.preset}", f"data.train_uri={cfg.data.train_uri}",
-             f"model.hubert.clusters={cfg.model.hubert.clusters}", f"label.features={lab.features}"]
+             f"{classes}={cfg.model.label_classes}", f"label.features={lab.features}"]
     if lab.features == "model":
         parts += [f"label.teacher={lab.teacher}", f"label.layer={lab.layer}"]
+    if lab.features == "tokens":
+        parts.append(f"label.teacher={lab.teacher}")
     if lab.name:
         parts.append(f"label.name={lab.name}")
     return " ".join(parts)
 
 
 def training_labels(cfg: Config, *, tracking_uri: str = "") -> L.LabelSpec:
-    """The committed label set a ``hubert`` pretraining run of ``cfg`` trains on, checked: made
-    with this run's settings, for the dataset's current shards, at a frame rate its frames
-    align with, with its number of clusters (:func:`pipeline.data.labels.open_label_set`)."""
+    """The committed label set a ``hubert`` (``vq_bert``) pretraining run of ``cfg`` trains on,
+    checked: made with this run's settings, for the dataset's current shards, at a frame rate
+    its frames align with, with its number of clusters (tokens)
+    (:func:`pipeline.data.labels.open_label_set`)."""
+    check_objective(cfg)
     r = resolve(cfg, tracking_uri=tracking_uri)
     how = f"{label_command(cfg)}` (or jobs.label with this run's config and overrides)"
     spec = L.open_label_set(
         cfg.data.train_uri, r.name, dataset_version=r.dataset.version, model_stride=cfg.model.frame_stride,
-        clusters=cfg.model.hubert.clusters, store=r.plan.store, how_to_make=how.rstrip("`"),
+        clusters=cfg.model.label_classes, store=r.plan.store, how_to_make=how.rstrip("`"),
     )
     if spec.version != r.version:
         made = (L.read_summary(r.set_uri, r.plan.store) or {}).get("settings", {})
@@ -236,6 +265,16 @@ def training_labels(cfg: Config, *, tracking_uri: str = "") -> L.LabelSpec:
             f"run's (version {r.version}): {'; '.join(diff) or 'their settings differ'}. Label again with `{how}"
         )
     return spec
+
+
+def check_objective(cfg: Config) -> None:
+    """Labels are HuBERT's targets or vq_bert's tokens; vq_bert trains on tokens only."""
+    if cfg.model.objective not in ("hubert", "vq_bert"):
+        raise ValueError(f"model.objective={cfg.model.objective!r}: labels are HuBERT's targets or vq_bert's tokens; use "
+                         "a hubert or vq_bert preset (hubert, hubert_laptop, wavlm, vq_bert_laptop, ...)")
+    if cfg.model.objective == "vq_bert" and cfg.label.features != "tokens":
+        raise ValueError(f"model.objective=vq_bert trains on vq-wav2vec's tokens: label.features must be 'tokens', got "
+                         f"{cfg.label.features!r}")
 
 
 def _differences(made: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
@@ -321,30 +360,57 @@ class _Sampler(_Worker):
             ("cpu_seconds", pa.float64())]))
 
 
+class _PairCounter(_Worker):
+    """Tokens' sample: the frames of every codeword pair of the sampled utterances."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.label.tokens import count_pairs
+
+        out = []
+        for item in batch.to_pylist():
+            cpu0 = time.process_time()
+            table = self._shard(item["shard"], [S.AUDIO, S.NUM_SAMPLES])
+            pairs = [self.extractor.pair_index(self.extractor(self._audio(table, r))) for r in json.loads(item["rows"])]
+            counts = count_pairs(np.concatenate(pairs) if pairs else np.zeros(0, np.int64))
+            out.append({"pairs": json.dumps([list(counts), list(counts.values())]),
+                        "frames": int(sum(counts.values())), "cpu_seconds": time.process_time() - cpu0})
+        return pa.Table.from_pylist(out, schema=pa.schema([
+            ("pairs", pa.string()), ("frames", pa.int64()), ("cpu_seconds", pa.float64())]))
+
+
 # --- stage 4: label -----------------------------------------------------------------------------
 
 
 STATS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("frames", pa.int64()),
-                          ("reused", pa.bool_()), ("stats", pa.string()), ("seconds", pa.float64()),
-                          ("cpu_seconds", pa.float64())])
+                          ("reused", pa.bool_()), ("stats", pa.string()), ("pairs", pa.string()),
+                          ("seconds", pa.float64()), ("cpu_seconds", pa.float64())])
 
 
-def _file_stats(uri: str, store: storage.Storage) -> tuple[dict[str, Any], pa.Table] | None:
-    """(stats, id + num_frames columns) of an existing label file; None when absent."""
+def _file_stats(uri: str, store: storage.Storage) -> tuple[dict[str, Any], str, pa.Table] | None:
+    """(stats, pair counts (tokens; '' otherwise), id + num_frames columns) of an existing
+    label file; None when absent."""
     if not storage.exists(uri, store):
         return None
     fs, path = storage.resolve(uri, store)
     meta = pq.read_metadata(path, filesystem=fs).metadata or {}
     if STATS_KEY not in meta:
         return None
-    return json.loads(meta[STATS_KEY]), pq.read_table(path, filesystem=fs, columns=[S.ID, L.NUM_FRAMES])
+    pairs = meta.get(PAIRS_KEY, b"").decode()
+    return json.loads(meta[STATS_KEY]), pairs, pq.read_table(path, filesystem=fs, columns=[S.ID, L.NUM_FRAMES])
 
 
 class _Labeller(_Worker):
     def __init__(self, plan: Plan, gpus: float, cpus: float) -> None:
         super().__init__(plan, gpus, cpus)
-        centroids = np.load(_open_npz(storage.join(plan.version_uri, L.KMEANS_FILE), plan.store))["centroids"]
-        self.assign = K.Assigner(centroids, self.device)
+        self.assign: Callable[[np.ndarray], np.ndarray]
+        if plan.features == "tokens":
+            from pipeline.label.tokens import VOCABULARY_FILE, TokenMap
+
+            saved = np.load(_open_npz(storage.join(plan.version_uri, VOCABULARY_FILE), plan.store))
+            self.assign = TokenMap(saved["pairs"], plan.clusters, self.extractor.entries)
+        else:
+            centroids = np.load(_open_npz(storage.join(plan.version_uri, L.KMEANS_FILE), plan.store))["centroids"]
+            self.assign = K.Assigner(centroids, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.label_shard(item) for item in batch.to_pylist()], schema=STATS_SCHEMA)
@@ -359,29 +425,39 @@ class _Labeller(_Worker):
         expected = L.expected_frames(num_samples, stride=self.extractor.stride, window=self.extractor.window)
         found = _file_stats(out_uri, plan.store)
         if found is not None:
-            stats, done = found
+            stats, pairs_json, done = found
             if done.column(S.ID).to_pylist() == ids and np.array_equal(done.column(L.NUM_FRAMES).to_numpy(), expected):
                 return {"shard": item["shard"], "rows": len(ids), "frames": int(expected.sum()), "reused": True,
-                        "stats": json.dumps(stats), "seconds": time.perf_counter() - t0,
+                        "stats": json.dumps(stats), "pairs": pairs_json, "seconds": time.perf_counter() - t0,
                         "cpu_seconds": time.process_time() - cpu0}
         stats = LabelStats(plan.clusters)
         transcripts = table.column(S.TRANSCRIPT).to_pylist()
         labels = []
+        pairs: dict[int, int] = {}
         for row in range(len(ids)):
-            ids_row = self.assign(self.extractor(self._audio(table, row)))
+            features = self.extractor(self._audio(table, row))
+            if plan.features == "tokens":
+                values, counts = np.unique(self.extractor.pair_index(features), return_counts=True)
+                for p, c in zip(values.tolist(), counts.tolist(), strict=True):
+                    pairs[p] = pairs.get(p, 0) + c
+            ids_row = self.assign(features)
             if len(ids_row) != expected[row]:
                 raise AssertionError(f"{item['shard']} row {row}: {len(ids_row)} frames, expected {expected[row]}")
             labels.append(ids_row)
             stats.add(ids_row, transcripts[row])
         offsets = np.concatenate([[0], np.cumsum([len(lab) for lab in labels])]).astype(np.int32)
         values = np.concatenate(labels) if labels else np.zeros(0, np.int16)
+        pairs_json = json.dumps([list(pairs), list(pairs.values())]) if plan.features == "tokens" else ""
+        meta = {STATS_KEY: json.dumps(stats.to_json()).encode()}
+        if pairs_json:
+            meta[PAIRS_KEY] = pairs_json.encode()
         result = pa.Table.from_arrays([
             pa.array(ids, pa.string()), pa.array(expected.astype(np.int64), pa.int64()),
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int16), pa.int16())),
-        ], schema=L.LABEL_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats.to_json()).encode()}))
+        ], schema=L.LABEL_SCHEMA.with_metadata(meta))
         _write_atomically(result, out_uri, plan)
         return {"shard": item["shard"], "rows": len(ids), "frames": int(expected.sum()), "reused": False,
-                "stats": json.dumps(stats.to_json()), "seconds": time.perf_counter() - t0,
+                "stats": json.dumps(stats.to_json()), "pairs": pairs_json, "seconds": time.perf_counter() - t0,
                 "cpu_seconds": time.process_time() - cpu0}
 
 
@@ -421,7 +497,7 @@ def _workers(cfg: Config, features: str, num_items: int) -> tuple[int, float, fl
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0.0))
     cpus = cfg.label.cpus_per_worker
-    if features == "model" and gpus >= 1:
+    if features in TEACHER_FEATURES and gpus >= 1:
         count = cfg.label.workers or int(gpus)
         return max(1, min(count, num_items)), 1.0, cpus
     count = cfg.label.workers or max(1, int(resources.get("CPU", 1.0) // 2))
@@ -480,13 +556,51 @@ def fit_kmeans(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[
             "cpu_seconds": round(cpu, 1), "reused": False}
 
 
+def fit_vocabulary(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Stages 2-3 of tokens: the vocabulary of the version folder (:mod:`pipeline.label.tokens`),
+    built from the sample's pair counts unless already there."""
+    import io
+
+    from pipeline.label.tokens import VOCABULARY_FILE, build_vocabulary
+
+    uri = storage.join(r.plan.version_uri, VOCABULARY_FILE)
+    store = r.plan.store
+    if storage.exists(uri, store):
+        saved = np.load(_open_npz(uri, store))
+        progress(f"label: reusing the token vocabulary at {uri}")
+        return {"size": r.plan.clusters, "pairs": int(len(saved["pairs"])), "sample_pairs": int(saved["sample_pairs"]),
+                "sample_frames": int(saved["sample_frames"]), "seconds": 0.0, "cpu_seconds": 0.0, "reused": True}
+    t0 = time.perf_counter()
+    items = sample_items(manifest, r, cfg.label.sample_fraction, 2**62)  # counting needs no frame cap
+    if not items:
+        raise ValueError(f"{cfg.data.train_uri}: no train utterance long enough to sample (label.sample_fraction="
+                         f"{cfg.label.sample_fraction})")
+    counts: dict[int, int] = {}
+    cpu = 0.0
+    for table in _map(items, _PairCounter, r.plan, cfg):
+        for rec in table.to_pylist():
+            cpu += rec["cpu_seconds"]
+            for p, c in zip(*json.loads(rec["pairs"]), strict=True):
+                counts[int(p)] = counts.get(int(p), 0) + int(c)
+    pairs = build_vocabulary(counts, r.plan.clusters)
+    frames = sum(counts.values())
+    buf = io.BytesIO()
+    np.savez(buf, pairs=pairs, counts=np.asarray([counts[p] for p in pairs.tolist()], dtype=np.int64),
+             sample_pairs=np.int64(len(counts)), sample_frames=np.int64(frames))
+    _write_atomically(buf.getvalue(), uri, r.plan, fault_point=False)
+    seconds = time.perf_counter() - t0
+    covered = sum(counts[p] for p in pairs.tolist()) / max(frames, 1)
+    progress(f"label: {len(counts)} codeword pairs in {frames} sampled frames; the vocabulary's {len(pairs)} cover "
+             f"{covered:.1%} of them ({seconds:.0f} s)")
+    return {"size": r.plan.clusters, "pairs": int(len(pairs)), "sample_pairs": len(counts), "sample_frames": frames,
+            "sample_coverage": covered, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "reused": False}
+
+
 def run_labelling(cfg: Config, *, force: bool = False, progress: Callable[[str], None] = print,
                   tracking_uri: str = "") -> dict[str, Any]:
     """Run the labelling job of ``cfg`` (module doc); returns the summary it committed (or found)."""
     started = time.perf_counter()
-    if cfg.model.objective != "hubert":
-        raise ValueError(f"model.objective={cfg.model.objective!r}: labels are HuBERT's targets; use a hubert preset "
-                         "(hubert, hubert_laptop, wavlm, ...) or model.objective=hubert")
+    check_objective(cfg)
     store = storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
     r = resolve(cfg, store=store, tracking_uri=tracking_uri)
     summary_uri = storage.join(r.set_uri, S.SUMMARY_FILE)
@@ -500,7 +614,8 @@ def run_labelling(cfg: Config, *, force: bool = False, progress: Callable[[str],
              f"features, {r.plan.clusters} clusters")
     manifest = storage.read_table(storage.join(cfg.data.train_uri, S.MANIFEST_FILE),
                                   [S.ID, S.SPLIT, S.SHARD, S.ROW, S.NUM_SAMPLES], store)
-    fit = fit_kmeans(cfg, r, manifest, progress)
+    fit = fit_vocabulary(cfg, r, manifest, progress) if r.plan.features == "tokens" else fit_kmeans(cfg, r, manifest,
+                                                                                                    progress)
 
     shards = [s.path for split in S.SPLITS for s in r.dataset.split(split)]
     t0 = time.perf_counter()
@@ -511,6 +626,10 @@ def run_labelling(cfg: Config, *, force: bool = False, progress: Callable[[str],
                  f"({sum(1 for x in results if x['reused'])} already were)")
     summary = _commit(r, manifest, results, fit, seconds_labelling=time.perf_counter() - t0,
                       seconds=time.perf_counter() - started)
+    if "tokens" in summary:
+        tok = summary["tokens"]
+        progress(f"label: tokens: {tok['distinct_pairs']} codeword pairs (perplexity {tok['pair_perplexity']:.1f}), "
+                 f"{tok['unknown_share']:.2%} of the frames outside the vocabulary of {tok['vocabulary']}")
     usage, purity = summary["usage"], summary.get("purity")
     progress(f"label: done in {summary['seconds']:.0f} s: {summary['utterances']} utterances, {summary['frames']} "
              f"frames, {usage['clusters_used']}/{usage['clusters']} clusters used (perplexity "
@@ -552,7 +671,7 @@ def _commit(r: Resolved, manifest: pa.Table, results: list[dict[str, Any]], fit:
         "stride": r.stride,
         "window": r.window,
         "clusters": r.plan.clusters,
-        "kmeans": fit,
+        ("vocabulary" if r.plan.features == "tokens" else "kmeans"): fit,
         "utterances": rows,
         "frames": int(sum(int(x["frames"]) for x in results)),
         "shards_reused": sum(1 for x in results if x["reused"]),
@@ -561,6 +680,8 @@ def _commit(r: Resolved, manifest: pa.Table, results: list[dict[str, Any]], fit:
         "purity_by_split": {s: st.purity() for s, st in by_split.items() if st.frames},
         "files": sorted(L.shard_label_path(s) for s in shards),
     }
+    if r.plan.features == "tokens":
+        summary["tokens"] = _token_usage(results, stats, r)
     storage.write_json(storage.join(r.set_uri, S.SUMMARY_FILE), summary, store)
     # Temporary files of killed tasks, and older versions, are unreachable now.
     storage.delete_dir(storage.join(r.plan.version_uri, TMP_DIR), store)
@@ -568,6 +689,26 @@ def _commit(r: Resolved, manifest: pa.Table, results: list[dict[str, Any]], fit:
         if child.type == pafs.FileType.Directory and child.base_name != r.version:
             storage.delete_dir(storage.join(r.set_uri, child.base_name), store)
     return summary
+
+
+def _token_usage(results: list[dict[str, Any]], stats: LabelStats, r: Resolved) -> dict[str, Any]:
+    """What the tokens say: the codeword pairs used over the whole set (before the vocabulary),
+    their perplexity, and the share of frames given the unknown id."""
+    counts: dict[int, int] = {}
+    for x in results:
+        for p, c in zip(*json.loads(x["pairs"] or "[[], []]"), strict=True):
+            counts[int(p)] = counts.get(int(p), 0) + int(c)
+    n = np.asarray(list(counts.values()), dtype=np.float64)
+    p = n / max(n.sum(), 1.0)
+    features = r.settings["features"]
+    return {
+        "groups": features["groups"], "entries": features["entries"],
+        "pairs_possible": int(features["entries"]) ** int(features["groups"]),
+        "distinct_pairs": len(counts),
+        "pair_perplexity": float(math.exp(-(p[p > 0] * np.log(p[p > 0])).sum())) if len(p) else 0.0,
+        "vocabulary": r.plan.clusters,
+        "unknown_share": float(stats.counts[r.plan.clusters - 1] / max(stats.frames, 1)),
+    }
 
 
 def ensure_labels(cfg: Config, *, progress: Callable[[str], None] = print, tracking_uri: str = "") -> dict[str, Any]:

@@ -106,7 +106,7 @@ class TrainDataFactory:
     """Set after the first worker group's dataset: later calls are restarts of a running
     run, which ride out an object store that cannot be reached instead of failing fast."""
     labels: Any = None
-    """HuBERT's label set (``pipeline.data.labels.LabelSpec``) joined with every batch, or None."""
+    """HuBERT's labels or vq_bert's tokens (``pipeline.data.labels.LabelSpec``) joined with every batch, or None."""
 
     def position(self) -> tuple[dict[str, Any] | None, int]:
         """(data position, step) of the checkpoint the workers resume from; (None, 0) when none."""
@@ -169,7 +169,7 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None, verbose: bool =
         raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
     cfg = resolve_init(cfg)
     labels = None
-    if cfg.model.objective == "hubert":  # targets made offline: the label set the run's settings name
+    if cfg.model.objective in ("hubert", "vq_bert"):  # targets (tokens) made offline: the set the settings name
         from pipeline.label.job import training_labels
         from pipeline.tracking import default_tracking_uri
 

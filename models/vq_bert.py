@@ -1,0 +1,181 @@
+"""vq-wav2vec's second stage: a BERT on the tokens of a vq-wav2vec model (FAMILY.md section 9;
+Baevski et al. 2019, section 3.3; fairseq's ``masked_lm`` task with ``roberta_base``)::
+
+    token ids (B, T) -> BERT corruption at the masked frames -> embedding (B, T, D)
+        -> Transformer -> h (B, T, D)
+    h -> dense + GELU + LayerNorm -> . embedding^T + bias -> logits (B, T, K)   (RoBERTa's LM head,
+                                                                             tied to the input embedding)
+    loss: cross-entropy of the masked frames' original ids, summed; its count is the masked frames
+
+The tokens are the label set ``jobs.label`` makes with ``label.features=tokens``: one id
+per 10 ms frame from a vocabulary of K tokens (``pipeline.label.tokens`` says how the
+G codeword ids of a frame become one). They are both the input and the target, so the
+model has no audio front end: the label join of the data path hands them over at the
+model's frame rate (one frame per token), and the step reads them from there.
+
+Masking: spans of ``mask.length`` frames (the paper: starts at p = 0.05 of the tokens,
+10 tokens each, i.e. ``mask.prob`` 0.5 in fairseq's ``compute_mask_indices`` terms, drawn
+before the forward as for the other objectives). As in BERT (fairseq's
+``MaskTokensDataset``), a masked frame's input becomes ``[MASK]`` (id K, an embedding of
+its own), except a ``random_token_prob`` share that gets a uniformly random token and a
+``leave_unmasked_prob`` share that keeps its token; all of them are predicted.
+
+As in RoBERTa the embedding is not scaled; the Transformer adds the positions (fixed
+sinusoids in the presets, ``transformer.absolute_positions``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.masked_prediction import MaskedPredictionOutput
+from models.masking import compute_span_mask, frame_padding_mask
+from models.quantizer import perplexity
+from models.transformer import TransformerEncoder
+from models.wav2vec2 import check_shape
+
+
+def masked_token_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross-entropy summed over the masked frames, masked frames, masked frames predicted right).
+
+    ``logits`` (B, T, K), ``targets`` (B, T) long ids (any value where not masked), ``mask``
+    (B, T) bool. Every frame is scored and the mask keeps the masked ones (no boolean
+    indexing: its size would need a host sync).
+    """
+    batch, time, vocab = logits.shape
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    ce = F.cross_entropy(logits.float().reshape(-1, vocab), safe.reshape(-1), reduction="none").view(batch, time)
+    weights = mask.to(ce.dtype)
+    with torch.no_grad():
+        correct = ((logits.argmax(dim=-1) == safe).to(ce.dtype) * weights).sum()
+    return (ce * weights).sum(), mask.long().sum(), correct
+
+
+class TokenEncoder(nn.Module):
+    """(B, T) token ids -> (B, T, D) hidden states: an embedding of the K tokens and
+    ``[MASK]`` (id K), input dropout, a Transformer. What the probe and fine-tuning would
+    read of a vq_bert model (its ``transformer`` is the encoders' ``transformer``)."""
+
+    def __init__(self, vocab: int, transformer: TransformerEncoder, *, dropout_input: float = 0.0) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.dim = transformer.out_dim
+        self.embedding = nn.Embedding(vocab + 1, self.dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)  # BERT's initialisation
+        self.dropout = nn.Dropout(dropout_input)
+        self.transformer = transformer
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, *,
+                layerdrop_generator: torch.Generator | None = None) -> Tensor:
+        x = self.dropout(self.embedding(tokens))  # (B, T, D)
+        return self.transformer(x, padding_mask, layerdrop_generator=layerdrop_generator)
+
+
+class LmHead(nn.Module):
+    """RoBERTa's LM head: dense + GELU + LayerNorm, then the input embedding's transpose + a bias
+    (``[MASK]`` is never a target: its row is left out)."""
+
+    def __init__(self, embedding: nn.Embedding, vocab: int) -> None:
+        super().__init__()
+        dim = embedding.embedding_dim
+        self.embedding = embedding
+        self.vocab = vocab
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(x, self.embedding.weight[: self.vocab]) + self.bias  # (B, T, K)
+
+
+class VqBertModel(nn.Module):
+    """vq-wav2vec's BERT (module doc). Shaped like :class:`models.masked_prediction.
+    MaskedPredictionModel` for its step: one codebook of ``vocab`` classes, targets given."""
+
+    codebooks = 1
+    given_targets = True
+    feature_penalty_weight = 0.0
+
+    def __init__(self, encoder: TokenEncoder, *, mask_prob: float, mask_length: int, min_masks: int,
+                 random_token_prob: float = 0.1, leave_unmasked_prob: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.codebook_size = encoder.vocab
+        self.head = LmHead(encoder.embedding, encoder.vocab)
+        self.mask_prob = mask_prob
+        self.mask_length = mask_length
+        self.min_masks = min_masks
+        self.random_token_prob = random_token_prob
+        self.leave_unmasked_prob = leave_unmasked_prob
+
+    def sample_masks(self, batch: int, num_frames: int, lengths: Tensor,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """(B, T) bool spans of masked tokens, drawn on ``lengths.device``."""
+        return compute_span_mask(
+            (batch, num_frames), mask_prob=self.mask_prob, mask_length=self.mask_length,
+            min_masks=self.min_masks, lengths=lengths, generator=generator, device=lengths.device,
+        )
+
+    def corrupt(self, tokens: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The model's input: ``tokens`` (B, T) with the masked ones replaced BERT's way (module doc)."""
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        rand = torch.randint(0, self.codebook_size, tokens.shape, generator=generator, device=tokens.device)
+        keep = u < self.leave_unmasked_prob
+        random = (u >= self.leave_unmasked_prob) & (u < self.leave_unmasked_prob + self.random_token_prob)
+        replaced = torch.where(random, rand, torch.full_like(tokens, self.encoder.mask_id))
+        return torch.where(mask & ~keep, replaced, tokens)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        mask_time_indices: Tensor | None = None,
+        target_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        layerdrop_generator: torch.Generator | None = None,
+    ) -> MaskedPredictionOutput:
+        """One pass over ``tokens`` (B, T) long ids; ``padding_mask`` (B, T) True = padded frame.
+        Masks from ``generator`` unless given; the targets are the tokens (``target_ids`` is
+        accepted for the masked-prediction step's call and must equal them when given)."""
+        tokens = tokens.long()
+        batch, time = tokens.shape
+        if padding_mask is None:
+            lengths = torch.full((batch,), time, dtype=torch.long, device=tokens.device)
+        else:
+            check_shape("padding_mask", padding_mask, (batch, time))
+            lengths = (~padding_mask.bool()).long().sum(dim=1)
+        valid = ~frame_padding_mask(time, lengths)  # (B, T)
+        if mask_time_indices is None:
+            mask = self.sample_masks(batch, time, lengths, generator)
+        else:
+            check_shape("mask_time_indices", mask_time_indices, (batch, time))
+            mask = mask_time_indices.to(device=tokens.device, dtype=torch.bool)
+        mask = mask & valid
+        if target_ids is not None:
+            check_shape("target_ids", target_ids, (batch, time, 1))
+        tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
+        frame_pad = None if padding_mask is None else ~valid
+        hidden = self.encoder(self.corrupt(tokens, mask, generator), frame_pad,
+                              layerdrop_generator=layerdrop_generator)  # (B, T, D)
+        logits = self.head(hidden).float()  # (B, T, K)
+        ce_sum, num_masked, num_correct = masked_token_loss(logits, tokens, mask)
+        with torch.no_grad():
+            w = mask.to(logits.dtype).unsqueeze(-1)  # (B, T, 1)
+            count = w.sum().clamp(min=1.0)
+            onehot = F.one_hot(tokens, self.codebook_size).to(logits.dtype)
+            target_ppl = perplexity((onehot * w).sum(dim=(0, 1)) / count).view(1)
+            pred_ppl = perplexity((logits.softmax(dim=-1) * w).sum(dim=(0, 1)) / count).view(1)
+        return MaskedPredictionOutput(
+            loss_sum=ce_sum, num_masked=num_masked, num_correct=num_correct, target_perplexity=target_ppl,
+            prediction_perplexity=pred_ppl, target_ids=tokens.unsqueeze(-1), logits=logits.unsqueeze(2),
+            last_hidden_state=hidden, mask_time_indices=mask, padding_mask=frame_pad, ce_sum=ce_sum,
+            feature_penalty=ce_sum.new_zeros(()),
+        )

@@ -1,0 +1,90 @@
+"""vq-wav2vec's BERT (``models.vq_bert``): its loss against a case computed by hand, BERT's
+corruption of the masked tokens (nothing of a [MASK]ed token reaches the model), padding,
+and the presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import config as M
+from models.factory import build_pretraining_model
+from models.hf import hf_unsupported
+from models.vq_bert import VqBertModel, masked_token_loss
+
+
+def test_masked_token_loss_by_hand() -> None:
+    # Frame 0: uniform over 2 tokens, target 1 -> ln 2 (argmax 0: wrong).
+    # Frame 1: logits (ln 3, 0), target 0 -> -ln(3/4) (right). Frame 2: not masked, not counted.
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, 0.0]]])
+    targets = torch.tensor([[1, 0, 1]])
+    mask = torch.tensor([[True, True, False]])
+    ce_sum, count, correct = masked_token_loss(logits, targets, mask)
+    assert ce_sum.item() == pytest.approx(math.log(2.0) + math.log(4.0 / 3.0), abs=1e-6)
+    assert count.item() == 2 and correct.item() == 1.0
+
+
+def _model(**vq_bert: float) -> VqBertModel:
+    cfg = M.vq_bert_laptop()
+    for k, v in vq_bert.items():
+        setattr(cfg.vq_bert, k, v)
+    torch.manual_seed(0)
+    return build_pretraining_model(cfg).eval()
+
+
+def test_forward_loss_is_the_masked_tokens_cross_entropy_of_its_logits() -> None:
+    model = _model()
+    tokens = torch.randint(0, model.codebook_size, (2, 40))
+    pad = torch.zeros(2, 40, dtype=torch.bool)
+    pad[1, 30:] = True
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, 3:8] = True
+    mask[1, 25:35] = True  # 5 of them padding: not counted
+    out = model(tokens, pad, mask_time_indices=mask, generator=torch.Generator().manual_seed(1))
+    assert out.num_masked.item() == 10
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :, 0][out.mask_time_indices],
+                                                 tokens[out.mask_time_indices], reduction="sum")
+    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.logits.shape == (2, 40, 1, model.codebook_size)
+    assert out.target_ids[..., 0][~pad].equal(tokens[~pad])
+
+
+def test_a_masked_token_reaches_the_model_as_mask_only() -> None:
+    model = _model(random_token_prob=0.0, leave_unmasked_prob=0.0)
+    tokens = torch.randint(0, model.codebook_size, (1, 30))
+    mask = torch.zeros(1, 30, dtype=torch.bool)
+    mask[0, 10:15] = True
+    other = tokens.clone()
+    other[0, 10:15] = (other[0, 10:15] + 1) % model.codebook_size
+    a = model(tokens, mask_time_indices=mask).last_hidden_state
+    b = model(other, mask_time_indices=mask).last_hidden_state
+    torch.testing.assert_close(a, b)
+    unmasked = tokens.clone()
+    unmasked[0, 20] = (unmasked[0, 20] + 1) % model.codebook_size
+    assert not torch.allclose(a, model(unmasked, mask_time_indices=mask).last_hidden_state)
+
+
+def test_bert_corruption_shares() -> None:
+    model = _model()  # 10% random, 10% kept, 80% [MASK]
+    tokens = torch.randint(0, model.codebook_size, (4, 5000))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    corrupted = model.corrupt(tokens, mask, torch.Generator().manual_seed(0))
+    share_mask = (corrupted == model.encoder.mask_id).float().mean().item()
+    assert 0.78 < share_mask < 0.82
+    assert ((corrupted != tokens) & (corrupted != model.encoder.mask_id)).float().mean().item() > 0.08
+    assert corrupted[~mask].numel() == 0
+    kept = model.corrupt(tokens, torch.zeros_like(mask), torch.Generator().manual_seed(0))
+    assert kept.equal(tokens)
+
+
+def test_presets() -> None:
+    base = M.vq_bert()
+    assert (base.transformer.num_layers, base.transformer.dim, base.transformer.ffn_dim,
+            base.transformer.num_heads) == (12, 768, 3072, 12)
+    assert (base.mask.prob, base.mask.length) == (0.5, 10) and base.frame_stride == 160
+    assert base.label_classes == base.vq_bert.vocab
+    assert "vq_bert" in hf_unsupported(base)
+    with pytest.raises(ValueError, match="int16"):
+        M.VqBertConfig(vocab=40000)
