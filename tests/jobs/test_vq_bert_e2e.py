@@ -1,0 +1,165 @@
+"""vq-wav2vec's second stage end to end on the real object store (SeaweedFS on loopback) and a
+local Ray.
+
+1. The tokenising job (``jobs.label label.features=tokens``) tokenises the demo corpus,
+   prepared into the bucket, with a vq-wav2vec model: every utterance has exactly one row,
+   with one token per frame of the model's front end, and each token is the model's own
+   codeword pair of that frame through the vocabulary the job saved. Running it again
+   writes nothing.
+2. A short vq_bert pretraining on 1 worker reads the tokens through the label join of the
+   data path: its first masked cross-entropy is near chance, ln(K), and the tokens it saw
+   vary.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from fixtures.objectstore import s3_store  # noqa: F401 - the session fixture
+
+from pipeline import config as C
+from pipeline.data import labels as L
+from pipeline.data import schema as S
+from pipeline.data import storage
+from pipeline.data.audio import decode_segment
+from pipeline.label.job import run_labelling
+from pipeline.label.tokens import VOCABULARY_FILE, TokenMap
+from pipeline.tracking import Tracker
+from pipeline.train.trainer import run_pretraining
+
+pytestmark = pytest.mark.e2e
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_store):  # noqa: F811
+    from pipeline.cluster import connect_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect_ray(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_uri(ray_local, s3_store, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: F811
+    from pipeline.data.demo_corpus import make_corpus
+    from pipeline.data.prepare import prepare
+
+    corpus = tmp_path_factory.mktemp("vqbert") / "corpus"
+    make_corpus(corpus, minutes=1.0, seed=7, progress=lambda _: None)
+    uri = s3_store.uri("vqbert")
+    prepare(str(corpus), uri, C.apply_overrides(C.tiny(), ["data.shard_size_mb=0.3"]).data, progress=lambda _: None)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A vq-wav2vec model as a wavray bundle (untrained: any model tokenises; the job must
+    reproduce its tokens)."""
+    from models.factory import build_pretraining_model
+    from pipeline.model_io import write_bundle
+
+    cfg = C.vq_wav2vec_laptop()
+    torch.manual_seed(3)
+    model = build_pretraining_model(cfg.model).eval()
+    out = write_bundle(model, cfg, tmp_path_factory.mktemp("teacher") / "vq_wav2vec")
+    return out, model
+
+
+def _config(data: str, teacher_dir: Path, *extra: str) -> C.Config:
+    return C.apply_overrides(C.vq_bert_laptop(), [
+        f"data.train_uri={data}", f"label.teacher={teacher_dir}", f"model.vq_bert.vocab={VOCAB}",
+        "label.name=tokens", "label.workers=1", *extra,
+    ])
+
+
+def _label_files(set_uri: str, version: str) -> dict[str, float]:
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(storage.join(set_uri, version), None)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {storage.relative(root, i.path): i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File}
+
+
+@pytest.fixture(scope="module")
+def tokenised(data_uri: str, teacher: tuple[Path, torch.nn.Module]) -> dict:
+    return run_labelling(_config(data_uri, teacher[0]), progress=lambda _: None)
+
+
+def test_tokenising_on_the_object_store_gives_the_models_token_for_every_frame_once(
+    data_uri: str, teacher: tuple[Path, torch.nn.Module], tokenised: dict
+) -> None:
+    summary = tokenised
+    _, model = teacher
+    set_uri = L.set_uri(data_uri, "tokens")
+    manifest = storage.read_table(storage.join(data_uri, S.MANIFEST_FILE), [S.ID, S.SHARD, S.ROW, S.NUM_SAMPLES])
+    shards = sorted(set(manifest.column(S.SHARD).to_pylist()))
+    files = _label_files(set_uri, summary["version"])
+    assert sorted(files) == sorted([VOCABULARY_FILE] + [L.shard_label_path(s) for s in shards]), "temporary or extra files"
+    assert len(shards) >= 3 and summary["shards_reused"] == 0
+    assert summary["stride"] == 160 and summary["clusters"] == VOCAB
+    assert summary["settings"]["features"]["kind"] == "tokens" and summary["settings"]["features"]["teacher_weights"]
+
+    saved = np.load(__import__("io").BytesIO(storage.read_bytes(storage.join(set_uri, summary["version"],
+                                                                             VOCABULARY_FILE))))
+    to_ids = TokenMap(saved["pairs"], VOCAB, model.quantizer.entries)
+    frontend = model.encoder.feature_encoder
+    expected = dict(zip(manifest.column(S.ID).to_pylist(), manifest.column(S.NUM_SAMPLES).to_pylist(), strict=True))
+    seen: dict[str, int] = {}
+    checked = 0
+    for shard in shards:
+        table = storage.read_table(storage.join(set_uri, summary["version"], L.shard_label_path(shard)))
+        audio = storage.read_table(storage.join(data_uri, shard), [S.ID, S.AUDIO, S.NUM_SAMPLES])
+        for row, (utt, frames, ids) in enumerate(zip(*(table.column(c).to_pylist()
+                                                       for c in (S.ID, L.NUM_FRAMES, L.LABELS)), strict=True)):
+            seen[utt] = seen.get(utt, 0) + 1
+            model_frames = int(frontend.output_lengths(torch.tensor(expected[utt])).item())
+            assert frames == len(ids) == model_frames, f"{utt}: not one token per model frame"
+            assert 0 <= min(ids) and max(ids) < VOCAB
+            if row < 2:  # the job's tokens are the model's, through the saved vocabulary
+                assert audio.column(S.ID)[row].as_py() == utt
+                wave = decode_segment(audio.column(S.AUDIO)[row].as_buffer(), 0, expected[utt])
+                x = torch.from_numpy((wave - wave.mean()) / math.sqrt(float(wave.var()) + 1e-5)).float()
+                codes, _ = model.tokens(x.unsqueeze(0))
+                assert to_ids(codes[0].numpy()).tolist() == ids, utt
+                checked += 1
+    assert seen == dict.fromkeys(expected, 1), "an utterance without tokens, or tokenised twice"
+    assert checked >= 2 * len(shards)
+    tokens = summary["tokens"]
+    assert tokens["pairs_possible"] == 32 ** 2 and 1 < tokens["distinct_pairs"] <= 32 ** 2
+    assert tokens["pair_perplexity"] > 1.0 and 0.0 <= tokens["unknown_share"] < 1.0
+    assert summary["usage"]["clusters_used"] > 1 and summary["vocabulary"]["sample_frames"] > 0
+
+    # Again: nothing to do, nothing rewritten.
+    messages: list[str] = []
+    again = run_labelling(_config(data_uri, teacher[0]), progress=messages.append)
+    assert again["version"] == summary["version"] and any("nothing to do" in m for m in messages)
+    assert _label_files(set_uri, summary["version"]) == files
+
+
+def test_vq_bert_pretrains_on_the_tokens(data_uri: str, teacher: tuple[Path, torch.nn.Module], tokenised: dict,
+                                         tmp_path: Path) -> None:
+    cfg = _config(data_uri, teacher[0], f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.run_name=vqbert",
+                  "train.max_steps=6", "checkpoint.every_steps=6", "train.log_every=1", "schedule.warmup_steps=2",
+                  "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.decode_cpus=0.5",
+                  "data.max_samples_per_batch=64000", "data.max_sample_size=32000")
+    result = run_pretraining(cfg)
+    assert result.step == 6
+    client = Tracker(result.mlflow_uri, "wavray", result.mlflow_run_id).client
+    run = client.get_run(result.mlflow_run_id)
+    ce = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss/masked_ce")}
+    assert sorted(ce) == list(range(1, 7)) and all(math.isfinite(v) for v in ce.values())
+    assert abs(ce[1] - math.log(VOCAB)) < 1.0, "the first loss is not near chance, ln(K)"
+    assert run.data.metrics["perplexity/target_0"] > 2.0, "the tokens the model saw do not vary"
+    with pytest.raises(ValueError, match="label.features must be 'tokens'"):
+        run_pretraining(C.apply_overrides(cfg, ["label.features=mfcc"]))
