@@ -1,13 +1,16 @@
-"""HuBERT's targets: k-means labels for every utterance of a prepared dataset, on Ray Data.
+"""HuBERT's targets: k-means labels for every utterance of a prepared dataset, on Ray Data
+(or vq-wav2vec's tokens: ``label.features=tokens``).
 
     python -m jobs.label --config jobs/configs/pretrain/hubert_laptop.yaml data.train_uri=demo_data/shards
     python -m jobs.label --config jobs/configs/pretrain/hubert_laptop_it2.yaml data.train_uri=demo_data/shards \\
         label.teacher=runs/hubert-it1
     ray job submit -- python -m jobs.label --config jobs/configs/pretrain/hubert.yaml data.train_uri=s3://data/ls960
+    python -m jobs.label --config jobs/configs/pretrain/vq_bert_laptop.yaml label.teacher=runs/vq-wav2vec
 
 The config is the pretraining run's own (the same file and overrides): ``model.hubert.clusters``
-is K, the ``label`` section says which features (``label.features=mfcc``, or ``model`` with
-``label.teacher`` and ``label.layer``), the sample k-means is fitted on and the label set's
+is K (``model.vq_bert.vocab`` for tokens), the ``label`` section says which features
+(``label.features=mfcc``, ``model`` with ``label.teacher`` and ``label.layer``, or ``tokens``
+with a vq-wav2vec model as ``label.teacher``: no k-means, the sample builds the vocabulary), the sample k-means is fitted on and the label set's
 name. The labels go next to the shards (``<data.train_uri>/labels/<name>/``) with a
 ``summary.json`` of the cluster usage and purity against the transcripts; running it again
 finishes what an interrupted run left and does nothing when the labels are there. The

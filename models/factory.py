@@ -62,6 +62,11 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
     network (causal_conv, gru) reads the front end's frames as they are, or, for
     vq-wav2vec, their quantization (the quantizer is then part of the encoder).
     """
+    if cfg.objective == "vq_bert":
+        raise ValueError(
+            "model.objective=vq_bert: its BERT reads vq-wav2vec's tokens, not audio, so it has no audio encoder to "
+            "probe or fine-tune on its own; features of audio need its tokeniser in front (not built yet)"
+        )
     tr = cfg.transformer
     feature_encoder = build_frontend(cfg)
     projection: FeatureProjection | IdentityProjection | QuantizedProjection

@@ -192,6 +192,13 @@ def probe_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
 
 def _encoder_of(model: nn.Module) -> nn.Module:
     """The part of ``model`` whose hidden states the probe reads."""
+    from models.vq_bert import VqBertModel
+
+    if isinstance(model, VqBertModel):
+        raise ValueError(
+            "a vq_bert model reads vq-wav2vec's tokens, not audio: probing it needs its tokeniser in front "
+            "(features through the frozen tokens -> BERT, not built yet)"
+        )
     enc = getattr(model, "encoder", None)
     if isinstance(enc, Wav2Vec2Encoder):
         return enc

@@ -187,7 +187,7 @@ def open_label_set(
     if spec.clusters != clusters:
         raise ValueError(
             f"labels {name!r} ({where}) have {spec.clusters} clusters, the model predicts {clusters} "
-            "(model.hubert.clusters): label with the model's number of clusters, or set model.hubert.clusters"
+            "(model.hubert.clusters; vq_bert: model.vq_bert.vocab): label with the model's number, or set the model's"
         )
     if version is not None and spec.version != version:
         made = summary.get("settings", {})

@@ -3,6 +3,7 @@
 - :mod:`pipeline.label.mfcc`: Kaldi's MFCCs with deltas (the first iteration's features);
 - :mod:`pipeline.label.features`: a frame's features from MFCC or a layer of a model;
 - :mod:`pipeline.label.kmeans`: the fit (scikit-learn) and the assignment;
+- :mod:`pipeline.label.tokens`: vq-wav2vec's tokens (``label.features=tokens``) and their vocabulary;
 - :mod:`pipeline.label.purity`: cluster usage and phone-free purity against transcripts;
 - :mod:`pipeline.label.job`: the job (sample, fit, label every shard, commit) and what
   pretraining asks of it.

@@ -88,3 +88,10 @@ def test_presets() -> None:
     assert "vq_bert" in hf_unsupported(base)
     with pytest.raises(ValueError, match="int16"):
         M.VqBertConfig(vocab=40000)
+
+
+def test_no_audio_encoder_to_fine_tune() -> None:
+    from models.factory import build_ctc_model
+
+    with pytest.raises(ValueError, match="reads vq-wav2vec's tokens, not audio"):
+        build_ctc_model(M.vq_bert_laptop(), 30)
