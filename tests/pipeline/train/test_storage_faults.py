@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[3]
 BUCKET = "train-faults"
 RETRY_S = 5.0
 COMMON = [
-    "--config", "jobs/configs/pretrain/tiny.yaml", "checkpoint.every_steps=4", "train.log_every=1",
+    "--config", str(ROOT / "jobs/configs/pretrain/tiny.yaml"), "checkpoint.every_steps=4", "train.log_every=1",
     "data.decode_cpus=0.5", "data.max_samples_per_batch=64000", "data.max_sample_size=32000",
     "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "checkpoint.max_failures=1",
 ]
