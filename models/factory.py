@@ -5,6 +5,7 @@ from __future__ import annotations
 from models.best_rq import RandomProjectionQuantizer
 from models.config import TARGET_HOP, ModelConfig
 from models.conformer import ConformerEncoder
+from models.data2vec import ConvDecoder, Data2Vec2Model, Data2VecModel
 from models.feature_encoder import FeatureEncoder, FeatureProjection
 from models.frontends import LogMelFrontend
 from models.masked_prediction import MaskedPredictionModel
@@ -39,17 +40,22 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
         transformer = ConformerEncoder(**common, conv_kernel=tr.conv_kernel, position=tr.position)
     else:
         transformer = TransformerEncoder(
-            **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups
+            **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
+            pos_conv_depth=tr.pos_conv_depth, alibi=tr.alibi,
         )
     # The log-mel front end has no weights: nothing to scale the gradient of.
     grad_mult = cfg.encoder.grad_mult if cfg.frontend.kind == "conv" else 1.0
     return Wav2Vec2Encoder(feature_encoder, projection, transformer, grad_mult=grad_mult)
 
 
-def build_pretraining_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining | MaskedPredictionModel:
+def build_pretraining_model(
+    cfg: ModelConfig,
+) -> Wav2Vec2ForPretraining | MaskedPredictionModel | Data2VecModel | Data2Vec2Model:
     """The self-supervised model of ``cfg``'s objective with fresh weights."""
     if cfg.objective == "best_rq":
         return build_best_rq_model(cfg)
+    if cfg.objective in ("data2vec", "data2vec2"):
+        return build_data2vec_model(cfg)
     return build_wav2vec2_model(cfg)
 
 
@@ -84,6 +90,26 @@ def build_best_rq_model(cfg: ModelConfig) -> MaskedPredictionModel:
         encoder, target_features=target_features, quantizer=quantizer,
         mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
     )
+
+
+def build_data2vec_model(cfg: ModelConfig) -> Data2VecModel | Data2Vec2Model:
+    """data2vec 1.0 (``objective: data2vec``) or 2.0 (``data2vec2``): the encoder, an EMA
+    teacher that starts as a copy of its context network, and a regression head (1.0) or
+    a conv decoder (2.0)."""
+    d = cfg.data2vec
+    encoder = build_encoder(cfg)
+    common = dict(
+        top_k=d.top_k, instance_norm_targets=d.instance_norm_targets, loss_scale=d.loss_scale,
+        ema=(d.ema_decay, d.ema_end_decay, d.ema_anneal_steps), mask_prob=cfg.mask.prob,
+        mask_length=cfg.mask.length,
+    )
+    if cfg.objective == "data2vec":
+        return Data2VecModel(encoder, min_masks=cfg.mask.min_masks, **common)
+    decoder = ConvDecoder(
+        encoder.dim, decoder_dim=d.decoder_dim, kernel=d.decoder_kernel, groups=d.decoder_groups,
+        num_layers=d.decoder_layers, input_dropout=d.decoder_input_dropout, noise_std=d.mask_noise_std,
+    )
+    return Data2Vec2Model(encoder, decoder, clones=d.clones, mask_adjust=d.mask_adjust, **common)
 
 
 def build_ctc_model(cfg: ModelConfig, vocab_size: int) -> Wav2Vec2ForCTC:

@@ -12,10 +12,12 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.train.data2vec import Data2VecStep
 from pipeline.train.masked_prediction import MaskedPredictionStep
 from pipeline.train.pretrain import PretrainStep
 
 STEPS: dict[str, type] = {"wav2vec2": PretrainStep, "best_rq": MaskedPredictionStep}
+STEPS.update(data2vec=Data2VecStep, data2vec2=Data2VecStep)
 
 
 def pretraining_step(cfg: Config, model: torch.nn.Module) -> Any:
