@@ -7,9 +7,12 @@ directories that ``transformers.Wav2Vec2ForPreTraining`` / ``Wav2Vec2ForCTC``
 ``Wav2Vec2ForPreTraining``, ``Wav2Vec2Model`` and ``Wav2Vec2ForCTC`` into our models.
 A model whose ``model.transformer.kind`` is ``conformer`` goes to and comes from the
 ``Wav2Vec2Conformer*`` classes instead (``model_type`` ``wav2vec2-conformer``; their
-names, fields and limits are in ``models.hf_conformer``). Reading dispatches on
-``model_type`` in config.json, and state dicts on their own keys (a conformer's layers
-have a depthwise convolution), so the same functions serve both.
+names, fields and limits are in ``models.hf_conformer``). A data2vec encoder (a stacked
+conv positional embedding, ``model.transformer.pos_conv_depth`` > 1) goes to and comes
+from ``Data2VecAudioModel`` / ``Data2VecAudioForCTC`` (``models.hf_data2vec``). Reading
+dispatches on ``model_type`` in config.json, and state dicts on their own keys (a
+conformer's layers have a depthwise convolution, data2vec's positional embedding is a
+stack), so the same functions serve all three.
 
 Settings that Hugging Face's config has no field for (feature-encoder gradient scale,
 Gumbel temperature schedule, feature-penalty weight) travel in a ``"wavray"`` entry of
@@ -31,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models import hf_conformer
+from models import hf_conformer, hf_data2vec
 from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
@@ -96,6 +99,9 @@ _HF_TO_ENCODER: list[tuple[str, str]] = _FRONT_FROM_HF + [
     (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"transformer.layers.\1.ffn.fc2.\2"),
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.ffn_norm.\2"),
 ]
+# data2vec's stacked positional embedding (its only weights that wav2vec 2.0 names otherwise)
+_ENCODER_TO_HF += hf_data2vec.POS_CONV_TO_HF
+_HF_TO_ENCODER += hf_data2vec.POS_CONV_FROM_HF
 
 _CONFORMER_TO_HF = _FRONT_TO_HF + hf_conformer.LAYERS_TO_HF
 _CONFORMER_FROM_HF = _FRONT_FROM_HF + hf_conformer.LAYERS_FROM_HF
@@ -131,6 +137,13 @@ def is_conformer_state(state: dict[str, Tensor]) -> bool:
 
 def _base_prefix(conformer: bool) -> str:
     return hf_conformer.BASE_PREFIX if conformer else _BASE_PREFIX
+
+
+def _prefix_of(state: dict[str, Tensor]) -> str:
+    """The base model's prefix in the heads-carrying classes of the architecture ``state`` holds."""
+    if hf_data2vec.is_data2vec_state(state):
+        return hf_data2vec.BASE_PREFIX
+    return _base_prefix(is_conformer_state(state))
 
 
 def encoder_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -193,7 +206,7 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForPretraining`` state dict -> HF ``Wav2Vec2ForPreTraining`` state dict
     (``Wav2Vec2ConformerForPreTraining`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _base_prefix(is_conformer_state(enc))
+    prefix = _prefix_of(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder.") or key in _OURS_ONLY:
@@ -208,7 +221,7 @@ def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForCTC`` state dict -> HF ``Wav2Vec2ForCTC`` state dict
     (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _base_prefix(is_conformer_state(enc))
+    prefix = _prefix_of(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -222,7 +235,7 @@ def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """HF state dict (any of the three classes, wav2vec 2.0 or Conformer) -> (our encoder keys,
     our pretraining heads, CTC head)."""
-    prefix = _base_prefix(is_conformer_state(state))
+    prefix = _prefix_of(state)
     prefixed = any(k.startswith(prefix) for k in state)
     base: dict[str, Tensor] = {}
     heads: dict[str, Tensor] = {}
@@ -268,6 +281,9 @@ def model_config_to_hf(
             "the waveform through their conv feature encoder and have no place for a log-mel front end; the "
             "model stays a wavray checkpoint (config.yaml + model.safetensors)"
         )
+    if cfg.transformer.pos_conv_depth > 1 or cfg.transformer.alibi:  # data2vec's encoder
+        return hf_data2vec.config_to_hf(cfg, architecture=architecture, vocab_size=vocab_size,
+                                        pad_token_id=pad_token_id)
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
     hf: dict[str, Any] = {
         "model_type": "wav2vec2",
@@ -352,6 +368,8 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     of SPEC.md (0.65, 10, 2) replaces them, with a warning.
     """
     model_type = hf.get("model_type", "wav2vec2")
+    if model_type == hf_data2vec.MODEL_TYPE:
+        return hf_data2vec.model_config_from_hf(hf, for_pretraining=for_pretraining)
     if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE):
         raise ValueError(
             f"config.json: model_type: expected 'wav2vec2', got {model_type!r}; "
@@ -635,6 +653,8 @@ def load_hf(
             stacklevel=2,
         )
     model.load_state_dict(state, strict=False)
+    if any(k.startswith("teacher.") for k in missing) and hasattr(model, "reset_teacher"):
+        model.reset_teacher()  # data2vec: the teacher starts as the imported encoder
     if isinstance(model, Wav2Vec2ForPretraining):
         current = hf_cfg.get("wavray", {}).get("temperature") if isinstance(hf_cfg.get("wavray"), dict) else None
         if current is not None:

@@ -48,8 +48,9 @@ def write_bundle(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
     """A trained pretraining model for others, in ``out_dir``: ``config.yaml`` +
     ``model.safetensors`` (exact; what :func:`load_model` reads first) and ``hf_model/``
     where Hugging Face has a class for it: ``Wav2Vec2(Conformer)ForPreTraining`` for wav2vec
-    2.0, the encoder alone (``Wav2Vec2(Conformer)Model``) for another objective, nothing for
-    a log-mel front end (Hugging Face's models read the waveform through convolutions)."""
+    2.0, the encoder alone (``Wav2Vec2(Conformer)Model``, ``Data2VecAudioModel`` for data2vec
+    1.0) for another objective, nothing for a log-mel front end (Hugging Face's models read
+    the waveform through convolutions) or for ALiBi attention (data2vec 2.0)."""
     from models.checkpoint import save_weights
     from models.hf import save_hf_encoder, save_hf_pretraining
     from pipeline.config import save_config
@@ -57,7 +58,7 @@ def write_bundle(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     save_weights(model, out)
     save_config(cfg, out / CONFIG_FILE)
-    if cfg.model.frontend.kind == "conv":
+    if cfg.model.frontend.kind == "conv" and not cfg.model.transformer.alibi:
         if cfg.model.objective == "wav2vec2":
             save_hf_pretraining(model, cfg.model, out / BUNDLE_DIR, normalize=cfg.data.normalize)
         else:
