@@ -1,13 +1,15 @@
 """Which objective to pay for: every objective on the same data, encoder size and compute.
 
-    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop] [--seconds 1800]
+    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,data2vec_laptop,data2vec2_laptop]
+        [--seconds 1800]
         [--seed 0] [--workdir runs/objectives] [--finetune-steps 1500] [--probe-steps 300]
 
 1. Data, as ``jobs.bench pretraining-value`` makes it (``pipeline.data.demo_corpus``,
    seeded): unlabelled speech from the training voices for pretraining, 10 minutes of
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
-2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ; encoders
-   of the same width and depth) pretrains for the same **seconds of training**
+2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
+   ``data2vec_laptop`` / ``data2vec2_laptop`` data2vec 1.0 / 2.0; encoders of the same width
+   and depth) pretrains for the same **seconds of training**
    (``train.max_seconds``), on one worker with one CPU: an objective that costs more per
    update reaches fewer updates, which is what it costs. The table shows the updates each
    reached and its audio seconds per second.
@@ -35,6 +37,7 @@ from typing import Any
 from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain, probes, random_checkpoint
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ"}
+OBJECTIVE_NAMES.update(data2vec="data2vec", data2vec2="data2vec 2.0")
 
 
 def _describe(cfg: Any) -> str:
@@ -74,7 +77,7 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench objectives", description=__doc__.split("\n")[0])
-    parser.add_argument("--objectives", default="laptop,best_rq_laptop",
+    parser.add_argument("--objectives", default="laptop,best_rq_laptop,data2vec_laptop,data2vec2_laptop",
                         help="comma-separated presets, one row each (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
                         help="seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
