@@ -199,10 +199,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Consecutive non-finite losses after which the run stops."""
     max_seconds: float = 0.0
-    """A compute budget: the run ends after this many seconds of training (the loop's
-    wall time, start-up excluded, summed over resumes) or at ``max_steps``, whichever
-    comes first; 0: no time limit. Objectives that cost more per update reach fewer
-    updates in the same budget, which is what comparing them at equal compute means."""
+    """A compute budget: the run ends after this many seconds of training (measured by
+    ``budget_clock``, start-up and checkpoints excluded, summed over resumes) or at
+    ``max_steps``, whichever comes first; 0: no time limit. Objectives that cost more per
+    update reach fewer updates in the same budget, which is what comparing them at equal
+    compute means."""
+    budget_clock: Literal["auto", "cpu", "wall"] = "auto"
+    """What ``max_seconds`` counts: ``cpu``, the CPU time of the training process (its
+    threads included: CPU-seconds, unmoved by other load on the machine); ``wall``, elapsed
+    time (GPU-seconds on an accelerator); ``auto``: ``cpu`` on CPU, ``wall`` on GPU."""
     init_from: str = ""
     """Initialise the model from a trained model: a wavray checkpoint or run folder, a
     Hugging Face directory, local or ``s3://``, or an MLflow model URI
@@ -225,6 +230,8 @@ class TrainConfig:
             raise ValueError(f"train.log_every: expected >= 1, got {self.log_every}")
         if self.max_seconds < 0:
             raise ValueError(f"train.max_seconds: expected >= 0, got {self.max_seconds}")
+        if self.budget_clock not in ("auto", "cpu", "wall"):
+            raise ValueError(f"train.budget_clock: expected 'auto', 'cpu' or 'wall', got {self.budget_clock!r}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
         if self.chance_margin < 0:

@@ -9,9 +9,10 @@
    transcribed speech from the same voices, a test set spoken only by the held-out voices.
 2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
    ``data2vec_laptop`` / ``data2vec2_laptop`` data2vec 1.0 / 2.0; encoders of the same width
-   and depth) pretrains for the same **seconds of training**
-   (``train.max_seconds``), on one worker with one CPU: an objective that costs more per
-   update reaches fewer updates, which is what it costs. The table shows the updates each
+   and depth) pretrains for the same **CPU-seconds of training** (``train.max_seconds``,
+   counted by ``train.budget_clock``: the training process's CPU time on CPU, so other load
+   on the machine moves nothing), on one worker: an objective that costs more per update
+   reaches fewer updates, which is what it costs. The table shows the updates each
    reached and its audio seconds per second.
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
@@ -54,7 +55,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "objectives: the same data, encoder size and compute for each objective, then the same probe",
         f"  seed {s['seed']} | pretraining: {s['pretrain_minutes']:.1f} min unlabelled, {s['num_train_voices']} voices, "
-        f"{s['seconds']:g} s of training each (1 worker, 1 CPU) | labels: {s['label_minutes']:.1f} min | "
+        f"{s['seconds']:g} CPU-s of training each (1 worker) | labels: {s['label_minutes']:.1f} min | "
         f"test: {s['test_minutes']:.1f} min, held-out voices {s['test_voices']}",
         f"  downstream, equal for all rows: probe {s['probe_steps']} updates of a conv CTC head; "
         f"fine-tune {s['finetune_steps']} updates",
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", default="laptop,best_rq_laptop,data2vec_laptop,data2vec2_laptop",
                         help="comma-separated presets, one row each (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=1800.0,
-                        help="seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
+                        help="CPU-seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/objectives")
     parser.add_argument("--pretrain-minutes", type=float, default=40.0)

@@ -170,7 +170,11 @@ class TrainLoop:
         self.last_metrics: dict[str, float] = {}
         self._last_checkpoint = start_step
         self.train_seconds = train_seconds
-        """Seconds of training so far, resumes included (``train.max_seconds``)."""
+        """Seconds of training so far by ``train.budget_clock``, resumes included."""
+        clock = cfg.train.budget_clock
+        if clock == "auto":
+            clock = "wall" if self.device.type == "cuda" else "cpu"
+        self._now = time.perf_counter if clock == "wall" else time.process_time
         self._clock: float | None = None
 
     # -- one update ------------------------------------------------------------------
@@ -325,7 +329,7 @@ class TrainLoop:
             )
 
     def _tick(self) -> None:
-        now = time.perf_counter()
+        now = self._now()
         if self._clock is not None:
             self.train_seconds += now - self._clock
         self._clock = now
