@@ -50,6 +50,10 @@ class DataConfig:
     """prepare: speakers (the sidecar's ``speaker`` column) whose every utterance goes to
     the valid split, on top of ``valid_fraction``: a dev set of voices never heard in
     training, as a probe or an evaluation of generalisation needs."""
+    prepare_language: str = ""
+    """prepare: the language of files the sidecar's ``language`` column leaves without one:
+    ``folder`` for the first folder under the input root (``<input>/sw/...`` is ``sw``),
+    any other value for that code, empty for none (``jobs.prepare --language``)."""
     prepare_min_seconds: float = 0.1
     """prepare: shorter files are rejected (``too_short``)."""
     prepare_max_seconds: float = 3600.0
@@ -83,6 +87,9 @@ class DataConfig:
             raise ValueError(f"data.decode_cpus: expected > 0, got {self.decode_cpus}")
         if self.prefetch_batches < 0:
             raise ValueError(f"data.prefetch_batches: expected >= 0, got {self.prefetch_batches}")
+        if self.prepare_language != self.prepare_language.strip():
+            raise ValueError(f"data.prepare_language: expected a code without surrounding spaces, "
+                             f"got {self.prepare_language!r}")
         if self.max_epochs < 1:
             raise ValueError(f"data.max_epochs: expected >= 1, got {self.max_epochs}")
         if self.shard_size_mb <= 0:

@@ -7,9 +7,11 @@ Stages, each with the rows it produces:
    alone (a name that is not UTF-8, a broken link, a second path to one file, a pipe);
    other files counted by extension. Ids are the relative paths without extension,
    unique by construction.
-2. label (driver, :mod:`pipeline.data.sidecar`): transcript and speaker from a sidecar
-   TSV when there is one, with a report of rows and files that match nothing; the split
-   (train/valid) from a hash of the id, so it never changes between runs.
+2. label (driver, :mod:`pipeline.data.sidecar`): transcript, speaker and language from a
+   sidecar TSV when there is one, with a report of rows and files that match nothing; a
+   language the sidecar does not give from ``data.prepare_language`` (a code, or
+   ``folder``: the first folder of the path); the split (train/valid) from a hash of the
+   id, so it never changes between runs.
 3. group (driver): per split, files in hash order (each shard a random mix of the
    corpus, not one speaker or book) cut into groups of about ``data.shard_size_mb`` of
    expected FLAC output; the expectation per input byte comes from the headers of a
@@ -89,6 +91,7 @@ class InputFile:
     split: str
     transcript: str | None = None
     speaker: str | None = None
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,14 @@ class Settings:
     min_seconds: float
     max_seconds: float
     valid_speakers: tuple[str, ...] = ()
+    language: str = ""
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Settings:
         return cls(
             sample_rate=cfg.sample_rate, shard_size_mb=cfg.shard_size_mb, valid_fraction=cfg.valid_fraction,
             min_seconds=cfg.prepare_min_seconds, max_seconds=cfg.prepare_max_seconds,
-            valid_speakers=tuple(sorted(set(cfg.valid_speakers))),
+            valid_speakers=tuple(sorted(set(cfg.valid_speakers))), language=cfg.prepare_language,
         )
 
 
@@ -126,6 +130,18 @@ def split_of(utt_id: str, valid_fraction: float, speaker: str | None = None,
     if speaker is not None and speaker in valid_speakers:
         return "valid"
     return "valid" if _hash01(utt_id, "split") < valid_fraction else "train"
+
+
+def language_of(rel: str, label_language: str | None, prepare_language: str) -> str | None:
+    """A file's language: its sidecar row's, else its first folder's (``prepare_language``
+    ``folder``), else ``prepare_language`` itself; None when nothing names one. The most
+    specific source wins, so one sidecar can correct a folder layout file by file."""
+    if label_language:
+        return label_language
+    if prepare_language == "folder":
+        head, sep, _ = rel.partition("/")
+        return head if sep and head else None
+    return prepare_language or None
 
 
 def check_valid_speakers(wanted: tuple[str, ...], known: set[str], sidecar_uri: str | None) -> None:
@@ -263,7 +279,7 @@ class _ShardWriter:
             path, S.SHARD_SCHEMA, filesystem=fs,
             # FLAC is already compressed; the small columns are worth zstd.
             compression={c: ("none" if c == S.AUDIO else "zstd") for c in S.SHARD_SCHEMA.names},
-            use_dictionary=[S.SPEAKER],
+            use_dictionary=[S.SPEAKER, S.LANGUAGE],
         )
         self._file_bytes = 0
         self._file_rows = 0
@@ -316,7 +332,8 @@ def convert_group(
         remaining = float(sum(expected))
         for f, est in zip(files, expected, strict=True):
             result = _read_and_convert(f, settings, store)
-            base = {S.SOURCE_URI: f.uri, S.ID: f.id, S.SPLIT: split, S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker}
+            base = {S.SOURCE_URI: f.uri, S.ID: f.id, S.SPLIT: split, S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker,
+                    S.LANGUAGE: f.language}
             if isinstance(result, Rejected):
                 outcomes.append({**base, S.REASON: result.reason, S.DETAIL: result.detail})
                 remaining -= est
@@ -324,7 +341,7 @@ def convert_group(
             shard, row = writer.add({
                 S.ID: f.id, S.AUDIO: result.flac, S.NUM_SAMPLES: result.num_samples,
                 S.SAMPLE_RATE: result.sample_rate, S.DURATION: result.duration, S.SOURCE_URI: f.uri,
-                S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker,
+                S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker, S.LANGUAGE: f.language,
             }, remaining)
             remaining -= est
             outcomes.append({
@@ -356,8 +373,9 @@ def _convert_group_batch(batch: pa.Table, *, out_root: str, version: str, settin
 def fingerprint(input_uri: str, entries: list[Entry], settings: Settings, sidecar: bytes | None) -> str:
     h = hashlib.sha1()
     described = dict(settings.__dict__)
-    if not described["valid_speakers"]:
-        del described["valid_speakers"]  # outputs prepared before the setting existed stay current
+    for name in ("valid_speakers", "language"):
+        if not described[name]:
+            del described[name]  # outputs prepared before the setting existed stay current
     h.update(json.dumps({"format": FORMAT_VERSION, "convert": CONVERT_VERSION, "settings": described},
                         sort_keys=True).encode())
     for e in entries:
@@ -416,6 +434,7 @@ def prepare(
             uri=storage.join(input_uri, entry.rel), rel=entry.rel, id=utt_id, size=entry.size,
             split=split_of(utt_id, settings.valid_fraction, speaker, settings.valid_speakers),
             transcript=transcript, speaker=speaker,
+            language=language_of(entry.rel, label.language if label else None, settings.language),
         ))
     check_valid_speakers(settings.valid_speakers, {f.speaker for f in files if f.speaker}, sidecar_uri)
     version = fingerprint(input_uri, listing.entries, settings, sidecar_bytes)
@@ -476,6 +495,10 @@ def prepare(
     progress(f"prepare: done in {summary['seconds']:.0f} s: {summary['files_in']} files in, "
              f"{summary['accepted']} accepted ({summary['hours']:.2f} h), {summary['rejected']} rejected "
              f"{summary['rejected_by_reason']}, {len(summary['shards'])} shards")
+    train_languages = summary["splits"]["train"]["languages"]
+    if any(train_languages):
+        progress("prepare: train hours by language: " + ", ".join(
+            f"{lang or '(none)'} {v['hours']:.2f}" for lang, v in train_languages.items()))
     return summary
 
 
@@ -525,11 +548,18 @@ def _commit(
     reasons = Counter(rejected.column(S.REASON).to_pylist())
     durations = accepted.column(S.DURATION).to_numpy() if accepted.num_rows else np.zeros(0)
     splits_col = np.asarray(accepted.column(S.SPLIT).to_pylist())
+    languages_col = np.asarray([v or "" for v in accepted.column(S.LANGUAGE).to_pylist()])
     splits = {
         split: {
             "utterances": int((splits_col == split).sum()),
             "hours": float(durations[splits_col == split].sum() / 3600) if len(durations) else 0.0,
             "shards": sum(1 for s in shards.values() if s["split"] == split),
+            # "" counts the utterances nothing gave a language
+            "languages": {
+                lang: {"utterances": int(((splits_col == split) & (languages_col == lang)).sum()),
+                       "hours": float(durations[(splits_col == split) & (languages_col == lang)].sum() / 3600)}
+                for lang in sorted(set(languages_col[splits_col == split].tolist()))
+            },
         }
         for split in S.SPLITS
     }
