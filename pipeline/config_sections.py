@@ -38,6 +38,12 @@ class DataConfig:
     decode_cpus: float = 1.0
     """CPUs reserved per decode task."""
     prefetch_batches: int = 2
+    language_alpha: float = 0.5
+    """XLSR's language-balanced sampling: each epoch draws a language's utterances in
+    proportion to (its hours)^alpha rather than its hours (1: as the data is; 0: every
+    language equally), by resampling each shard's utterances with a seeded ratio per
+    language, so the stream stays deterministic and exactly resumable. Languages are the
+    prepared data's ``language`` column; a dataset of one language is read as it is."""
     max_epochs: int = 100
     """Epochs the training input streams in one pass (each with its own shuffle); the run
     ends at ``train.max_steps`` or when the stream ends, whichever comes first."""
@@ -87,6 +93,8 @@ class DataConfig:
             raise ValueError(f"data.decode_cpus: expected > 0, got {self.decode_cpus}")
         if self.prefetch_batches < 0:
             raise ValueError(f"data.prefetch_batches: expected >= 0, got {self.prefetch_batches}")
+        if not 0.0 <= self.language_alpha <= 1.0:
+            raise ValueError(f"data.language_alpha: expected a value in [0, 1], got {self.language_alpha}")
         if self.prepare_language != self.prepare_language.strip():
             raise ValueError(f"data.prepare_language: expected a code without surrounding spaces, "
                              f"got {self.prepare_language!r}")

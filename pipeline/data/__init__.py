@@ -13,7 +13,8 @@ Modules, in the order data flows through them:
 * ``verdicts``     every reject reason
 * ``prepare``      the prepare job: list, label, group, convert + write shards, commit
 * ``schema``       column names and the layout of a prepared dataset
-* ``batching``     batches planned on lengths under a sample budget; crop/pad assembly
+* ``batching``     batches planned on lengths under a sample budget; XLSR language
+  resampling; crop/pad assembly
 * ``position``     what the training input delivered, for exact resume
 * ``loader``       the Ray Data training input (``build_train_dataset``,
   ``iter_train_batches``)

@@ -7,9 +7,13 @@ Stages, each with the rows it produces:
    split's shards in the order of a permutation seeded by ``data.shuffle_seed + e``.
    A resumed run leaves out the units its position marks finished.
 2. read + plan (a Ray Data read task per few units, ``data.decode_cpus`` each): read a
-   shard's ``id, num_samples, audio`` columns, plan its batches on lengths alone
-   (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard), and drop the
-   batches the position marks consumed, all before decoding anything.
+   shard's ``id, num_samples, audio`` columns; on a multilingual dataset, resample its
+   rows (XLSR's balancing, ``data.language_alpha``: each row 0, 1 or more times, seeded by
+   epoch and shard, :func:`pipeline.data.batching.resample_rows`); plan its batches on
+   lengths alone (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard),
+   and drop the batches the position marks consumed, all before decoding anything. A
+   unit's batches are thus still a pure function of the metadata and the seeds, which is
+   what keeps the position's keys, and so an exact resume, valid.
 3. decode + crop (same task): for each planned batch, decode only each item's crop from
    its FLAC (random offset seeded by ``seed``, epoch, shard and batch), normalise per
    utterance when ``data.normalize``, and emit ONE row per batch::
@@ -36,7 +40,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +57,11 @@ from pipeline.data.batching import (
     BatchSpec,
     count_batches,
     crop_offsets,
+    language_ratios,
     normalize,
     padding_mask,
     plan_batches,
+    resample_rows,
     spread_extra_splits,
 )
 from pipeline.data.position import (
@@ -156,9 +162,15 @@ class _Settings:
     shuffle_seed: int
     seed: int
     num_splits: int
+    language_ratios: tuple[tuple[str, float], ...] = ()
+    """Copies per utterance of each language ("" for none), empty when not balancing."""
 
     def plan_hash(self) -> str:
-        keyed = {"spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits}
+        keyed: dict[str, Any] = {
+            "spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits,
+        }
+        if self.language_ratios:  # absent when not balancing: plans made before it existed stay valid
+            keyed["language_ratios"] = [[lang, round(r, 9)] for lang, r in self.language_ratios]
         # normalize and seed change content, not which batch has which key
         return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -168,6 +180,20 @@ def shard_order(num_shards: int, shuffle_seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(shuffle_seed + epoch).permutation(num_shards)
 
 
+def resample_rng(shuffle_seed: int, epoch: int, shard: int) -> np.random.Generator:
+    """The generator of unit ``(epoch, shard)``'s language resampling (the driver counting
+    batches and the read task planning them must draw the same rows)."""
+    return np.random.default_rng([shuffle_seed + epoch, shard, 1])
+
+
+def unit_rows(row_ratios: np.ndarray | None, shuffle_seed: int, epoch: int, shard: int, num_rows: int) -> np.ndarray:
+    """Rows unit ``(epoch, shard)`` plans its batches from: every row once, or, when
+    balancing languages (``row_ratios`` (N,): each row's language's ratio), resampled."""
+    if row_ratios is None:
+        return np.arange(num_rows, dtype=np.int64)
+    return resample_rows(row_ratios, resample_rng(shuffle_seed, epoch, shard))
+
+
 Unit = tuple[int, int, frozenset[int], int]
 """(epoch, shard, consumed batch indices, extra splits)."""
 _NOTHING_SEEN: frozenset[int] = frozenset()
@@ -175,27 +201,34 @@ _NOTHING_SEEN: frozenset[int] = frozenset()
 
 def plan_units(
     num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
-    extra_splits: list[int],
+    extra_splits: Mapping[int, list[int]],
 ) -> list[list[Unit]]:
-    """Read tasks as lists of units, finished units left out."""
+    """Read tasks as lists of units, finished units left out. ``extra_splits``: by epoch,
+    each shard's extra splits (the same every epoch unless languages are resampled)."""
     tasks: list[list[Unit]] = []
     for epoch in range(position.epochs_done, max_epochs):
         order = shard_order(num_shards, shuffle_seed, epoch).tolist()
+        extra = extra_splits[epoch]
         if position.touches(epoch):
             pending = [
-                (epoch, s, position.seen_batches(epoch, s), extra_splits[s])
+                (epoch, s, position.seen_batches(epoch, s), extra[s])
                 for s in order if not position.unit_done(epoch, s)
             ]
         else:
-            pending = [(epoch, s, _NOTHING_SEEN, extra_splits[s]) for s in order]
+            pending = [(epoch, s, _NOTHING_SEEN, extra[s]) for s in order]
         tasks.extend(pending[i:i + per_task] for i in range(0, len(pending), per_task))
     return tasks
 
 
-def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None) -> list[np.ndarray]:
-    """Utterance lengths of each shard in row order, from the manifest (no audio read)."""
+def shard_metadata(
+    info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Utterance lengths and languages ("" where none; all "" for a dataset prepared before
+    the column existed) of each shard in row order, from the manifest (no audio read)."""
     uri = storage.join(info.root, S.MANIFEST_FILE)
-    table = storage.read_table(uri, [S.SHARD, S.ROW, S.NUM_SAMPLES], store)
+    fs, path = storage.resolve(uri, store)
+    has_language = S.LANGUAGE in pq.read_schema(path, filesystem=fs).names
+    table = storage.read_table(uri, [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * has_language, store)
     table = table.sort_by([(S.SHARD, "ascending"), (S.ROW, "ascending")])
     encoded = table.column(S.SHARD).combine_chunks().dictionary_encode()
     codes = encoded.indices.to_numpy()
@@ -204,7 +237,9 @@ def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Sto
              if b > a}
     rows = table.column(S.ROW).to_numpy()
     lengths = table.column(S.NUM_SAMPLES).to_numpy()
-    out = []
+    languages = (np.asarray(table.column(S.LANGUAGE).fill_null("").to_pylist(), dtype=object) if has_language
+                 else np.full(len(rows), "", dtype=object))
+    out, out_languages = [], []
     for s in shards:
         a, b = spans.get(s.path, (0, 0))
         if b - a != s.num_rows or not np.array_equal(rows[a:b], np.arange(s.num_rows)):
@@ -213,7 +248,21 @@ def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Sto
                 "was jobs.prepare interrupted? Run it again."
             )
         out.append(lengths[a:b].astype(np.int64))
-    return out
+        out_languages.append(languages[a:b])
+    return out, out_languages
+
+
+def balance_languages(
+    lengths: list[np.ndarray], languages: list[np.ndarray], *, alpha: float, min_sample_size: int, sample_rate: int,
+) -> dict[str, float]:
+    """Each language's copies per utterance (:func:`pipeline.data.batching.language_ratios`)
+    from the hours of the utterances long enough to be trained on; empty: read as it is."""
+    hours: dict[str, float] = {}
+    for n, langs in zip(lengths, languages, strict=True):
+        usable = n >= max(1, min_sample_size)
+        for lang in set(langs.tolist()):
+            hours[lang] = hours.get(lang, 0.0) + float(n[usable & (langs == lang)].sum()) / sample_rate / 3600
+    return language_ratios(hours, alpha)
 
 
 def build_train_dataset(
@@ -250,26 +299,41 @@ def build_train_dataset(
         max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
         max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
     )
+    lengths, languages = shard_metadata(info, shards, store)
+    ratios = balance_languages(lengths, languages, alpha=cfg.language_alpha, min_sample_size=cfg.min_sample_size,
+                               sample_rate=cfg.sample_rate)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
-        seed=seed, num_splits=num_splits,
+        seed=seed, num_splits=num_splits, language_ratios=tuple(ratios.items()),
     )
     # Batch counts depend on lengths alone: make every epoch's total a multiple of the
     # worker count here, before any audio is read.
-    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, shards, store)]
+    counts = [count_batches(n, spec) for n in lengths]
     if sum(c for c, _ in counts) == 0:
         raise ValueError(
             f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
         )
-    extra = spread_extra_splits(counts, num_splits)
-    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
+    plan = f"{info.version}/{split}/{settings.plan_hash()}"
+    pos = _position_for(position, plan=plan, num_shards=len(shards))
+    epochs = range(pos.epochs_done, cfg.max_epochs)
+    if ratios:
+        # Resampled units differ from epoch to epoch, and so do their batch counts.
+        row_ratios = [np.array([ratios.get(lang, 0.0) for lang in langs], dtype=np.float64) for langs in languages]
+        counts_of = {
+            e: [count_batches(n[unit_rows(r, cfg.shuffle_seed, e, s, len(n))], spec)
+                for s, (n, r) in enumerate(zip(lengths, row_ratios, strict=True))]
+            for e in epochs
+        }
+        extra = {e: spread_extra_splits(c, num_splits) for e, c in counts_of.items()}
+    else:
+        counts_of = dict.fromkeys(epochs, counts)
+        extra = dict.fromkeys(epochs, spread_extra_splits(counts, num_splits))
+    if any((sum(c for c, _ in counts_of[e]) + sum(extra[e])) % num_splits for e in epochs):
         warnings.warn(
             f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
             "streaming_split(equal=True) drops the remainder at the end of the stream",
             stacklevel=2,
         )
-    plan = f"{info.version}/{split}/{settings.plan_hash()}"
-    pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
         len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
@@ -404,7 +468,9 @@ def unit_batches(
 ) -> Iterator[pa.Table]:
     """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
     fs, path = storage.resolve(uri, store)
-    table = pq.read_table(path, filesystem=fs, columns=[S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO])
+    balancing = bool(settings.language_ratios)
+    columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * balancing
+    table = pq.read_table(path, filesystem=fs, columns=columns)
     if table.num_rows != expected_rows:
         raise ValueError(f"shard {uri}: {table.num_rows} rows, {S.SUMMARY_FILE} says {expected_rows}")
     rates = table.column(S.SAMPLE_RATE).to_numpy()
@@ -413,27 +479,33 @@ def unit_batches(
     num_samples = table.column(S.NUM_SAMPLES).to_numpy()  # (N,)
     ids = table.column(S.ID).to_pylist()
     audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
+    row_ratios = None
+    if balancing:
+        by_language = dict(settings.language_ratios)
+        row_ratios = np.array([by_language.get(lang or "", 0.0) for lang in table.column(S.LANGUAGE).to_pylist()])
+    rows = unit_rows(row_ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
     batches = plan_batches(
-        num_samples, settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
+        num_samples[rows], settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
         extra_splits=extra_splits,
     )
     for index, planned in enumerate(batches):
         if index in seen:
             continue
+        members = rows[planned.rows]  # (B,) rows of the shard
         rng = np.random.default_rng([settings.seed, epoch, shard, index])
-        offsets = crop_offsets(num_samples[planned.rows], planned.lengths, rng)
+        offsets = crop_offsets(num_samples[members], planned.lengths, rng)
         width = planned.length
         full = bool((planned.lengths == width).all())
-        source = (np.empty if full else np.zeros)((len(planned.rows), width), dtype=np.float32)  # (B, S)
+        source = (np.empty if full else np.zeros)((len(members), width), dtype=np.float32)  # (B, S)
         for i, (row, offset, length) in enumerate(
-            zip(planned.rows.tolist(), offsets.tolist(), planned.lengths.tolist(), strict=True)
+            zip(members.tolist(), offsets.tolist(), planned.lengths.tolist(), strict=True)
         ):
             # Decode straight into the batch: no per-utterance array to copy.
             seg = decode_segment(audio[row].as_buffer(), offset, length, out=source[i, :length])
             if settings.normalize:
                 seg[:] = normalize(seg)
         yield _batch_row(
-            source, planned.lengths, [ids[r] for r in planned.rows.tolist()],
+            source, planned.lengths, [ids[r] for r in members.tolist()],
             epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,
         )
 
