@@ -19,8 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model-step": ("jobs.benchmarks.model_step", "forward+backward of our model vs transformers' Wav2Vec2ForPreTraining"),
     "train-step": ("jobs.benchmarks.train_step", "the training loop with its DeepSpeed engine on synthetic batches"),
     "data": ("jobs.benchmarks.data", "decoding shards: plain soundfile vs the Ray Data training input, local and S3"),
+    "scale": ("jobs.benchmarks.scale", "how each data-path cost grows from 1e3 to 1e5 files, fitted and projected to 1e7"),
     "pretraining-value": ("jobs.benchmarks.pretraining_value", "pretrained vs random-init vs log-mel with 10 min of labels (CPC-style table)"),
     "objectives": ("jobs.benchmarks.objectives", "every objective at equal compute, probed and fine-tuned on held-out voices"),
+    "probe": ("jobs.benchmarks.probe", "the frozen-feature probe of one model, as a sweep scores its trials"),
 }
 
 

@@ -3,8 +3,8 @@ their arguments, config errors, Ray connection, run errors and closing lines, so
 every training job answers a user the same way.
 
 Exit codes: 0 done, 1 the run could not start or failed (storage, data), 2 a bad config,
-3 the run stopped itself (repeated non-finite losses; the message names the last good
-checkpoint).
+3 the run stopped itself (repeated non-finite losses, a full local disk; the message names
+the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ def connect(args: argparse.Namespace) -> str:
 
 def run_training(run: Callable[[Config], Any], cfg: Config) -> tuple[Any, int]:
     """``run(cfg)``'s result and 0, or None and the exit code after printing the error."""
-    from pipeline.data.storage import StorageError
+    from pipeline.data.storage import LocalDiskFullError, StorageError
     from pipeline.train.trainer import RunStoppedError
 
     try:
         return run(cfg), 0
-    except (StorageError, ValueError) as e:
+    except (StorageError, LocalDiskFullError, ValueError) as e:
         error(str(e))
         return None, 1
     except RunStoppedError as e:

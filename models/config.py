@@ -12,6 +12,7 @@ the field's docstring says so.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,13 +28,18 @@ class FeatureEncoderConfig:
 
     conv_layers: list[list[int]] = field(default_factory=_default_conv_layers)
     """(channels, kernel, stride) of each temporal convolution."""
-    mode: Literal["default", "layer_norm"] = "default"
+    mode: Literal["default", "layer_norm", "wav2vec"] = "default"
     """``default``: GroupNorm (one group per channel) after the first conv only (BASE);
-    ``layer_norm``: LayerNorm over channels after every conv (LARGE)."""
+    ``layer_norm``: LayerNorm over channels after every conv (LARGE); ``wav2vec``: wav2vec
+    1.0's encoder (``models.causal_conv``): GroupNorm with one group after every conv, then
+    ``log(|z| + 1)``; its stride is the strides' product (160 for wav2vec 1.0's layers)."""
     conv_bias: bool = False
     """Bias in the convolutions (False in BASE, True in LARGE LV-60k)."""
     grad_mult: float = 0.1
     """Scale of the gradient flowing into the encoder (fairseq ``feature_grad_mult``)."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """After each conv: GELU (wav2vec 2.0, every mode); ``wav2vec`` mode also takes ReLU
+    (wav2vec 1.0; vq-wav2vec uses GELU)."""
 
     def __post_init__(self) -> None:
         if not self.conv_layers:
@@ -44,9 +50,16 @@ class FeatureEncoderConfig:
                     f"model.encoder.conv_layers[{i}]: expected [channels, kernel, stride] "
                     f"of positive ints, got {layer!r}"
                 )
-        if self.mode not in ("default", "layer_norm"):
+        if self.mode not in ("default", "layer_norm", "wav2vec"):
             raise ValueError(
-                f"model.encoder.mode: expected 'default' or 'layer_norm', got {self.mode!r}"
+                f"model.encoder.mode: expected 'default', 'layer_norm' or 'wav2vec', got {self.mode!r}"
+            )
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"model.encoder.activation: expected 'gelu' or 'relu', got {self.activation!r}")
+        if self.activation != "gelu" and self.mode != "wav2vec":
+            raise ValueError(
+                f"model.encoder.activation={self.activation!r}: only the wav2vec mode takes another activation "
+                f"than GELU, got mode {self.mode!r}"
             )
         if self.grad_mult < 0:
             raise ValueError(f"model.encoder.grad_mult: expected >= 0, got {self.grad_mult}")
@@ -75,6 +88,10 @@ class FrontendConfig:
     """log-mel only: frames stacked into one model frame (4 x 10 ms: BEST-RQ's 40 ms)."""
     normalize: bool = True
     """log-mel only: zero mean and unit variance per utterance and channel (BEST-RQ)."""
+    deltas: int = 0
+    """log-mel only: 1 appends the first time derivative of every channel, 2 also the
+    second (Mockingjay's input: 80 log-mel + deltas + delta-deltas = 240 per 10 ms frame);
+    each frame is then ``[static, delta, delta-delta]``."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("conv", "logmel"):
@@ -84,23 +101,35 @@ class FrontendConfig:
                 raise ValueError(f"model.frontend.{name}: expected >= 1, got {getattr(self, name)}")
         if self.window > 512:
             raise ValueError(f"model.frontend.window: expected at most 512 samples (the FFT size), got {self.window}")
+        if self.deltas not in (0, 1, 2):
+            raise ValueError(f"model.frontend.deltas: expected 0, 1 or 2, got {self.deltas}")
 
     @property
     def dim(self) -> int:
-        """Values per log-mel frame (``n_mels * stack``)."""
-        return self.n_mels * self.stack
+        """Values per log-mel frame (``n_mels * (1 + deltas) * stack``)."""
+        return self.n_mels * (1 + self.deltas) * self.stack
+
+
+CAUSAL_CONTEXTS = ("causal_conv", "gru")
+"""Context networks whose output at frame t depends on frames up to t only."""
 
 
 @dataclass(kw_only=True)
 class TransformerConfig:
     """The context network: conv positional embedding then Transformer layers, or Conformer layers."""
 
-    kind: Literal["transformer", "conformer"] = "transformer"
+    kind: Literal["transformer", "conformer", "causal_conv", "gru"] = "transformer"
     """``transformer``: wav2vec 2.0's (conv positional embedding, then Transformer layers);
     ``conformer``: macaron Conformer layers with attention-side positions (``position``)
     and a depthwise convolution (``conv_kernel``), the encoder of wav2vec 2.0-Conformer,
     w2v-BERT and BEST-RQ (FAMILY.md section 5). The conformer has no conv positional
-    embedding: ``pos_conv_*`` only size the unused one of Hugging Face's exports."""
+    embedding: ``pos_conv_*`` only size the unused one of Hugging Face's exports.
+    ``causal_conv``: wav2vec 1.0's context network, ``num_layers`` causal convolutions of
+    kernels 2, 3, ... (FAMILY.md section 9); ``gru``: unidirectional GRU layers (APC,
+    section 10). Neither reads a frame after t (the causal convs' GroupNorms take, as
+    fairseq's, their statistics over the utterance), so they read the front end's frames as
+    they are (no LayerNorm/Linear projection: ``dropout_input`` only), and they have no
+    heads, FFN, positions or LayerDrop (``layerdrop`` is ignored, with a warning)."""
     num_layers: int = 12
     dim: int = 768
     ffn_dim: int = 3072
@@ -130,23 +159,79 @@ class TransformerConfig:
     conv_kernel: int = 31
     """Conformer only: kernel of the depthwise convolution over time (odd, so the output
     stays aligned with the input: 'same' padding of ``conv_kernel // 2`` frames a side)."""
+    activation: Literal["gelu", "relu"] = "gelu"
+    """``causal_conv`` only: after each convolution (ReLU in wav2vec 1.0, GELU in vq-wav2vec)."""
+    absolute_positions: bool = False
+    """``transformer`` only: fixed sinusoidal absolute positions added to the input instead
+    of the conv positional embedding (Mockingjay and TERA, FAMILY.md section 10)."""
     position: Literal["relative", "rotary"] = "relative"
     """Conformer only: ``relative``: Transformer-XL relative positions in every attention
     (sinusoids through ``linear_pos``, learned biases u and v; fairseq ``rel_pos``, Hugging
     Face ``position_embeddings_type="relative"``); ``rotary``: rotary embeddings of the
     attention input (fairseq ``rope``, Hugging Face ``"rotary"``, base 10000)."""
+    relative_bias: Literal["none", "gated"] = "none"
+    """Transformer only: ``gated``: WavLM's gated relative position bias (FAMILY.md section 2):
+    a learned bias per head and log-spaced distance bucket, added to every layer's attention
+    scores after a gate computed from that layer's input; the conv positional embedding
+    stays. ``none``: wav2vec 2.0's and HuBERT's attention."""
+    relative_buckets: int = 320
+    """Gated bias only: distance buckets, half for each direction (WavLM's 320)."""
+    relative_max_distance: int = 800
+    """Gated bias only: frames from which distances share the last bucket (Hugging Face's
+    800; UniLM's code defaults to 1280: a checkpoint's own value is what counts)."""
+
+    @property
+    def causal(self) -> bool:
+        """Whether frame t's output reads frames up to t only (causal_conv: but for its
+        GroupNorms' per-utterance statistics, as fairseq's)."""
+        return self.kind in CAUSAL_CONTEXTS
 
     def __post_init__(self) -> None:
-        if self.kind not in ("transformer", "conformer"):
+        if self.kind not in ("transformer", "conformer", *CAUSAL_CONTEXTS):
             raise ValueError(
-                f"model.transformer.kind: expected 'transformer' or 'conformer', got {self.kind!r}"
+                f"model.transformer.kind: expected 'transformer' or 'conformer', got {self.kind!r}; the causal "
+                f"context networks are {' and '.join(repr(k) for k in CAUSAL_CONTEXTS)}"
             )
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"model.transformer.activation: expected 'gelu' or 'relu', got {self.activation!r}")
+        if self.causal:
+            self._check_causal()
+            return
         if self.position not in ("relative", "rotary"):
             raise ValueError(
                 f"model.transformer.position: expected 'relative' or 'rotary', got {self.position!r}"
             )
+        if self.relative_bias not in ("none", "gated"):
+            raise ValueError(
+                f"model.transformer.relative_bias: expected 'none' or 'gated', got {self.relative_bias!r}"
+            )
+        if self.relative_bias == "gated":
+            if self.kind != "transformer":
+                raise ValueError(
+                    "model.transformer.relative_bias='gated' (WavLM's) is a Transformer option; the conformer "
+                    "has its own relative positions (model.transformer.position)"
+                )
+            if self.relative_buckets < 4 or self.relative_buckets % 2:
+                raise ValueError(
+                    f"model.transformer.relative_buckets: expected an even number >= 4, got {self.relative_buckets}"
+                )
+            if self.relative_max_distance <= self.relative_buckets // 4:
+                raise ValueError(
+                    f"model.transformer.relative_max_distance ({self.relative_max_distance}) must exceed the exact "
+                    f"range of relative_buckets / 4 ({self.relative_buckets // 4}) frames"
+                )
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"model.transformer.conv_kernel: expected an odd value >= 1, got {self.conv_kernel}")
+        if self.activation != "gelu":
+            raise ValueError(f"model.transformer.activation: only causal_conv takes {self.activation!r}, got kind {self.kind!r}")
+        if self.absolute_positions and self.kind != "transformer":
+            raise ValueError(f"model.transformer.absolute_positions: only the transformer kind has them, got {self.kind!r}")
+        if self.absolute_positions and self.pos_conv_depth > 1:
+            raise ValueError("model.transformer.absolute_positions replaces the conv positional embedding; "
+                             f"pos_conv_depth={self.pos_conv_depth} would stack convolutions that never run")
+        if self.alibi and self.relative_bias != "none":
+            raise ValueError("model.transformer.alibi and relative_bias='gated' are two relative position biases "
+                             "(data2vec 2.0's and WavLM's); choose one")
         for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups",
                      "pos_conv_depth"):
             if getattr(self, name) <= 0:
@@ -180,6 +265,22 @@ class TransformerConfig:
                 raise ValueError(
                     f"model.transformer.position={self.position!r}: expected an even {what}, got {width}"
                 )
+
+    def _check_causal(self) -> None:
+        for name in ("num_layers", "dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.transformer.{name}: expected > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.transformer.dropout: expected in [0, 1), got {self.dropout}")
+        if self.layerdrop:
+            # A warning, not an error: fine-tuning configs carry the Transformer's LayerDrop
+            # into whatever encoder they fine-tune.
+            warnings.warn(f"model.transformer.layerdrop={self.layerdrop}: ignored, the {self.kind} context network "
+                          "has no LayerDrop", stacklevel=3)
+        if self.absolute_positions:
+            raise ValueError(f"model.transformer.absolute_positions: the {self.kind} context network has no positions")
+        if self.activation != "gelu" and self.kind != "causal_conv":
+            raise ValueError(f"model.transformer.activation: only causal_conv takes {self.activation!r}, got kind {self.kind!r}")
 
 
 @dataclass(kw_only=True)
@@ -368,8 +469,189 @@ class Data2VecConfig:
             )
 
 
-OBJECTIVES = ("wav2vec2", "best_rq", "data2vec", "data2vec2")
+
+
+@dataclass(kw_only=True)
+class HubertConfig:
+    """HuBERT's targets (FAMILY.md section 1; ``models.hubert``): the k-means cluster id of
+    each frame, made offline by ``jobs.label`` (MFCC features in the first iteration, a
+    layer of the previous iteration's model afterwards: the ``label`` section) and given
+    with every batch. The model scores each cluster by the cosine between a projection of
+    the context (``model.final_dim`` wide) and a learned embedding of the cluster, divided
+    by ``model.loss.logit_temp`` (0.1); the loss is the cross-entropy over masked frames,
+    plus ``model.loss.feature_penalty_weight`` times the mean square of the features."""
+
+    clusters: int = 100
+    """K: clusters of the labelling and classes of the model (the labelling job fits this
+    many; pretraining refuses labels with another number). The loss's chance level is ln(K).
+    HuBERT BASE: 100 on MFCC (iteration 1), 500 on layer 6 of iteration 1 (iteration 2)."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.clusters <= 32767:
+            raise ValueError(f"model.hubert.clusters: expected 2..32767 (ids are stored as int16), got {self.clusters}")
+
+
+@dataclass(kw_only=True)
+class MixingConfig:
+    """WavLM's denoising (FAMILY.md section 2, UniSpeech-SAT's ``mixing_collated_audios``):
+    with probability ``prob`` an utterance of the batch gets an overlay: a segment of another
+    utterance of the same batch (or, with ``noise_prob``, of a clip of the noise set), of a
+    random length up to ``max_ratio`` of the utterance, at random positions in both, scaled
+    to an energy ratio (SNR) drawn uniformly in dB. The targets stay the primary utterance's:
+    the model learns to predict its speaker's units through the interference."""
+
+    prob: float = 0.0
+    """Probability that an utterance is mixed (0: off; WavLM 0.2)."""
+    max_ratio: float = 0.5
+    """Longest overlay, as a share of the primary utterance's length (UniSpeech-SAT's T // 2)."""
+    snr_min: float = -5.0
+    """Lowest primary-to-overlay energy ratio (dB) of an utterance overlay."""
+    snr_max: float = 5.0
+    """Highest ratio (dB) of an utterance overlay (UniSpeech-SAT 5; ESPnet's recipe 20)."""
+    noise_uri: str = ""
+    """A prepared dataset of noise clips (``jobs.prepare`` of a directory of noise files);
+    empty: overlays come from the batch only."""
+    noise_prob: float = 0.0
+    """Share of the mixed utterances whose overlay is noise rather than speech (needs ``noise_uri``)."""
+    noise_snr_min: float = -5.0
+    """Lowest ratio (dB) of a noise overlay."""
+    noise_snr_max: float = 20.0
+    """Highest ratio (dB) of a noise overlay."""
+
+    def __post_init__(self) -> None:
+        for name in ("prob", "noise_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.mixing.{name}: expected in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.max_ratio <= 1.0:
+            raise ValueError(f"model.mixing.max_ratio: expected in (0, 1], got {self.max_ratio}")
+        for lo, hi in (("snr_min", "snr_max"), ("noise_snr_min", "noise_snr_max")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(
+                    f"model.mixing.{lo} ({getattr(self, lo)}) must be <= model.mixing.{hi} ({getattr(self, hi)})"
+                )
+        if self.noise_prob > 0 and not self.noise_uri:
+            raise ValueError("model.mixing.noise_prob > 0 needs model.mixing.noise_uri (a prepared dataset of noise)")
+
+
+@dataclass(kw_only=True)
+class Wav2vecConfig:
+    """wav2vec (1.0)'s objective, also vq-wav2vec's (FAMILY.md section 9; ``models.wav2vec1``):
+    from the context at frame t, predict the features of frames t + offset + s, s = 0 ..
+    steps - 1, each against ``num_negatives`` features of other frames of the utterance,
+    with a binary cross-entropy summed over the true and the sampled pairs."""
+
+    prediction_steps: int = 12
+    """Future frames predicted from every context frame (one projection per step)."""
+    num_negatives: int = 10
+    """Distractors per predicted frame, uniform over the other frames of its utterance."""
+    offset: int = -1
+    """Frames between the context and the first predicted frame; -1: fairseq's ``auto``,
+    the front end's receptive field over its stride, rounded up (465 / 160 -> 3)."""
+    dropout_context: float = 0.0
+    """Dropout on the context before the step projections (fairseq ``dropout_agg``)."""
+    dropout_predictions: float = 0.0
+    """Dropout on the predictions (fairseq's ``dropout`` in its prediction model)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prediction_steps", "num_negatives"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.wav2vec.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.offset < -1:
+            raise ValueError(f"model.wav2vec.offset: expected -1 (auto) or >= 0, got {self.offset}")
+        for name in ("dropout_context", "dropout_predictions"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.wav2vec.{name}: expected in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class VqWav2vecConfig:
+    """vq-wav2vec's quantizer of the front end's features (FAMILY.md section 9): the context
+    network reads, and the objective predicts, the quantized features. Its ids are the
+    tokens of the second stage (``Wav2VecModel.tokens``)."""
+
+    kind: Literal["gumbel", "kmeans"] = "gumbel"
+    """``gumbel``: a straight-through Gumbel softmax over an MLP's logits; ``kmeans``: the
+    nearest codeword of a grouped projection, with a straight-through gradient and the
+    codebook and commitment losses."""
+    groups: int = 2
+    entries: int = 320
+    """Codewords per group (320 x 320 = 102,400 token pairs)."""
+    shared_codebook: bool = True
+    """One codebook for every group (fairseq ``--combine-groups``)."""
+    proj_depth: int = 2
+    """gumbel: layers of the logit MLP (fairseq ``--vq-depth``; the hidden width is twice the input's)."""
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    """gumbel: ``max(start * decay**step, end)`` per update (2, 0.5, 0.999995)."""
+    diversity_weight: float = 0.0
+    """gumbel: weight of ``(G*V - perplexity) / (G*V)``; 0 as the README's command (no ``--loss-weights``)."""
+    gamma: float = 0.25
+    """kmeans: weight of the commitment term ``||z - sg(q)||^2`` beside ``||sg(z) - q||^2``."""
+    kmeans_weight: float = 1.0
+    """kmeans: weight of those losses per predicted frame (the README's ``--loss-weights [1]``)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gumbel", "kmeans"):
+            raise ValueError(f"model.vq_wav2vec.kind: expected 'gumbel' or 'kmeans', got {self.kind!r}")
+        if self.groups < 1 or self.entries < 2 or self.proj_depth < 1:
+            raise ValueError(
+                f"model.vq_wav2vec: expected groups >= 1, entries >= 2 and proj_depth >= 1, got {self.groups}, "
+                f"{self.entries} and {self.proj_depth}"
+            )
+        for name in ("diversity_weight", "gamma", "kmeans_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.vq_wav2vec.{name}: expected >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class ApcConfig:
+    """Autoregressive predictive coding (FAMILY.md section 10; ``models.reconstruction``): from
+    the context at frame t, a Linear postnet predicts the log-mel frame t + ``shift``; L1."""
+
+    shift: int = 5
+    """Frames ahead (s3prl ``n_future``)."""
+
+    def __post_init__(self) -> None:
+        if self.shift < 1:
+            raise ValueError(f"model.apc.shift: expected >= 1, got {self.shift}")
+
+
+@dataclass(kw_only=True)
+class TeraConfig:
+    """Mockingjay / TERA's alterations of the log-mel input (FAMILY.md section 10;
+    ``models.reconstruction``); the model reconstructs the clean frames at the altered
+    positions (L1). Time spans are ``model.mask`` (prob, length, min_masks), per utterance
+    zeroed, replaced by other frames or kept; Mockingjay is TERA without the frequency band
+    and the noise."""
+
+    zero_prob: float = 0.8
+    """Share of utterances whose time spans are zeroed."""
+    replace_prob: float = 0.1
+    """Share whose spans are replaced by other frames of the utterance (the rest stay as they are)."""
+    freq_width: float = 0.0
+    """Widest frequency band zeroed in every utterance, as a share of the channels (TERA: 0.2;
+    the width is drawn from 0 .. that many channels)."""
+    noise_prob: float = 0.0
+    """Share of utterances that get Gaussian noise on every frame (TERA's magnitude alteration)."""
+    noise_std: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("zero_prob", "replace_prob", "freq_width", "noise_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.tera.{name}: expected in [0, 1], got {getattr(self, name)}")
+        if self.zero_prob + self.replace_prob > 1.0:
+            raise ValueError(
+                f"model.tera.zero_prob + model.tera.replace_prob must be <= 1, got {self.zero_prob} + {self.replace_prob}"
+            )
+        if self.noise_std < 0:
+            raise ValueError(f"model.tera.noise_std: expected >= 0, got {self.noise_std}")
+
+
+OBJECTIVES = ("wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2")
 """What a pretraining model learns to do (``model.objective``)."""
+FUTURE_OBJECTIVES = ("wav2vec", "vq_wav2vec", "apc")
+"""Objectives that predict frames after t from the context at t: they need a causal context network."""
+LOGMEL_OBJECTIVES = ("apc", "tera")
+"""Objectives that reconstruct the log-mel front end's frames."""
 TARGET_HOP = 160
 """Samples between the log-mel frames that targets are computed from (10 ms)."""
 
@@ -380,11 +662,23 @@ class ModelConfig:
 
     ``objective``: ``wav2vec2`` (contrastive over a Gumbel quantizer's codes: ``quantizer``,
     ``loss``), ``best_rq`` (masked prediction of random-projection codes: ``best_rq``),
-    ``data2vec`` / ``data2vec2`` (regression to an EMA teacher: ``data2vec``).
+    ``hubert`` (masked prediction of k-means labels made by ``jobs.label``: ``hubert``;
+    WavLM is HuBERT with ``mixing`` and ``transformer.relative_bias='gated'``),
+    ``wav2vec`` (binary contrastive prediction of future features: ``wav2vec``),
+    ``vq_wav2vec`` (the same on quantized features: ``wav2vec``, ``vq_wav2vec``), ``apc``
+    (autoregressive prediction of a future log-mel frame: ``apc``), ``tera`` (reconstruction
+    of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``), ``data2vec`` /
+    ``data2vec2`` (regression to an EMA teacher: ``data2vec``).
     """
 
-    objective: Literal["wav2vec2", "best_rq", "data2vec", "data2vec2"] = "wav2vec2"
-    """The pretraining objective; every objective trains with any front end and context network."""
+    objective: Literal[
+        "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2"
+    ] = "wav2vec2"
+    """The pretraining objective. wav2vec2, best_rq and hubert train with any front end and context
+    network; wav2vec, vq_wav2vec and apc predict the future, so they need a causal context
+    network (``transformer.kind`` causal_conv or gru); apc and tera reconstruct log-mel
+    frames, so they need the log-mel front end; data2vec and data2vec2 regress a teacher's
+    Transformer layers, so they need ``transformer.kind`` transformer."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -392,6 +686,12 @@ class ModelConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     best_rq: BestRqConfig = field(default_factory=BestRqConfig)
+    hubert: HubertConfig = field(default_factory=HubertConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    wav2vec: Wav2vecConfig = field(default_factory=Wav2vecConfig)
+    vq_wav2vec: VqWav2vecConfig = field(default_factory=VqWav2vecConfig)
+    apc: ApcConfig = field(default_factory=ApcConfig)
+    tera: TeraConfig = field(default_factory=TeraConfig)
     data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
@@ -417,6 +717,26 @@ class ModelConfig:
                 f"model.objective=best_rq: its targets are 10 ms log-mel frames stacked to the model's frame "
                 f"rate, so the frame stride must be a multiple of {TARGET_HOP} samples, got {self.frame_stride}"
             )
+        if self.mixing.prob > 0 and self.objective != "hubert":
+            raise ValueError(
+                f"model.mixing.prob={self.mixing.prob}: mixing keeps the primary utterance's targets, which only "
+                f"given labels allow (model.objective=hubert); model.objective is {self.objective!r}"
+            )
+        if self.objective in FUTURE_OBJECTIVES and not self.transformer.causal:
+            raise ValueError(
+                f"model.objective={self.objective}: it predicts frames after t from the context at t, which must not "
+                f"see them; model.transformer.kind must be one of {list(CAUSAL_CONTEXTS)}, got {self.transformer.kind!r}"
+            )
+        if self.objective in LOGMEL_OBJECTIVES and self.frontend.kind != "logmel":
+            raise ValueError(
+                f"model.objective={self.objective}: it reconstructs the log-mel front end's frames; "
+                f"model.frontend.kind must be 'logmel', got {self.frontend.kind!r}"
+            )
+        if self.objective == "vq_wav2vec" and self.frontend_dim % self.vq_wav2vec.groups:
+            raise ValueError(
+                f"model.vq_wav2vec.groups ({self.vq_wav2vec.groups}) must divide the front end's width "
+                f"({self.frontend_dim}): each group quantizes its share of the features"
+            )
         if self.objective in ("data2vec", "data2vec2"):
             self._check_data2vec()
         cv = self.quantizer.codevector_dim or self.final_dim
@@ -438,6 +758,9 @@ class ModelConfig:
         if self.objective == "data2vec2" and tr.dim % d2v.decoder_groups:
             raise ValueError(f"model.transformer.dim ({tr.dim}) must be divisible by model.data2vec.decoder_groups "
                              f"({d2v.decoder_groups}): the decoder's first convolution reads it")
+        if self.objective == "data2vec2" and tr.relative_bias != "none":
+            raise ValueError(f"{where}: the student sees only its unmasked frames, which WavLM's bucketed "
+                             "relative bias (model.transformer.relative_bias='gated') does not place; use alibi")
         if self.objective == "data2vec" and d2v.clones != 1:
             raise ValueError(f"model.data2vec.clones: data2vec 1.0 has none (data2vec2 does), got {d2v.clones}")
 
@@ -565,6 +888,208 @@ def best_rq_laptop() -> ModelConfig:
     return cfg
 
 
+def hubert() -> ModelConfig:
+    """HuBERT BASE as fairseq's ``hubert_base_librispeech`` (FAMILY.md section 1): wav2vec 2.0
+    BASE's encoder (group-norm extractor, gradient scale 0.1, 12 post-LN layers of 768 with
+    12 heads as in the code, LayerDrop 0.05), ~57% of frames masked (prob 0.8, spans of 10),
+    cosine logits at temperature 0.1 in a 256-wide space, feature penalty 10, and the first
+    iteration's 100 MFCC clusters (the second: 500 clusters of layer 6, ``label`` section)."""
+    cfg = ModelConfig(objective="hubert")
+    cfg.mask = MaskConfig(prob=0.8, length=10, min_masks=2)
+    cfg.hubert = HubertConfig(clusters=100)
+    cfg.final_dim = 256
+    cfg.loss.logit_temp = 0.1
+    cfg.loss.feature_penalty_weight = 10.0
+    return cfg
+
+
+def hubert_laptop() -> ModelConfig:
+    """HuBERT at the laptop preset's size and with its settings that make a tiny model learn
+    (layer-norm extractor, full encoder gradient, no feature penalty, spans of 5)."""
+    cfg = laptop()
+    cfg.objective = "hubert"
+    cfg.mask.prob = 0.8  # with spans of 5: about HuBERT's 57% of frames masked
+    cfg.hubert = HubertConfig(clusters=100)
+    cfg.loss.logit_temp = 0.1
+    return cfg
+
+
+def wavlm() -> ModelConfig:
+    """WavLM BASE (FAMILY.md section 2): HuBERT BASE with the gated relative position bias
+    (320 buckets, 800 frames as Hugging Face's config) and utterance mixing (20% of the
+    utterances, -5..5 dB, up to half their length); UniLM's masking defaults (0.65, 10)."""
+    cfg = hubert()
+    cfg.transformer.relative_bias = "gated"
+    cfg.mask.prob = 0.65
+    cfg.mixing = MixingConfig(prob=0.2, max_ratio=0.5, snr_min=-5.0, snr_max=5.0)
+    return cfg
+
+
+def wavlm_laptop() -> ModelConfig:
+    """WavLM at the laptop size: ``hubert_laptop`` with the gated relative bias and mixing."""
+    cfg = hubert_laptop()
+    cfg.transformer.relative_bias = "gated"
+    cfg.mixing = MixingConfig(prob=0.2, max_ratio=0.5, snr_min=-5.0, snr_max=5.0)
+    return cfg
+
+
+def wav2vec() -> ModelConfig:
+    """wav2vec (1.0) as fairseq's README command (FAMILY.md section 9): 5 convs of 512 channels,
+    (kernel, stride) (10,5), (8,4), (4,2) x 3, then two 1x1 convs (the code's default has
+    three), GroupNorm, ReLU, log compression: one 512-d frame per 10 ms; a causal context
+    network of 12 convs of 512 with kernels 2 .. 13; 12 steps from offset 3 (auto) against
+    10 distractors; no dropout."""
+    return ModelConfig(
+        objective="wav2vec",
+        encoder=FeatureEncoderConfig(
+            conv_layers=[[512, 10, 5], [512, 8, 4]] + [[512, 4, 2]] * 3 + [[512, 1, 1]] * 2,
+            mode="wav2vec", conv_bias=False, grad_mult=1.0, activation="relu",
+        ),
+        transformer=TransformerConfig(kind="causal_conv", num_layers=12, dim=512, dropout=0.0, layerdrop=0.0,
+                                      activation="relu"),
+        wav2vec=Wav2vecConfig(prediction_steps=12, num_negatives=10, offset=-1),
+        dropout_input=0.0,
+    )
+
+
+def vq_wav2vec() -> ModelConfig:
+    """vq-wav2vec with the Gumbel quantizer as fairseq's README command (FAMILY.md section 9):
+    wav2vec's network with GELU and three 1x1 convs; 2 groups of 320 codewords from one
+    shared codebook, logits from a 2-layer MLP, temperature 2 -> 0.5 (x 0.999995 per update),
+    no diversity penalty."""
+    cfg = wav2vec()
+    cfg.objective = "vq_wav2vec"
+    cfg.encoder.conv_layers = [[512, 10, 5], [512, 8, 4]] + [[512, 4, 2]] * 3 + [[512, 1, 1]] * 3
+    cfg.encoder.activation = "gelu"
+    cfg.transformer.activation = "gelu"
+    cfg.vq_wav2vec = VqWav2vecConfig(kind="gumbel", groups=2, entries=320, shared_codebook=True, proj_depth=2,
+                                     temperature=TemperatureConfig(start=2.0, end=0.5, decay=0.999995))
+    return cfg
+
+
+def vq_wav2vec_kmeans() -> ModelConfig:
+    """vq-wav2vec with the k-means quantizer (the README: ``--vq-type kmeans --loss-weights [1]``,
+    gamma 0.25)."""
+    cfg = vq_wav2vec()
+    cfg.vq_wav2vec.kind = "kmeans"
+    cfg.vq_wav2vec.gamma = 0.25
+    cfg.vq_wav2vec.kmeans_weight = 1.0
+    return cfg
+
+
+def _tiny_wav2vec(cfg: ModelConfig) -> ModelConfig:
+    """wav2vec's layout at the laptop presets' width: 32-channel convs (10 ms frames), a
+    causal context network of 6 convs of 64 (kernels 2 .. 7: 210 ms of context)."""
+    cfg.encoder.conv_layers = [[32, kernel, stride] for _, kernel, stride in cfg.encoder.conv_layers]
+    cfg.transformer.num_layers = 6
+    cfg.transformer.dim = 64
+    return cfg
+
+
+def wav2vec_laptop() -> ModelConfig:
+    """wav2vec at the laptop presets' width: what learns on the demo corpus within minutes of CPU.
+
+    With the recipe's ReLU the features of this narrow network collapse within 150 updates
+    (the loss sits at the base rate); GELU, vq-wav2vec's activation, keeps them alive."""
+    cfg = _tiny_wav2vec(wav2vec())
+    cfg.encoder.activation = "gelu"
+    cfg.transformer.activation = "gelu"
+    return cfg
+
+
+def vq_wav2vec_laptop() -> ModelConfig:
+    """vq-wav2vec (Gumbel) at the laptop presets' width; 2 groups of 32 codewords, a
+    temperature that anneals within hundreds of updates (as ``laptop``'s)."""
+    cfg = _tiny_wav2vec(vq_wav2vec())
+    cfg.vq_wav2vec.entries = 32
+    cfg.vq_wav2vec.temperature.decay = 0.999
+    return cfg
+
+
+def vq_wav2vec_kmeans_laptop() -> ModelConfig:
+    """vq-wav2vec (k-means) at the laptop presets' width; 2 groups of 32 codewords."""
+    cfg = _tiny_wav2vec(vq_wav2vec_kmeans())
+    cfg.vq_wav2vec.entries = 32
+    return cfg
+
+
+def apc() -> ModelConfig:
+    """APC as s3prl's recipe (FAMILY.md section 10): 80 log-mel channels every 10 ms,
+    normalised per utterance, into 3 unidirectional GRU layers of 512 (residual from the
+    second on, dropout 0.1 between them), a Linear postnet predicting frame t + 5."""
+    cfg = ModelConfig(
+        objective="apc",
+        frontend=FrontendConfig(kind="logmel", n_mels=80, hop=160, window=400, stack=1, normalize=True),
+        transformer=TransformerConfig(kind="gru", num_layers=3, dim=512, dropout=0.1, layerdrop=0.0),
+        apc=ApcConfig(shift=5),
+        dropout_input=0.0,
+    )
+    cfg.encoder.grad_mult = 1.0
+    return cfg
+
+
+def apc_laptop() -> ModelConfig:
+    """APC at the laptop presets' width: 3 GRU layers of 64."""
+    cfg = apc()
+    cfg.transformer.dim = 64
+    return cfg
+
+
+def mockingjay() -> ModelConfig:
+    """Mockingjay as s3prl's recipe (FAMILY.md section 10): 80 log-mel channels + deltas +
+    delta-deltas every 10 ms, normalised per utterance; a post-LN Transformer of 3 layers,
+    768 wide, 12 heads, FFN 3072, dropout 0.1, sinusoidal absolute positions; spans of 7
+    frames on about 15% of the frames, per utterance 80% zeroed, 10% replaced, 10% kept;
+    L1 against the 80 static channels at the spans."""
+    cfg = ModelConfig(
+        objective="tera",
+        frontend=FrontendConfig(kind="logmel", n_mels=80, hop=160, window=400, stack=1, normalize=True, deltas=2),
+    )
+    cfg.transformer = TransformerConfig(
+        kind="transformer", num_layers=3, dim=768, ffn_dim=3072, num_heads=12, layer_norm_first=False,
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, layerdrop=0.0, absolute_positions=True,
+    )
+    cfg.encoder.grad_mult = 1.0
+    cfg.mask = MaskConfig(prob=0.15, length=7, min_masks=0)
+    cfg.tera = TeraConfig(zero_prob=0.8, replace_prob=0.1, freq_width=0.0, noise_prob=0.0)
+    cfg.dropout_input = 0.1
+    return cfg
+
+
+def tera() -> ModelConfig:
+    """TERA as s3prl's ``logMelBase-T-F-M`` (FAMILY.md section 10): Mockingjay's Transformer on
+    80 log-mel channels (no deltas) with dropout 0.3, its time alteration, a frequency band
+    of up to 20% of the channels zeroed in every utterance, and N(0, 0.2) noise on 15% of
+    the utterances (the magnitude alteration); L1 at the altered time and frequency positions."""
+    cfg = mockingjay()
+    cfg.frontend.deltas = 0
+    for name in ("dropout", "attention_dropout"):
+        setattr(cfg.transformer, name, 0.3)
+    cfg.dropout_input = 0.3
+    cfg.tera = TeraConfig(zero_prob=0.8, replace_prob=0.1, freq_width=0.2, noise_prob=0.15, noise_std=0.2)
+    return cfg
+
+
+def _tiny_transformer(cfg: ModelConfig) -> ModelConfig:
+    """The laptop presets' Transformer (2 layers of 64, 4 heads, FFN 128), no dropout."""
+    cfg.transformer = TransformerConfig(
+        kind="transformer", num_layers=2, dim=64, ffn_dim=128, num_heads=4, layerdrop=0.0, pos_conv_kernel=16,
+        pos_conv_groups=4, dropout=0.0, attention_dropout=0.0, absolute_positions=True,
+    )
+    cfg.dropout_input = 0.0
+    return cfg
+
+
+def mockingjay_laptop() -> ModelConfig:
+    """Mockingjay at the laptop presets' size."""
+    return _tiny_transformer(mockingjay())
+
+
+def tera_laptop() -> ModelConfig:
+    """TERA at the laptop presets' size (its alterations as the recipe's)."""
+    return _tiny_transformer(tera())
+
+
 def data2vec() -> ModelConfig:
     """data2vec 1.0 BASE, fairseq's ``data2vec/config/audio/pretraining/base_librispeech.yaml``
     (FAMILY.md section 3): layer-norm extractor with the full gradient, a 5-layer conv
@@ -641,6 +1166,11 @@ def data2vec2_laptop() -> ModelConfig:
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+    "hubert": hubert, "hubert_laptop": hubert_laptop, "wavlm": wavlm, "wavlm_laptop": wavlm_laptop,
+    "wav2vec": wav2vec, "wav2vec_laptop": wav2vec_laptop, "vq_wav2vec": vq_wav2vec,
+    "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
+    "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
+    "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
     "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
     "data2vec2_laptop": data2vec2_laptop,
 }

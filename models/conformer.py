@@ -252,6 +252,7 @@ class ConformerEncoder(nn.Module):
         position: str,
     ):
         super().__init__()
+        self.out_dim = dim
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
         self.checkpoint_activations = False

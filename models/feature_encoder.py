@@ -125,6 +125,28 @@ class FeatureProjection(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim)
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def out_dim(self) -> int:
+        """Width of the frames the context network reads."""
+        return self.linear.out_features
+
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         normed = self.norm(features)  # (B, T, C)
         return self.dropout(self.linear(normed)), normed  # (B, T, D), (B, T, C)
+
+
+class IdentityProjection(nn.Module):
+    """The front end's frames as they are (dropout only), in the projection's place.
+
+    wav2vec 1.0 and APC feed their causal context network the features themselves: no
+    LayerNorm and no Linear between (FAMILY.md sections 9, 10). Returns ``(dropout(features),
+    features)`` like :class:`FeatureProjection`.
+    """
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.out_dim = dim
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        return self.dropout(features), features  # (B, T, C), (B, T, C)

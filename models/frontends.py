@@ -10,6 +10,9 @@ measured against:
   scale, log of power + 1e-6), computed in torch on the training device, no parameters;
 - ``stack`` consecutive frames concatenated into one (B, T / stack, n_mels * stack): 80
   mels every 10 ms stacked by 4 give BEST-RQ's 40 ms frames of 320 values;
+- ``deltas``: 1 appends each channel's first time derivative, 2 also the second
+  (torchaudio's ``compute_deltas``, a 5-frame regression, the edges repeated at each
+  utterance's own last valid frame), before normalisation: Mockingjay's 240-d input;
 - ``normalize``: each utterance's frames to zero mean and unit variance per channel, over
   its own valid frames only (padding does not move the statistics).
 
@@ -49,6 +52,26 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float, f_ma
     return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
 
 
+def regression_delta(x: Tensor, last: Tensor, width: int = 2) -> Tensor:
+    """Time derivative of (B, F, M) frames: ``sum_n n (x[t+n] - x[t-n]) / (2 sum_n n^2)``,
+    n = 1 .. ``width`` (torchaudio ``compute_deltas`` with ``win_length`` 5), reading
+    ``x[clamp(t +- n, 0, last[b])]``: each row's edges repeat its own last valid frame."""
+    frames = x.shape[1]
+    t = torch.arange(frames, device=x.device)
+    denom = 2 * sum(n * n for n in range(1, width + 1))
+    out = torch.zeros_like(x)
+    for n in range(1, width + 1):
+        ahead = torch.minimum((t + n).unsqueeze(0), last.unsqueeze(1))  # (B, F)
+        behind = torch.minimum(torch.clamp(t - n, min=0).unsqueeze(0), last.unsqueeze(1))  # (B, F)
+        out = out + n * (_frames_at(x, ahead) - _frames_at(x, behind))
+    return out / denom
+
+
+def _frames_at(x: Tensor, index: Tensor) -> Tensor:
+    """(B, F, M) frames at (B, F) time indices."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
 class LogMelFrontend(nn.Module):
     """(B, S) 16 kHz samples -> (B, T, n_mels * stack) log-mel frames (module doc)."""
 
@@ -65,6 +88,7 @@ class LogMelFrontend(nn.Module):
         f_min: float = 20.0,
         f_max: float | None = None,
         eps: float = 1e-6,
+        deltas: int = 0,
     ) -> None:
         super().__init__()
         if n_mels < 1:
@@ -75,6 +99,9 @@ class LogMelFrontend(nn.Module):
             raise ValueError(f"hop_length: expected >= 1, got {hop_length}")
         if stack < 1:
             raise ValueError(f"stack: expected >= 1, got {stack}")
+        if deltas not in (0, 1, 2):
+            raise ValueError(f"deltas: expected 0, 1 or 2, got {deltas}")
+        self.deltas = deltas
         self.n_mels = n_mels
         self.win_length = win_length
         self.hop_length = hop_length
@@ -92,7 +119,7 @@ class LogMelFrontend(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.n_mels * self.stack
+        return self.n_mels * (1 + self.deltas) * self.stack
 
     @property
     def stride(self) -> int:
@@ -123,10 +150,24 @@ class LogMelFrontend(nn.Module):
         mel = torch.log(power @ self.filterbank + self.eps)  # (B, F, n_mels)
         num_frames = mel.shape[1] // self.stack
         mel = mel[:, : num_frames * self.stack]  # whole stacks only
+        if self.deltas:
+            mel = self._with_deltas(mel, num_samples)  # (B, F, n_mels * (1 + deltas))
         if self.normalize:
             mel = self._normalize(mel, num_samples)
-        out = mel.reshape(batch, num_frames, self.dim)  # (B, T, n_mels * stack): frames side by side
+        out = mel.reshape(batch, num_frames, self.dim)  # (B, T, C * stack): frames side by side
         return out.to(source.dtype)
+
+    def _with_deltas(self, mel: Tensor, num_samples: Tensor | None) -> Tensor:
+        """(B, F, M) -> (B, F, M * (1 + deltas)): ``[static, delta, delta-delta]`` per frame."""
+        frames = mel.shape[1]
+        last = torch.full((mel.shape[0],), frames - 1, device=mel.device, dtype=torch.long)
+        if num_samples is not None:
+            valid = self.output_lengths(num_samples.to(mel.device)) * self.stack
+            last = torch.clamp(valid - 1, min=0).clamp(max=max(frames - 1, 0))
+        parts = [mel]
+        for _ in range(self.deltas):
+            parts.append(regression_delta(parts[-1], last))
+        return torch.cat(parts, dim=-1)
 
     def _normalize(self, mel: Tensor, num_samples: Tensor | None) -> Tensor:
         """Zero mean, unit variance per utterance and channel over its valid frames (B, F, M)."""

@@ -7,12 +7,14 @@ directories that ``transformers.Wav2Vec2ForPreTraining`` / ``Wav2Vec2ForCTC``
 ``Wav2Vec2ForPreTraining``, ``Wav2Vec2Model`` and ``Wav2Vec2ForCTC`` into our models.
 A model whose ``model.transformer.kind`` is ``conformer`` goes to and comes from the
 ``Wav2Vec2Conformer*`` classes instead (``model_type`` ``wav2vec2-conformer``; their
-names, fields and limits are in ``models.hf_conformer``). A data2vec encoder (a stacked
-conv positional embedding, ``model.transformer.pos_conv_depth`` > 1) goes to and comes
-from ``Data2VecAudioModel`` / ``Data2VecAudioForCTC`` (``models.hf_data2vec``). Reading
-dispatches on ``model_type`` in config.json, and state dicts on their own keys (a
-conformer's layers have a depthwise convolution, data2vec's positional embedding is a
-stack), so the same functions serve all three.
+names, fields and limits are in ``models.hf_conformer``), a HuBERT or WavLM encoder to and
+from ``HubertModel`` / ``HubertForCTC`` / ``WavLMModel`` / ``WavLMForCTC`` (``models.hf_hubert``),
+and a data2vec encoder (a stacked conv positional embedding,
+``model.transformer.pos_conv_depth`` > 1) to and from ``Data2VecAudioModel`` /
+``Data2VecAudioForCTC`` (``models.hf_data2vec``). Reading dispatches on ``model_type`` in
+config.json, and state dicts on their own keys (a conformer's layers have a depthwise
+convolution, data2vec's positional embedding is a stack, HuBERT's and WavLM's classes
+name their base model), so the same functions serve them all.
 
 Settings that Hugging Face's config has no field for (feature-encoder gradient scale,
 Gumbel temperature schedule, feature-penalty weight) travel in a ``"wavray"`` entry of
@@ -34,10 +36,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models import hf_conformer, hf_data2vec
+from models import hf_conformer, hf_data2vec, hf_hubert
 from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
+    HubertConfig,
     LossConfig,
     MaskConfig,
     ModelConfig,
@@ -103,6 +106,10 @@ _HF_TO_ENCODER: list[tuple[str, str]] = _FRONT_FROM_HF + [
 _ENCODER_TO_HF += hf_data2vec.POS_CONV_TO_HF
 _HF_TO_ENCODER += hf_data2vec.POS_CONV_FROM_HF
 
+# WavLM's gated relative position bias (only a gated encoder has these keys).
+_ENCODER_TO_HF += hf_hubert.GATED_TO_HF
+_HF_TO_ENCODER += hf_hubert.GATED_FROM_HF
+
 _CONFORMER_TO_HF = _FRONT_TO_HF + hf_conformer.LAYERS_TO_HF
 _CONFORMER_FROM_HF = _FRONT_FROM_HF + hf_conformer.LAYERS_FROM_HF
 
@@ -139,10 +146,14 @@ def _base_prefix(conformer: bool) -> str:
     return hf_conformer.BASE_PREFIX if conformer else _BASE_PREFIX
 
 
-def _prefix_of(state: dict[str, Tensor]) -> str:
-    """The base model's prefix in the heads-carrying classes of the architecture ``state`` holds."""
+def _hf_prefix(state: dict[str, Tensor]) -> str:
+    """The base model's prefix in the heads-carrying Hugging Face classes of the architecture
+    ``state`` holds (a state dict of ours or of Hugging Face's)."""
     if hf_data2vec.is_data2vec_state(state):
         return hf_data2vec.BASE_PREFIX
+    for prefix in hf_hubert.PREFIXES.values():
+        if any(k.startswith(prefix) for k in state):
+            return prefix
     return _base_prefix(is_conformer_state(state))
 
 
@@ -206,7 +217,7 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForPretraining`` state dict -> HF ``Wav2Vec2ForPreTraining`` state dict
     (``Wav2Vec2ConformerForPreTraining`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _prefix_of(enc)
+    prefix = _hf_prefix(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder.") or key in _OURS_ONLY:
@@ -217,11 +228,12 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def ctc_state_to_hf(state: dict[str, Tensor], *, prefix: str | None = None) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForCTC`` state dict -> HF ``Wav2Vec2ForCTC`` state dict
-    (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``)."""
+    (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``); ``prefix``: the
+    base model's name of another class (``hubert.``, ``wavlm.``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _prefix_of(enc)
+    prefix = prefix or _hf_prefix(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -234,8 +246,8 @@ def ctc_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """HF state dict (any of the three classes, wav2vec 2.0 or Conformer) -> (our encoder keys,
-    our pretraining heads, CTC head)."""
-    prefix = _prefix_of(state)
+    our pretraining heads, CTC head); HuBERT's and WavLM's classes too."""
+    prefix = _hf_prefix(state)
     prefixed = any(k.startswith(prefix) for k in state)
     base: dict[str, Tensor] = {}
     heads: dict[str, Tensor] = {}
@@ -260,6 +272,34 @@ def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 # --- config ---------------------------------------------------------------------------------
 
 
+def hf_unsupported(cfg: ModelConfig) -> str:
+    """Why Hugging Face has no class for the encoder of ``cfg``; empty when it has one
+    (``Wav2Vec2Model``, ``Wav2Vec2ConformerModel``, HuBERT's and WavLM's, ``Data2VecAudioModel``)."""
+    if cfg.frontend.kind != "conv":
+        return (
+            f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "
+            "the waveform through their conv feature encoder and have no place for a log-mel front end"
+        )
+    if cfg.encoder.mode not in ("default", "layer_norm"):
+        return (
+            f"model.encoder.mode={cfg.encoder.mode!r}: wav2vec 1.0's conv feature encoder (GroupNorm after every "
+            "conv, log compression) has no Hugging Face class"
+        )
+    if cfg.transformer.kind not in ("transformer", "conformer"):
+        return f"model.transformer.kind={cfg.transformer.kind!r}: this context network has no Hugging Face class"
+    if cfg.transformer.absolute_positions:
+        return "model.transformer.absolute_positions: Hugging Face's Wav2Vec2 has conv positions only"
+    if _data2vec_encoder(cfg):
+        return "; ".join(hf_data2vec.problems(cfg))
+    return ""
+
+
+def _data2vec_encoder(cfg: ModelConfig) -> bool:
+    """Whether ``cfg``'s encoder has data2vec's options (a stacked positional embedding or
+    ALiBi): it exports as ``Data2VecAudioModel`` where Hugging Face has a class for it."""
+    return cfg.transformer.pos_conv_depth > 1 or cfg.transformer.alibi
+
+
 def model_config_to_hf(
     cfg: ModelConfig,
     *,
@@ -275,13 +315,10 @@ def model_config_to_hf(
     ``temperature`` is the current Gumbel temperature (recorded, HF does not use it).
     Raises ``ValueError`` for a conformer Hugging Face cannot represent.
     """
-    if cfg.frontend.kind != "conv":
-        raise ValueError(
-            f"model.frontend.kind={cfg.frontend.kind!r}: Hugging Face's Wav2Vec2 and Wav2Vec2Conformer models read "
-            "the waveform through their conv feature encoder and have no place for a log-mel front end; the "
-            "model stays a wavray checkpoint (config.yaml + model.safetensors)"
-        )
-    if cfg.transformer.pos_conv_depth > 1 or cfg.transformer.alibi:  # data2vec's encoder
+    problem = hf_unsupported(cfg)
+    if problem:
+        raise ValueError(f"{problem}; the model stays a wavray checkpoint (config.yaml + model.safetensors)")
+    if _data2vec_encoder(cfg):
         return hf_data2vec.config_to_hf(cfg, architecture=architecture, vocab_size=vocab_size,
                                         pad_token_id=pad_token_id)
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
@@ -346,6 +383,11 @@ def model_config_to_hf(
         hf.update(hf_conformer.config_to_hf(tr))
         if not architecture.startswith("Wav2Vec2Conformer"):
             hf["architectures"] = [hf_conformer.architecture_name(architecture)]
+    kind = hf_hubert.family(cfg)
+    if kind is not None:
+        hf.update(hf_hubert.config_to_hf(cfg, kind))
+        hf["architectures"] = [hf_hubert.architecture_name(kind, architecture)]
+        hf["wavray"]["clusters"] = cfg.hubert.clusters
     return hf
 
 
@@ -370,14 +412,17 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     model_type = hf.get("model_type", "wav2vec2")
     if model_type == hf_data2vec.MODEL_TYPE:
         return hf_data2vec.model_config_from_hf(hf, for_pretraining=for_pretraining)
-    if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE):
+    if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES):
         raise ValueError(
             f"config.json: model_type: expected 'wav2vec2', got {model_type!r}; "
-            f"the only other type read is {hf_conformer.MODEL_TYPE!r}"
+            f"the other types read are {[hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES, hf_data2vec.MODEL_TYPE]}"
         )
     conformer = model_type == hf_conformer.MODEL_TYPE
+    hubert = model_type in hf_hubert.MODEL_TYPES
     problems: list[str] = []
     conformer_fields = hf_conformer.transformer_fields_from_hf(hf, problems) if conformer else {}
+    if hubert:
+        conformer_fields = hf_hubert.fields_from_hf(hf, problems)
     for key, expected in (
         ("feat_extract_activation", "gelu"), ("add_adapter", False), ("adapter_attn_dim", None),
         *([] if conformer else [("hidden_act", "gelu")]),
@@ -417,7 +462,7 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
 
     if for_pretraining and not written_by_us:
         hf_mask = (_get(hf, "mask_time_prob", 0.05), _get(hf, "mask_time_length", 10), _get(hf, "mask_time_min_masks", 2))
-        mask = MaskConfig()
+        mask = MaskConfig(prob=0.8) if model_type == hf_hubert.HUBERT else MaskConfig()
         if hf_mask != (mask.prob, mask.length, mask.min_masks):
             warnings.warn(
                 f"config.json: mask_time_prob/length/min_masks {hf_mask} are Hugging Face fine-tuning "
@@ -440,6 +485,8 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     final_dim = int(_get(hf, "proj_codevector_dim", 256))
     codevector_dim = int(_get(hf, "codevector_dim", 256))
     return ModelConfig(
+        objective="hubert" if hubert else "wav2vec2",
+        hubert=HubertConfig(clusters=int(extras.get("clusters", hf_hubert.DEFAULT_CLUSTERS))) if hubert else HubertConfig(),
         encoder=FeatureEncoderConfig(
             conv_layers=[[int(c), int(k), int(s)] for c, k, s in zip(conv_dim, conv_kernel, conv_stride, strict=True)],
             mode="layer_norm" if layer_mode else "default",
@@ -521,6 +568,11 @@ def save_hf_pretraining(
     """Write ``model`` as a HF ``Wav2Vec2ForPreTraining`` directory (``Wav2Vec2ConformerForPreTraining``
     for a conformer): config.json, model.safetensors, preprocessor_config.json; ``normalize``:
     the run's ``data.normalize``."""
+    if hf_hubert.family(cfg) is not None:
+        raise ValueError(
+            f"model.transformer.relative_bias={cfg.transformer.relative_bias!r}: Hugging Face has no WavLM "
+            "pretraining class; export the encoder (WavLMModel) instead"
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(
         cfg, architecture=HF_PRETRAINING, temperature=float(model.quantizer.temperature.float().cpu())
@@ -534,8 +586,9 @@ def save_hf_encoder(
     encoder_state: dict[str, Tensor], cfg: ModelConfig, out_dir: str | os.PathLike, *, normalize: bool = False
 ) -> Path:
     """Write an encoder (our ``Wav2Vec2Encoder`` state dict, keys without ``encoder.``) as a HF
-    ``Wav2Vec2Model`` (``Wav2Vec2ConformerModel`` for a conformer): what an objective whose
-    heads Hugging Face has no class for (BEST-RQ) leaves for others to fine-tune."""
+    ``Wav2Vec2Model`` (``Wav2Vec2ConformerModel`` for a conformer, ``HubertModel`` /
+    ``WavLMModel`` for HuBERT / WavLM: ``models.hf_hubert``): what an objective whose heads
+    Hugging Face has no class for (BEST-RQ, HuBERT) leaves for others to fine-tune."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in encoder_state.items()}
     conformer = cfg.transformer.kind == "conformer"
     config = model_config_to_hf(cfg, architecture="Wav2Vec2Model")
@@ -553,7 +606,9 @@ def save_hf_ctc(
     conformer); ``pad_token_id`` is the CTC blank, ``normalize`` the run's ``data.normalize``."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = model_config_to_hf(cfg, architecture=HF_CTC, vocab_size=model.vocab_size, pad_token_id=pad_token_id)
-    out = _write_dir(out_dir, config, {**ctc_state_to_hf(state), **_unused_hf_weights(cfg)})
+    kind = hf_hubert.family(cfg)
+    prefix = hf_hubert.PREFIXES[kind] if kind else None
+    out = _write_dir(out_dir, config, {**ctc_state_to_hf(state, prefix=prefix), **_unused_hf_weights(cfg)})
     write_preprocessor_config(out, normalize=normalize)
     return out
 

@@ -81,6 +81,8 @@ def problems(cfg: ModelConfig) -> list[str]:
         out.append(f"model.transformer.kind {tr.kind!r}: Data2VecAudio is a Transformer")
     if tr.layer_norm_first:
         out.append("model.transformer.layer_norm_first: Data2VecAudio's layers are post-LN only")
+    if tr.relative_bias != "none":
+        out.append(f"model.transformer.relative_bias {tr.relative_bias!r}: Data2VecAudio has no relative position bias")
     if tr.pos_conv_depth < 2:
         out.append("model.transformer.pos_conv_depth 1 is wav2vec 2.0's weight-normed convolution, not "
                    "Data2VecAudio's stack")

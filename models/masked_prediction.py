@@ -1,19 +1,23 @@
-"""Masked prediction of discrete targets: BEST-RQ today, HuBERT's k-means ids next.
+"""Masked prediction of discrete targets: BEST-RQ's random-projection codes, HuBERT's k-means ids.
 
 The encoder is wav2vec 2.0's (a front end, the projection, the learned mask embedding, a
 Transformer or Conformer); what differs is the target of each masked frame: one id per
 codebook, from a frozen random-projection quantizer of the frame's log-mel features
 (BEST-RQ, :class:`models.best_rq.RandomProjectionQuantizer`) or given with the batch
-(k-means labels). A linear head predicts every codebook's id (the multi-softmax of
-BEST-RQ); the loss is cross-entropy summed over masked frames and averaged over
-codebooks, so it is a sum over the count of masked frames like every objective's, and
-its chance level is ln(codebook_size).
+(HuBERT's k-means labels, made by ``jobs.label``), and the head that scores the ids: a
+linear layer (the multi-softmax of BEST-RQ) or HuBERT's cosine similarity to learned
+cluster embeddings (:class:`models.hubert.CosineHead`); either is ``prediction_head``.
+The loss is cross-entropy summed over masked frames and averaged over codebooks, so it
+is a sum over the count of masked frames like every objective's, and its chance level is
+ln(codebook_size). HuBERT adds fairseq's feature penalty (``feature_penalty_weight`` times
+the mean square of the front end's features, per masked frame).
 
 Data flow (B utterances, S samples, T frames, G codebooks of V ids)::
 
     source (B, S) -> front end -> features (B, T, C) -> projection -> x (B, T, D)
     x: masked frames -> mask embedding -> context network -> h (B, T, D) -> head -> (B, T, G, V)
     source -> target log-mel (B, T, M) -> quantizer -> ids (B, T, G);  CE at masked frames
+    (HuBERT: ids (B, T, G) given with the batch)
 
 Nothing in a forward pass reads a tensor value on the host.
 """
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 
 from models.best_rq import RandomProjectionQuantizer
 from models.frontends import LogMelFrontend
+from models.losses import feature_penalty
 from models.masking import compute_span_mask
 from models.quantizer import perplexity
 from models.wav2vec2 import Wav2Vec2Encoder, check_shape
@@ -37,7 +42,8 @@ class MaskedPredictionOutput(NamedTuple):
     """What a masked-prediction step logs or differentiates; all tensors, no host values."""
 
     loss_sum: Tensor
-    """() float32: cross-entropy summed over masked frames, averaged over codebooks."""
+    """() float32: cross-entropy summed over masked frames, averaged over codebooks, plus
+    ``num_masked * feature_penalty_weight * feature_penalty``."""
     num_masked: Tensor
     """() long: masked frames (the loss's count)."""
     num_correct: Tensor
@@ -56,6 +62,10 @@ class MaskedPredictionOutput(NamedTuple):
     """(B, T) bool: the masked frames."""
     padding_mask: Tensor | None
     """(B, T) bool frame padding (True = padded), None without padding."""
+    ce_sum: Tensor | None = None
+    """() float32: the cross-entropy part of ``loss_sum``."""
+    feature_penalty: Tensor | None = None
+    """() float32: mean square of the front end's features of this batch (0 when unweighted)."""
 
 
 def fit_frames(x: Tensor, num_frames: int) -> Tensor:
@@ -72,30 +82,54 @@ def fit_frames(x: Tensor, num_frames: int) -> Tensor:
 class MaskedPredictionModel(nn.Module):
     """Encoder + head predicting ``codebooks`` x ``codebook_size`` ids at masked frames.
 
-    ``target_features``: the log-mel front end the targets are computed from, at the
-    model's frame rate; ``quantizer``: the frozen random projection (BEST-RQ).
+    Computed targets (BEST-RQ): ``target_features``, the log-mel front end the targets are
+    computed from at the model's frame rate, and ``quantizer``, the frozen random
+    projection; the head is linear. Given targets (HuBERT): no quantizer, the sizes
+    (``codebooks``, ``codebook_size``) and the ``head`` (``(B, T, D) -> (B, T, G * V)``)
+    are passed; every forward then needs ``target_ids``.
     """
 
     def __init__(
         self,
         encoder: Wav2Vec2Encoder,
         *,
-        target_features: LogMelFrontend,
-        quantizer: RandomProjectionQuantizer,
+        target_features: LogMelFrontend | None = None,
+        quantizer: RandomProjectionQuantizer | None = None,
+        codebooks: int | None = None,
+        codebook_size: int | None = None,
+        head: nn.Module | None = None,
         mask_prob: float,
         mask_length: int,
         min_masks: int,
+        feature_penalty_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if (quantizer is None) != (target_features is None):
+            raise ValueError("MaskedPredictionModel: give target_features and quantizer together (computed targets) "
+                             "or neither (targets given with every batch)")
+        if quantizer is not None:
+            codebooks, codebook_size = quantizer.codebooks, quantizer.codebook_size
+        elif codebooks is None or codebook_size is None:
+            raise ValueError("MaskedPredictionModel: targets given with the batch need codebooks and codebook_size")
         self.encoder = encoder
-        self.target_features = target_features
-        self.quantizer = quantizer
-        self.codebooks = quantizer.codebooks
-        self.codebook_size = quantizer.codebook_size
-        self.prediction_head = nn.Linear(encoder.dim, self.codebooks * self.codebook_size)
+        if quantizer is not None:
+            self.target_features = target_features
+            self.quantizer = quantizer
+        else:
+            self.target_features = None
+            self.quantizer = None
+        self.codebooks = int(codebooks)
+        self.codebook_size = int(codebook_size)
+        self.prediction_head = head if head is not None else nn.Linear(encoder.dim, self.codebooks * self.codebook_size)
         self.mask_prob = mask_prob
         self.mask_length = mask_length
         self.min_masks = min_masks
+        self.feature_penalty_weight = feature_penalty_weight
+
+    @property
+    def given_targets(self) -> bool:
+        """Whether every forward needs ``target_ids`` (no quantizer computes them)."""
+        return self.quantizer is None
 
     def set_num_updates(self, step: int) -> None:
         """No schedule inside the model (the targets are frozen)."""
@@ -111,6 +145,9 @@ class MaskedPredictionModel(nn.Module):
     @torch.no_grad()
     def targets(self, source: Tensor, num_samples: Tensor | None, num_frames: int) -> Tensor:
         """(B, T, G) target ids of ``source`` (B, S) at the model's ``num_frames`` frames."""
+        if self.quantizer is None:
+            raise ValueError("target_ids: this model predicts labels given with the batch (k-means ids from "
+                             "jobs.label); none were given")
         feats = self.target_features(source, num_samples)  # (B, T', M)
         return self.quantizer(fit_frames(feats, num_frames))
 
@@ -155,7 +192,12 @@ class MaskedPredictionModel(nn.Module):
         ce = F.cross_entropy(logits.reshape(-1, self.codebook_size), target_ids.reshape(-1), reduction="none")
         ce = ce.view(batch, time, self.codebooks).mean(dim=-1)  # (B, T)
         weights = mask.to(ce.dtype)
-        loss_sum = (ce * weights).sum()
+        ce_sum = (ce * weights).sum()
+        loss_sum = ce_sum
+        penalty = ce_sum.new_zeros(())
+        if self.feature_penalty_weight > 0:
+            penalty = feature_penalty(features, frame_pad)
+            loss_sum = ce_sum + weights.sum() * self.feature_penalty_weight * penalty
         with torch.no_grad():
             right = (logits.argmax(dim=-1) == target_ids).to(ce.dtype).mean(dim=-1)  # (B, T)
             num_correct = (right * weights).sum()
@@ -168,4 +210,5 @@ class MaskedPredictionModel(nn.Module):
             loss_sum=loss_sum, num_masked=mask.long().sum(), num_correct=num_correct,
             target_perplexity=target_ppl, prediction_perplexity=pred_ppl, target_ids=target_ids,
             logits=logits, last_hidden_state=hidden, mask_time_indices=mask, padding_mask=frame_pad,
+            ce_sum=ce_sum, feature_penalty=penalty,
         )

@@ -58,7 +58,13 @@ class QuantizerOutput(NamedTuple):
 
 
 class GumbelVectorQuantizer(nn.Module):
-    """Linear(C -> G*V) logits, Gumbel choice per group, codebook (1, G*V, codevector_dim/G)."""
+    """Linear(C -> G*V) logits, Gumbel choice per group, codebook (1, G*V, codevector_dim/G).
+
+    vq-wav2vec's variant (FAMILY.md section 9): ``proj_depth`` > 1 computes the logits with
+    an MLP (``proj_depth - 1`` blocks of Linear(-> 2C) + ``activation``, then the Linear to
+    G*V; PyTorch's default initialisation, as fairseq's), and ``shared_codebook`` gives every
+    group the same V codewords (fairseq ``combine_groups``; codebook (1, V, codevector_dim/G)).
+    """
 
     def __init__(
         self,
@@ -68,6 +74,9 @@ class GumbelVectorQuantizer(nn.Module):
         entries: int,
         codevector_dim: int,
         temperature: tuple[float, float, float],
+        proj_depth: int = 1,
+        shared_codebook: bool = False,
+        activation: nn.Module | None = None,
     ):
         super().__init__()
         if codevector_dim % groups:
@@ -77,10 +86,19 @@ class GumbelVectorQuantizer(nn.Module):
             )
         self.groups = groups
         self.entries = entries
-        self.weight_proj = nn.Linear(in_dim, groups * entries)
-        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
-        nn.init.zeros_(self.weight_proj.bias)
-        self.codevectors = nn.Parameter(torch.empty(1, groups * entries, codevector_dim // groups).uniform_())
+        self.shared_codebook = shared_codebook
+        if proj_depth > 1:
+            inner = 2 * in_dim  # fairseq's weight_proj_factor 2 for wav2vec models
+            blocks: list[nn.Module] = []
+            for i in range(proj_depth - 1):
+                blocks += [nn.Linear(in_dim if i == 0 else inner, inner), activation or nn.GELU()]
+            self.weight_proj: nn.Module = nn.Sequential(*blocks, nn.Linear(inner, groups * entries))
+        else:
+            self.weight_proj = nn.Linear(in_dim, groups * entries)
+            nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+            nn.init.zeros_(self.weight_proj.bias)
+        books = 1 if shared_codebook else groups
+        self.codevectors = nn.Parameter(torch.empty(1, books * entries, codevector_dim // groups).uniform_())
         self.start_temp, self.end_temp, self.temp_decay = temperature
         self.register_buffer("temperature", torch.tensor(float(self.start_temp)))
 
@@ -88,6 +106,16 @@ class GumbelVectorQuantizer(nn.Module):
     def num_codevectors(self) -> int:
         """G * V, the normaliser of the diversity loss."""
         return self.groups * self.entries
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, G, V) float32 codeword scores."""
+        batch, time, _ = x.shape
+        return self.weight_proj(x).float().view(batch, time, self.groups, self.entries)
+
+    @torch.no_grad()
+    def codes(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, T, G) ids of (B, T, C): the argmax of the logits, no noise (the eval-mode choice)."""
+        return self.logits(x).argmax(dim=-1)
 
     def set_num_updates(self, step: int) -> None:
         """Temperature for update ``step``: ``max(start * decay**step, end)``."""
@@ -102,7 +130,7 @@ class GumbelVectorQuantizer(nn.Module):
         those; Hugging Face passes ``mask_time_indices``); padding is never masked.
         """
         batch, time, _ = x.shape
-        logits = self.weight_proj(x).float().view(batch, time, self.groups, self.entries)  # (B, T, G, V)
+        logits = self.logits(x)  # (B, T, G, V)
         best = logits.argmax(dim=-1)  # (B, T, G)
         hard = torch.zeros_like(logits).scatter_(-1, best.unsqueeze(-1), 1.0)  # (B, T, G, V) one-hot
 
@@ -121,7 +149,7 @@ class GumbelVectorQuantizer(nn.Module):
         else:
             choice, codes = hard, best
         # (B*T, G, V) @ (G, V, d) per group -> (B, T, G*d)
-        book = self.codevectors.view(self.groups, self.entries, -1)
+        book = self.codevectors.view(-1, self.entries, self.codevectors.shape[-1]).expand(self.groups, -1, -1)
         vectors = torch.einsum("btgv,gvd->btgd", choice.to(book.dtype), book).reshape(batch, time, -1)
         return QuantizerOutput(
             vectors=vectors,

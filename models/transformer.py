@@ -12,6 +12,13 @@ adds ALiBi's distance penalty to every attention (data2vec 2.0), each layer can 
 feed-forward output before the residual (``return_ffn``: the teacher's targets), and
 the stack can drop frames after the positional embedding (``keep``: data2vec 2.0's
 student sees only the unmasked frames).
+
+WavLM's gated relative position bias (``relative_bias="gated"``, FAMILY.md section 2):
+the stack keeps one learned bias per head and distance bucket (T5's bidirectional log
+buckets); every layer adds it to its attention scores after scaling it, per head and
+query frame, by a gate computed from the layer's own input (``RelativePositionGate``).
+The conv positional embedding stays. Mockingjay and TERA (``absolute_positions``) add
+fixed sinusoids in place of the conv positional embedding.
 """
 
 from __future__ import annotations
@@ -54,6 +61,15 @@ def init_linear_bert_(module: nn.Module) -> None:
             nn.init.normal_(sub.weight, mean=0.0, std=0.02)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+
+
+def sinusoid_positions(time: int, dim: int, like: Tensor) -> Tensor:
+    """(T, D) fixed absolute positions, ``sin`` on even and ``cos`` on odd channels of
+    ``pos / 10000 ** (2 * (i // 2) / D)`` (Mockingjay's table), in ``like``'s dtype and device."""
+    pos = torch.arange(time, device=like.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    i = torch.arange(dim, device=like.device)
+    angles = pos / torch.pow(10000.0, (2 * (i // 2)).float() / dim)  # (T, D)
+    return torch.where(i % 2 == 0, angles.sin(), angles.cos()).to(like.dtype)
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -173,23 +189,68 @@ class KeptFrames(NamedTuple):
     """(B, K) bool: True where a row has fewer kept frames than K (filler, never attended to)."""
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection."""
+def relative_position_buckets(time: int, num_buckets: int, max_distance: int, device: torch.device) -> Tensor:
+    """(T, T) long: the bucket of each (query i, key j) pair, T5's bidirectional log buckets
+    as WavLM's: half the buckets per direction (key after the query: the upper half), the
+    first half of those one per distance, the rest log-spaced up to ``max_distance``."""
+    half = num_buckets // 2
+    exact = half // 2
+    rel = torch.arange(time, device=device)[None, :] - torch.arange(time, device=device)[:, None]  # (T, T): j - i
+    buckets = (rel > 0).long() * half
+    dist = rel.abs()
+    far = exact + (torch.log(dist.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    far = torch.clamp(far, max=half - 1)
+    return buckets + torch.where(dist < exact, dist, far)
 
-    def __init__(self, dim: int, num_heads: int, dropout: float):
+
+class RelativePositionGate(nn.Module):
+    """WavLM's gate of the relative position bias, per head and query frame: the layer's input
+    split into heads, ``Linear(head_dim -> 8)``, summed in two groups of 4, sigmoids g_a and
+    g_b, then ``g_a * (g_b * a_h - 1) + 2`` with a learned ``a_h`` per head (initially 1)."""
+
+    def __init__(self, head_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.linear = nn.Linear(head_dim, 8)
+        self.const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) attention input -> (B, H, T, 1) gate."""
+        batch, time, dim = x.shape
+        heads = x.view(batch, time, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, H, T, Dh)
+        proj = self.linear(heads).view(batch, self.num_heads, time, 2, 4).sum(dim=-1)  # (B, H, T, 2)
+        gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)  # each (B, H, T, 1)
+        return gate_a * (gate_b * self.const - 1.0) + 2.0
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection; with ``gated``, WavLM's gate
+    of a relative position bias the stack hands every layer."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, *, gated: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
+        if gated:
+            self.gate = RelativePositionGate(self.head_dim, num_heads)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, position_bias: Tensor | None = None) -> Tensor:
+        """``attn_mask`` (B, 1, 1, T) bool, True = attend, or a float bias (B | 1, H, T, T) with
+        -inf at padded keys (ALiBi's); ``position_bias`` (1, H, T, T) float (gated layers only)."""
         batch, time, dim = x.shape
         qkv = self.qkv(x).view(batch, time, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        if position_bias is not None:
+            bias = self.gate(x) * position_bias  # (B, H, T, T)
+            if attn_mask is not None:
+                # a float mask is already a bias with -inf at padded keys (ALiBi's)
+                bias = bias + attn_mask if attn_mask.is_floating_point() else bias.masked_fill(~attn_mask, float("-inf"))
+            attn_mask = bias
         if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(q.dtype)  # an additive bias (ALiBi), in the autocast dtype
+            attn_mask = attn_mask.to(q.dtype)  # an additive bias must match the query's dtype (bf16 under autocast)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, Dh)
@@ -228,31 +289,34 @@ class TransformerLayer(nn.Module):
         attention_dropout: float,
         activation_dropout: float,
         layer_norm_first: bool,
+        gated: bool = False,
     ):
         super().__init__()
         self.layer_norm_first = layer_norm_first
-        self.attention = SelfAttention(dim, num_heads, attention_dropout)
+        self.attention = SelfAttention(dim, num_heads, attention_dropout, gated=gated)
         self.attn_norm = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_dim, activation_dropout)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, *, return_ffn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None, position_bias: Tensor | None = None, *, return_ffn: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, T, D) -> (B, T, D); with ``return_ffn`` also the feed-forward output before
         its dropout and residual (fairseq's ``layer_result``: data2vec's targets)."""
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.attn_norm(x), attn_mask))
+            x = x + self.dropout(self.attention(self.attn_norm(x), attn_mask, position_bias))
             ffn = self.ffn(self.ffn_norm(x))
             x = x + self.dropout(ffn)
         else:
-            x = self.attn_norm(x + self.dropout(self.attention(x, attn_mask)))
+            x = self.attn_norm(x + self.dropout(self.attention(x, attn_mask, position_bias)))
             ffn = self.ffn(x)
             x = self.ffn_norm(x + self.dropout(ffn))
         return (x, ffn) if return_ffn else x
 
 
 class TransformerEncoder(nn.Module):
-    """Positional conv + LayerNorm placement + layers with LayerDrop. (B, T, D) -> (B, T, D)."""
+    """Positional conv (or fixed sinusoids) + LayerNorm placement + layers with LayerDrop. (B, T, D) -> (B, T, D)."""
 
     def __init__(
         self,
@@ -270,15 +334,27 @@ class TransformerEncoder(nn.Module):
         pos_conv_groups: int,
         pos_conv_depth: int = 1,
         alibi: bool = False,
+        relative_bias: str = "none",
+        relative_buckets: int = 320,
+        relative_max_distance: int = 800,
+        absolute_positions: bool = False,
     ):
         super().__init__()
+        if relative_bias not in ("none", "gated"):
+            raise ValueError(f"relative_bias: expected 'none' or 'gated', got {relative_bias!r}")
+        gated = relative_bias == "gated"
+        self.out_dim = dim
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
         self.checkpoint_activations = False
         """Recompute each layer in the backward instead of keeping its activations
         (``train.activation_checkpointing``): memory for compute."""
-        self.pos_conv: PositionalConvEmbedding | StackedPositionalConv
-        if pos_conv_depth > 1:
+        self.absolute_positions = absolute_positions
+        # Mockingjay/TERA add fixed sinusoids instead: no positional parameters at all.
+        self.pos_conv: PositionalConvEmbedding | StackedPositionalConv | None
+        if absolute_positions:
+            self.pos_conv = None
+        elif pos_conv_depth > 1:
             self.pos_conv = StackedPositionalConv(dim, pos_conv_kernel, pos_conv_groups, pos_conv_depth)
         else:
             self.pos_conv = PositionalConvEmbedding(dim, pos_conv_kernel, pos_conv_groups)
@@ -288,15 +364,38 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(
                 dim, ffn_dim, num_heads, dropout=dropout, attention_dropout=attention_dropout,
-                activation_dropout=activation_dropout, layer_norm_first=layer_norm_first,
+                activation_dropout=activation_dropout, layer_norm_first=layer_norm_first, gated=gated,
             )
             for _ in range(num_layers)
         )
         init_linear_bert_(self.layers)
+        self.relative_buckets = relative_buckets
+        self.relative_max_distance = relative_max_distance
+        if gated:
+            # The stack's one bias table (Hugging Face keeps it in layer 0): it is computed
+            # here, so a LayerDrop of the first layer still leaves the others their bias.
+            self.relative_embedding = nn.Embedding(relative_buckets, num_heads)
+
+    def position_bias(self, time: int, device: torch.device) -> Tensor | None:
+        """(1, H, T, T) the ungated relative position bias; None without one."""
+        table = getattr(self, "relative_embedding", None)
+        if table is None:
+            return None
+        buckets = relative_position_buckets(time, self.relative_buckets, self.relative_max_distance, device)
+        return table(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, T)
 
     def kept_layers(self, generator: torch.Generator | None) -> list[bool]:
         """Which layers run this step (:func:`kept_layers`)."""
         return kept_layers(len(self.layers), self.layerdrop, training=self.training, generator=generator)
+
+    def _bias_args(self, x: Tensor, keep: KeptFrames | None) -> tuple[Tensor, ...]:
+        """The gated relative position bias every layer takes, as extra layer arguments (none
+        without one). Its buckets are distances between consecutive frames, which the kept
+        frames of data2vec 2.0's student are not: that pairing is refused, not approximated."""
+        bias = self.position_bias(x.shape[1], x.device)
+        if bias is not None and keep is not None:
+            raise ValueError("relative_bias='gated' cannot run on kept frames (keep): its buckets assume every frame")
+        return () if bias is None else (bias,)
 
     def _inputs(
         self, x: Tensor, padding_mask: Tensor | None, keep: KeptFrames | None
@@ -309,7 +408,7 @@ class TransformerEncoder(nn.Module):
         """
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        x = x + self.pos_conv(x)
+        x = x + (sinusoid_positions(x.shape[1], x.shape[2], x) if self.pos_conv is None else self.pos_conv(x))
         if keep is not None:
             x = x.gather(1, keep.indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
             padding_mask = keep.padding
@@ -336,12 +435,13 @@ class TransformerEncoder(nn.Module):
         embedded over all T frames first)."""
         x, attn_mask = self._inputs(x, padding_mask, keep)
         recompute = self.checkpoint_activations and torch.is_grad_enabled()
+        extra = self._bias_args(x, keep)
         for layer, kept in zip(self.layers, self.kept_layers(layerdrop_generator), strict=True):
             if kept and recompute:
                 # Non-reentrant: the RNG is restored for the recomputation, so dropout matches.
-                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, *extra, use_reentrant=False)
             elif kept:
-                x = layer(x, attn_mask)
+                x = layer(x, attn_mask, *extra)
         if self.layer_norm_first:
             x = self.norm(x)
         return x
@@ -351,8 +451,9 @@ class TransformerEncoder(nn.Module):
         data2vec teacher averages. Every layer runs (LayerDrop is for training; a teacher
         is in eval mode). Each layer is called as a module, so ZeRO-3 gathers its weights."""
         x, attn_mask = self._inputs(x, padding_mask, None)
+        extra = self._bias_args(x, None)
         outputs = []
         for layer in self.layers:
-            x, ffn = layer(x, attn_mask, return_ffn=True)
+            x, ffn = layer(x, attn_mask, *extra, return_ffn=True)
             outputs.append(ffn)
         return outputs

@@ -13,7 +13,7 @@ waits on the accelerator.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,12 @@ from models.losses import contrastive_loss, diversity_loss, feature_penalty
 from models.masking import compute_channel_mask, compute_span_mask, frame_padding_mask, sample_negatives
 from models.quantizer import GumbelVectorQuantizer
 from models.transformer import TransformerEncoder
+
+if TYPE_CHECKING:
+    from models.causal_conv import CausalConvContext, Wav2VecFeatureEncoder
+    from models.feature_encoder import IdentityProjection
+    from models.gru import GRUContext
+    from models.vq import QuantizedProjection
 
 
 class MaskEmbedding(nn.Module):
@@ -47,15 +53,19 @@ class Wav2Vec2Encoder(nn.Module):
     """Front end + projection + mask embedding + context network (shared by every head).
 
     The front end (``feature_encoder``, named as in wav2vec 2.0) is the conv feature
-    encoder or log-mel filterbanks (``models.frontends``): ``forward(source, num_samples)``
-    and ``output_lengths``; the context network a Transformer or a Conformer.
+    encoder, wav2vec 1.0's (``models.causal_conv``) or log-mel filterbanks
+    (``models.frontends``): ``forward(source, num_samples)`` and ``output_lengths``. The
+    projection gives the context network its frames (``forward(features) -> (x, z)``,
+    ``out_dim``): LayerNorm + Linear, the frames as they are (wav2vec 1.0, APC) or their
+    quantization (vq-wav2vec). The context network (``forward(x, padding_mask)``, ``layers``,
+    ``out_dim``) is a Transformer, a Conformer, a causal conv stack or GRU layers.
     """
 
     def __init__(
         self,
-        feature_encoder: FeatureEncoder | LogMelFrontend,
-        feature_projection: FeatureProjection,
-        transformer: TransformerEncoder | ConformerEncoder,
+        feature_encoder: FeatureEncoder | LogMelFrontend | Wav2VecFeatureEncoder,
+        feature_projection: FeatureProjection | IdentityProjection | QuantizedProjection,
+        transformer: TransformerEncoder | ConformerEncoder | CausalConvContext | GRUContext,
         *,
         grad_mult: float,
     ):
@@ -63,13 +73,14 @@ class Wav2Vec2Encoder(nn.Module):
         self.feature_encoder = feature_encoder
         self.feature_projection = feature_projection
         self.transformer = transformer
-        self.mask_embedding = MaskEmbedding(feature_projection.linear.out_features)
+        self.mask_embedding = MaskEmbedding(feature_projection.out_dim)
         self.grad_mult = grad_mult
         self.feature_encoder_frozen = False
 
     @property
     def dim(self) -> int:
-        return self.feature_projection.linear.out_features
+        """Width of the hidden states (the context network's output)."""
+        return self.transformer.out_dim
 
     def freeze_feature_encoder(self) -> None:
         """No gradient into the convolutions (fine-tuning); they also run without autograd."""

@@ -34,6 +34,7 @@ from pipeline.config_sections import (
     DataConfig,
     DeepSpeedConfig,
     FinetuneConfig,
+    LabelConfig,
     OptimConfig,
     ProbeConfig,
     ScalingConfig,
@@ -44,9 +45,13 @@ from pipeline.config_sections import (
 
 __all__ = [
     "CONFIG_FILE", "PRESETS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
-    "FinetuneConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "ScalingConfig", "ScheduleConfig",
+    "FinetuneConfig", "LabelConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "ScalingConfig", "ScheduleConfig",
     "TrackingConfig", "TrainConfig", "apply_overrides", "base", "copy_config", "from_dict", "large", "large_lv60k",
-    "laptop", "best_rq", "best_rq_laptop", "data2vec", "data2vec2", "data2vec2_laptop", "data2vec_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
+    "laptop", "best_rq", "best_rq_laptop", "hubert", "hubert_laptop", "wavlm", "wavlm_laptop",
+    "wav2vec", "wav2vec_laptop", "vq_wav2vec", "vq_wav2vec_laptop",
+    "vq_wav2vec_kmeans", "vq_wav2vec_kmeans_laptop", "apc", "apc_laptop", "mockingjay", "mockingjay_laptop", "tera",
+    "data2vec", "data2vec2", "data2vec2_laptop", "data2vec_laptop",
+    "tera_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
 
@@ -67,6 +72,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def __post_init__(self) -> None:
         # Checks across sections; each section has already checked its own fields.
@@ -160,6 +166,191 @@ def best_rq_laptop() -> Config:
     return cfg
 
 
+def hubert() -> Config:
+    """HuBERT BASE as fairseq's ``hubert_base_librispeech`` (FAMILY.md section 1), per GPU of a
+    32-GPU run: Adam (0.9, 0.98), eps 1e-6, weight decay 0.01, lr 5e-4 with 32k warmup
+    updates and a linear decay, clipping at 10, crops of 250k samples (at least 32k), 1.4M
+    samples per batch; the first iteration's 250k updates on 100 MFCC clusters (the second:
+    ``jobs/configs/pretrain/hubert_it2.yaml``, 400k updates on 500 clusters of layer 6)."""
+    cfg = Config(preset="hubert", model=model_config.hubert())
+    cfg.optim.lr = 5e-4
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.schedule.warmup_steps = 32_000
+    cfg.train.max_steps = 250_000
+    cfg.data.max_samples_per_batch = 1_400_000
+    return cfg
+
+
+def hubert_laptop() -> Config:
+    """HuBERT at the laptop preset's size and data settings (``models.config.hubert_laptop``):
+    what learns on the demo corpus within minutes of CPU, 100 MFCC clusters first."""
+    cfg = laptop()
+    cfg.preset = "hubert_laptop"
+    cfg.model = model_config.hubert_laptop()
+    cfg.optim.clip_grad_norm = 10.0
+    cfg.label.sample_fraction = 0.5
+    cfg.label.max_sample_frames = 200_000
+    cfg.label.n_init = 5
+    return cfg
+
+
+def wavlm() -> Config:
+    """WavLM BASE: HuBERT BASE's recipe with the gated relative bias and utterance mixing
+    (``models.config.wavlm``); the values WavLM was trained with are not published in code
+    (FAMILY.md section 2), so the optimisation is HuBERT's."""
+    cfg = hubert()
+    cfg.preset = "wavlm"
+    cfg.model = model_config.wavlm()
+    return cfg
+
+
+def wavlm_laptop() -> Config:
+    """WavLM at the laptop size (``models.config.wavlm_laptop``), HuBERT laptop's recipe."""
+    cfg = hubert_laptop()
+    cfg.preset = "wavlm_laptop"
+    cfg.model = model_config.wavlm_laptop()
+    return cfg
+
+
+def wav2vec() -> Config:
+    """wav2vec (1.0) as fairseq's README command (FAMILY.md section 9), per GPU: Adam with
+    fairseq's defaults ((0.9, 0.999), eps 1e-8, no weight decay), 500 warm-up updates to
+    5e-3 then a cosine to 1e-6 over 400k updates, crops of 150k samples, 1.5M samples per batch."""
+    cfg = Config(preset="wav2vec", model=model_config.wav2vec())
+    _fairseq_adam(cfg, lr=5e-3, warmup=500)
+    cfg.data.max_sample_size = 150_000
+    cfg.data.max_samples_per_batch = 1_500_000
+    return cfg
+
+
+def vq_wav2vec() -> Config:
+    """vq-wav2vec (Gumbel) as fairseq's README command, per GPU of 16: wav2vec's optimiser with
+    1,000 warm-up updates to 1e-5, then a cosine to 1e-6; 300k samples per batch."""
+    cfg = Config(preset="vq_wav2vec", model=model_config.vq_wav2vec())
+    _fairseq_adam(cfg, lr=1e-5, warmup=1000)
+    cfg.data.max_sample_size = 150_000
+    cfg.data.max_samples_per_batch = 300_000
+    return cfg
+
+
+def vq_wav2vec_kmeans() -> Config:
+    """vq-wav2vec (k-means) as the README: the Gumbel run's settings with the k-means quantizer."""
+    cfg = vq_wav2vec()
+    cfg.preset = "vq_wav2vec_kmeans"
+    cfg.model = model_config.vq_wav2vec_kmeans()
+    return cfg
+
+
+def _fairseq_adam(cfg: Config, *, lr: float, warmup: int) -> None:
+    """fairseq's ``adam`` and ``cosine`` as wav2vec's README commands use them (warm-up from 0
+    instead of 1e-7)."""
+    cfg.optim.lr = lr
+    cfg.optim.betas = [0.9, 0.999]
+    cfg.optim.eps = 1e-8
+    cfg.optim.weight_decay = 0.0
+    cfg.schedule.kind = "cosine"
+    cfg.schedule.warmup_steps = warmup
+    cfg.schedule.end_lr = 1e-6
+    cfg.train.max_steps = 400_000
+
+
+def apc() -> Config:
+    """APC as s3prl's runner (FAMILY.md section 10): Adam (0.9, 0.999) at a constant 1e-4,
+    clipping at 5, 8 utterances of at most 15 s (1,500 frames) per batch, 4 batches per update;
+    100 epochs of LibriSpeech 960 h are about 880k such updates [derived]."""
+    cfg = Config(preset="apc", model=model_config.apc())
+    _s3prl_batches(cfg)
+    cfg.optim.lr = 1e-4
+    cfg.optim.betas = [0.9, 0.999]
+    cfg.optim.eps = 1e-8
+    cfg.optim.weight_decay = 0.0
+    cfg.schedule.kind = "tri_stage"  # warm-up 0, held for the whole run: a constant rate
+    cfg.schedule.warmup_steps = 0
+    cfg.schedule.hold_ratio = 1.0
+    cfg.schedule.decay_ratio = 0.0
+    cfg.train.max_steps = 880_000
+    return cfg
+
+
+def mockingjay() -> Config:
+    """Mockingjay as s3prl's runner (FAMILY.md section 10): AdamW (weight decay 0.01; s3prl
+    exempts biases and LayerNorms, wavray decays every parameter) to 2e-4 over 7% of 1M
+    updates, then linearly to 0; clipping at 5; 8 utterances of at most 15 s per batch, 4
+    batches per update."""
+    cfg = Config(preset="mockingjay", model=model_config.mockingjay())
+    _s3prl_batches(cfg)
+    cfg.optim.lr = 2e-4
+    cfg.optim.betas = [0.9, 0.999]
+    cfg.optim.weight_decay = 0.01
+    cfg.schedule.kind = "polynomial"
+    cfg.schedule.warmup_steps = 70_000
+    cfg.train.max_steps = 1_000_000
+    return cfg
+
+
+def tera() -> Config:
+    """TERA as s3prl's runner: Mockingjay's."""
+    cfg = mockingjay()
+    cfg.preset = "tera"
+    cfg.model = model_config.tera()
+    return cfg
+
+
+def _s3prl_batches(cfg: Config) -> None:
+    """s3prl's pretraining batches: 8 utterances of 2 to 15 s (200 to 1,500 frames) from
+    length buckets, 4 batches per update, gradients clipped at 5."""
+    cfg.data.max_sample_size = 240_000
+    cfg.data.min_sample_size = 32_000
+    cfg.data.max_samples_per_batch = 8 * 240_000
+    cfg.train.grad_accum = 4
+    cfg.optim.clip_grad_norm = 5.0
+
+
+def _laptop_objective(preset: str, model: ModelConfig) -> Config:
+    """``model`` with the laptop preset's data, optimiser and budget: the rows of the
+    objectives benchmark differ in the objective alone."""
+    cfg = laptop()
+    cfg.preset = preset
+    cfg.model = model
+    return cfg
+
+
+def wav2vec_laptop() -> Config:
+    """wav2vec at the laptop presets' size (``models.config.wav2vec_laptop``)."""
+    return _laptop_objective("wav2vec_laptop", model_config.wav2vec_laptop())
+
+
+def vq_wav2vec_laptop() -> Config:
+    """vq-wav2vec (Gumbel) at the laptop presets' size."""
+    return _laptop_objective("vq_wav2vec_laptop", model_config.vq_wav2vec_laptop())
+
+
+def vq_wav2vec_kmeans_laptop() -> Config:
+    """vq-wav2vec (k-means) at the laptop presets' size."""
+    return _laptop_objective("vq_wav2vec_kmeans_laptop", model_config.vq_wav2vec_kmeans_laptop())
+
+
+def apc_laptop() -> Config:
+    """APC at the laptop presets' size; clipping at 5 as its recipe."""
+    cfg = _laptop_objective("apc_laptop", model_config.apc_laptop())
+    cfg.optim.clip_grad_norm = 5.0
+    return cfg
+
+
+def mockingjay_laptop() -> Config:
+    """Mockingjay at the laptop presets' size; clipping at 5 as its recipe."""
+    cfg = _laptop_objective("mockingjay_laptop", model_config.mockingjay_laptop())
+    cfg.optim.clip_grad_norm = 5.0
+    return cfg
+
+
+def tera_laptop() -> Config:
+    """TERA at the laptop presets' size; clipping at 5 as its recipe."""
+    cfg = _laptop_objective("tera_laptop", model_config.tera_laptop())
+    cfg.optim.clip_grad_norm = 5.0
+    return cfg
+
+
 def data2vec() -> Config:
     """data2vec 1.0 BASE (``models.config.data2vec``), per GPU of fairseq's 16: Adam (0.9, 0.98),
     eps 1e-6, weight decay 0.01, lr 5e-4 on the tri-stage schedule (3% warm-up, 90% hold,
@@ -213,6 +404,11 @@ def data2vec2_laptop() -> Config:
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
+    "hubert": hubert, "hubert_laptop": hubert_laptop, "wavlm": wavlm, "wavlm_laptop": wavlm_laptop,
+    "wav2vec": wav2vec, "wav2vec_laptop": wav2vec_laptop, "vq_wav2vec": vq_wav2vec,
+    "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
+    "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
+    "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
     "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
     "data2vec2_laptop": data2vec2_laptop,
 }

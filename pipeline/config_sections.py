@@ -69,6 +69,11 @@ class DataConfig:
     else AWS itself. Credentials come only from the AWS variables: this config is logged."""
     s3_region: str = ""
     """Region for s3:// URIs; empty: ``AWS_DEFAULT_REGION``, else ``us-east-1``."""
+    s3_retry_seconds: float = 300.0
+    """How long a running job keeps retrying (with backoff) an object store it cannot
+    reach (reads, shard writes, checkpoint uploads, Ray Train's own bookkeeping) before it
+    stops with an error naming the endpoint; the same command then resumes. A job still
+    fails fast on a store that is unreachable when it starts."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -113,6 +118,8 @@ class DataConfig:
                 f"data.prepare_max_seconds ({self.prepare_max_seconds}) must be > "
                 f"data.prepare_min_seconds ({self.prepare_min_seconds})"
             )
+        if self.s3_retry_seconds < 0:
+            raise ValueError(f"data.s3_retry_seconds: expected >= 0, got {self.s3_retry_seconds}")
         if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(
                 f"data.s3_endpoint: expected a URL starting with http:// or https://, got {self.s3_endpoint!r}"
@@ -148,10 +155,11 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule over optimizer updates."""
 
-    kind: Literal["polynomial", "tri_stage", "noam"] = "polynomial"
+    kind: Literal["polynomial", "tri_stage", "noam", "cosine"] = "polynomial"
     """``polynomial``: linear warm-up then polynomial decay (wav2vec 2.0 pretraining);
     ``tri_stage``: warm-up, hold, exponential decay (fine-tuning); ``noam``: linear
-    warm-up then decay with the inverse square root of the update (BEST-RQ, Conformers)."""
+    warm-up then decay with the inverse square root of the update (BEST-RQ, Conformers);
+    ``cosine``: linear warm-up then half a cosine down to ``end_lr`` (wav2vec 1.0)."""
     warmup_steps: int = 32_000
     power: float = 1.0
     """Exponent of the polynomial decay (1 = linear)."""
@@ -164,8 +172,10 @@ class ScheduleConfig:
     """tri_stage: lr at the end, as a fraction of the peak."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("polynomial", "tri_stage", "noam"):
-            raise ValueError(f"schedule.kind: expected 'polynomial', 'tri_stage' or 'noam', got {self.kind!r}")
+        if self.kind not in ("polynomial", "tri_stage", "noam", "cosine"):
+            raise ValueError(
+                f"schedule.kind: expected 'polynomial', 'tri_stage', 'noam' or 'cosine', got {self.kind!r}"
+            )
         if self.kind == "noam" and self.warmup_steps < 1:
             raise ValueError("schedule.warmup_steps: the noam schedule peaks at the end of its warm-up; expected >= 1, got 0")
         if self.warmup_steps < 0:
@@ -190,7 +200,7 @@ class ScheduleConfig:
 
     def check_peak(self, peak_lr: float) -> None:
         """Checks that need the peak learning rate (``optim.lr``), another section."""
-        if self.kind == "polynomial" and self.end_lr > peak_lr:
+        if self.kind in ("polynomial", "cosine") and self.end_lr > peak_lr:
             raise ValueError(f"schedule.end_lr ({self.end_lr}) must be <= optim.lr ({peak_lr})")
 
 
@@ -293,12 +303,34 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Keep below the node's CPUs so Ray Data keeps CPUs for decoding (STACK.md)."""
+    worker_resources: list[str] = field(default_factory=list)
+    """Custom Ray resources each worker asks for besides CPUs (and the GPU of ``use_gpu``),
+    as ``name=amount``: workers then run only on nodes that advertise them (a node type's
+    own resource, or a multi-node test cluster's stand-in for GPUs)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"scaling.num_workers: expected >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"scaling.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+        self.resources()
+
+    def resources(self) -> dict[str, float]:
+        """``worker_resources`` as a mapping; ValueError naming a bad entry."""
+        out = {}
+        for item in self.worker_resources:
+            name, _, amount = str(item).partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name.strip() or value <= 0 or name.strip() in ("CPU", "GPU", "memory"):
+                raise ValueError(
+                    f"scaling.worker_resources: expected entries like 'trainer=1' (a custom resource and a "
+                    f"positive amount; CPU and GPU have their own settings), got {item!r}"
+                )
+            out[name.strip()] = value
+        return out
 
 
 @dataclass(kw_only=True)
@@ -313,6 +345,9 @@ class CheckpointConfig:
     keep_last: int = 3
     max_failures: int = 3
     """Worker failures tolerated; each restarts from the newest checkpoint."""
+    local_dir: str = ""
+    """Where each worker writes its part of a checkpoint before uploading it (a large local
+    disk on the training nodes); empty: the system's temporary directory."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1:
@@ -416,3 +451,72 @@ class FinetuneConfig:
             raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"finetune.freeze_encoder_steps: expected >= 0, got {self.freeze_encoder_steps}")
+
+
+@dataclass(kw_only=True)
+class LabelConfig:
+    """The labelling job (``jobs.label``, ``pipeline.label``): HuBERT's k-means targets for every
+    utterance of ``data.train_uri``, written next to its shards (``<data.train_uri>/labels/<name>``).
+    The number of clusters is the model's (``model.hubert.clusters``); a pretraining run of
+    objective ``hubert`` reads the label set these settings name and refuses one they did not make."""
+
+    name: str = ""
+    """The label set's folder under ``<data.train_uri>/labels/``; empty: named by the settings
+    (``mfcc-k100``, ``layer6-k500``)."""
+    features: Literal["mfcc", "model"] = "mfcc"
+    """``mfcc``: 13 MFCCs + deltas + delta-deltas at 100 Hz (Kaldi's recipe; HuBERT's first
+    iteration); ``model``: hidden state ``layer`` of the model at ``teacher`` (later iterations)."""
+    teacher: str = ""
+    """``features=model``: the model whose layer is clustered (any location ``train.init_from``
+    takes: a run folder stands for its newest checkpoint, pinned when the job starts)."""
+    layer: int = 6
+    """``features=model``: the hidden state clustered (0: the Transformer's input, i: the output
+    of layer i; HuBERT BASE's second iteration clusters layer 6)."""
+    sample_fraction: float = 0.1
+    """Share of the train split's utterances whose frames fit k-means (HuBERT: 10%)."""
+    max_sample_frames: int = 1_000_000
+    """At most this many frames of that sample (evenly thinned): bounds the fit's memory."""
+    batch_size: int = 10_000
+    """Frames per mini-batch of scikit-learn's ``MiniBatchKMeans`` (fairseq's recipe)."""
+    n_init: int = 20
+    """k-means++ initialisations tried (the best is kept)."""
+    max_iter: int = 100
+    """Passes over the sample at most."""
+    max_no_improvement: int = 100
+    """Mini-batches without improvement before the fit stops early."""
+    seed: int = 0
+    """Seeds the sample and the k-means fit: the same settings give the same labels."""
+    max_chunk_seconds: float = 100.0
+    """``features=model``: longer utterances run through the teacher in pieces of this length
+    (fairseq's 1.6M samples), each seeing a little of the next so no frame is lost."""
+    workers: int = 0
+    """Labelling workers (each holds the teacher once); 0: one per free GPU when the cluster
+    has some and the features come from a model, else one per two CPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs of each labelling worker (torch threads included)."""
+
+    def __post_init__(self) -> None:
+        if self.features not in ("mfcc", "model"):
+            raise ValueError(f"label.features: expected 'mfcc' or 'model', got {self.features!r}")
+        if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ValueError(f"label.name: expected letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.layer < 0:
+            raise ValueError(f"label.layer: expected >= 0, got {self.layer}")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"label.sample_fraction: expected in (0, 1], got {self.sample_fraction}")
+        for name in ("max_sample_frames", "batch_size", "n_init", "max_iter", "max_no_improvement"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"label.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_chunk_seconds <= 0:
+            raise ValueError(f"label.max_chunk_seconds: expected > 0, got {self.max_chunk_seconds}")
+        if self.workers < 0:
+            raise ValueError(f"label.workers: expected >= 0, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"label.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+
+    def set_name(self, clusters: int) -> str:
+        """The label set's folder name: ``name``, else one the settings give."""
+        if self.name:
+            return self.name
+        source = "mfcc" if self.features == "mfcc" else f"layer{self.layer}"
+        return f"{source}-k{clusters}"

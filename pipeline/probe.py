@@ -198,11 +198,18 @@ def _encoder_of(model: nn.Module) -> nn.Module:
     return model
 
 
+def _input_is_a_state(enc: Wav2Vec2Encoder) -> bool:
+    """Whether the context network's input is one of its hidden states: not where the context
+    network widens it (APC's GRU reads 80 log-mel channels and keeps 512): every state has
+    the width of the last."""
+    return enc.feature_projection.out_dim == enc.dim
+
+
 def num_hidden_states(model: nn.Module) -> int:
     """How many hidden states :func:`hidden_states` returns for ``model``."""
     enc = _encoder_of(model)
     if isinstance(enc, Wav2Vec2Encoder):
-        return len(enc.transformer.layers) + 1
+        return len(enc.transformer.layers) + int(_input_is_a_state(enc))
     return 1
 
 
@@ -213,7 +220,10 @@ def hidden_states(model: nn.Module, source: Tensor, padding_mask: Tensor | None)
     A wav2vec 2.0 model (``Wav2Vec2Encoder`` or a model holding one as ``.encoder``) gives
     the Transformer's input (after the positional convolution, and its LayerNorm in
     post-LN models) and every layer's output; in pre-LN models the last one is taken after
-    the final LayerNorm, as Hugging Face does. No masking (the model is in eval mode).
+    the final LayerNorm, as Hugging Face does. Any context network of that encoder (causal
+    conv, GRU) gives its input and every layer's output the same way; a context network
+    that widens its input has no state 0 (APC's GRU: its layers' outputs, as s3prl's
+    upstream gives them). No masking (the model is in eval mode).
     Any other module is treated as a frontend: ``forward(source) -> (B, T, C)`` plus
     ``output_lengths(num_samples)`` (the conv feature encoder, :class:`LogMelFrontend`).
     """
@@ -246,6 +256,8 @@ def hidden_states(model: nn.Module, source: Tensor, padding_mask: Tensor | None)
             h.remove()
     if enc.transformer.layer_norm_first:
         captured[-1] = last
+    if not _input_is_a_state(enc):
+        captured = captured[1:]
     return captured, lengths
 
 

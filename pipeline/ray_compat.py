@@ -14,6 +14,9 @@ not a run. Each function names the behaviour it depends on:
 - :func:`latest_checkpoint_dir`: the checkpoint Ray Train resumes a run from, read with
   ``ray.train.Result.from_path`` (public, alpha) from the bookkeeping file Ray Train keeps
   in the run folder.
+- :class:`ObjectStoreMeter`: bytes in the object stores of the whole cluster, from the
+  raylet's ``FormatGlobalMemoryInfo`` reply (``ray._private.internal_api``, what
+  ``ray memory --stats-only`` prints); no public API reports it.
 - :func:`quiet_env` / :func:`quiet_driver_logs`: Ray Data logs every dataset's execution
   plan and progress at INFO; ``RAY_DATA_LOG_LEVEL`` is the level it reads for its logger.
 - :func:`quiet_worker_logs` / :func:`train_logging_config`: Ray Train logs every
@@ -191,6 +194,22 @@ def latest_checkpoint_dir(run_path: str, fs: pafs.FileSystem) -> str | None:
     return Path(result.checkpoint.path).name
 
 
+class ObjectStoreMeter:
+    """Bytes held in the object stores of the connected cluster, for benchmarks."""
+
+    def __init__(self, address: str | None = None) -> None:
+        import ray
+        from ray._private import internal_api
+
+        self._api = internal_api
+        self._state = internal_api.get_state_from_address(address or ray.get_runtime_context().gcs_address)
+
+    def bytes_used(self) -> int:
+        """Object-store bytes in use over all nodes now (primary copies and secondary)."""
+        reply = self._api.get_memory_info_reply(self._state, timeout_seconds=10.0)
+        return int(reply.store_stats.object_store_bytes_used)
+
+
 DATA_LOG_LEVEL_VAR = "RAY_DATA_LOG_LEVEL"
 """Read by Ray Data when it configures its ``ray.data`` logger in each process."""
 
@@ -202,7 +221,10 @@ def quiet_env(verbose: bool) -> dict[str, str]:
 
 
 def quiet_driver_logs(verbose: bool) -> None:
-    """The same for the job's own process, whose Ray Data logger is already configured."""
+    """The same for the job's own process. Importing ``ray.data`` configures its logger (level
+    DEBUG) and would undo a level set before, so it is imported first."""
+    import ray.data  # noqa: F401
+
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 

@@ -249,7 +249,9 @@ MODEL_ARTIFACT = "model"
 
 def final_model_artifact(cfg: Config) -> str:
     """The artifact a pretraining run logs its final model as (and registers)."""
-    if cfg.model.objective == "wav2vec2" and cfg.model.frontend.kind == "conv":
+    from models.hf import hf_unsupported
+
+    if cfg.model.objective == "wav2vec2" and not hf_unsupported(cfg.model):
         return HF_MODEL_ARTIFACT
     return MODEL_ARTIFACT
 

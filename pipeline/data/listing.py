@@ -14,20 +14,30 @@
 - :func:`assign_ids` gives ids that are unique by construction.
 
 Local directories are walked with ``os.scandir`` on bytes, since a name that is not
-UTF-8 (an old Latin-1 archive) must be reported, not end the walk; s3:// prefixes
-through pyarrow (S3 keys are UTF-8).
+UTF-8 (an old Latin-1 archive) must be reported, not end the walk. s3:// prefixes are
+listed a page of 1,000 keys at a time (``ListObjectsV2``, in key order); given a
+``resume_uri``, every ten pages are saved there as they come, so a listing of millions of
+keys cut short (the job killed, the store gone for longer than ``data.s3_retry_seconds``)
+continues after its last saved key instead of from the start.
+
+The listing is held as one Arrow table (:data:`LISTING_SCHEMA`, about 100 bytes a file
+for typical paths) rather than an object per file: 10^7 files fit in a driver's memory.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import posixpath
 import stat
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipeline.data import schema as S
@@ -44,6 +54,22 @@ from pipeline.data.verdicts import (
 # Longest first, so that ".aifc" is not taken for ".aif" + "c" by a shorter suffix match.
 _EXTENSIONS = sorted(S.AUDIO_EXTENSIONS, key=len, reverse=True)
 _EXTENSIONS_B = [e.encode() for e in _EXTENSIONS]
+# The same rule for Arrow's regular expressions: anchored at the end, so the alternation
+# can only match a whole suffix.
+_EXTENSION_RE = r"\.(?:" + "|".join(e[1:] for e in _EXTENSIONS) + ")$"
+
+LISTING_SCHEMA = pa.schema([
+    pa.field("rel", pa.string(), nullable=False),
+    pa.field("size", pa.int64(), nullable=False),
+    pa.field("mtime_ns", pa.int64(), nullable=False),
+    pa.field(S.REASON, pa.string()),
+    pa.field(S.DETAIL, pa.string()),
+])
+"""One row per path with an audio extension; ``reason``/``detail`` set when the listing
+alone says it will not be read."""
+KEYS_PER_SAVED_PAGE = 10_000
+"""Keys listed between two saves of a resumable s3:// listing."""
+LISTING_DONE = "done.json"
 
 
 @dataclass(frozen=True)
@@ -61,8 +87,8 @@ class Entry:
 
 @dataclass
 class Listing:
-    entries: list[Entry]
-    """Every path with an audio extension, sorted by ``rel``."""
+    table: pa.Table
+    """Every path with an audio extension, sorted by ``rel`` (:data:`LISTING_SCHEMA`)."""
     not_audio: dict[str, int] = field(default_factory=dict)
     """Other files by extension (lower case; ``""`` for none)."""
     repeated_dirs: list[str] = field(default_factory=list)
@@ -71,6 +97,32 @@ class Listing:
     unreadable_dirs: list[str] = field(default_factory=list)
     """``"<rel>: <why>"`` for directories that could not be listed."""
 
+    @property
+    def entries(self) -> list[Entry]:
+        """The rows as :class:`Entry` objects (for small listings and tests)."""
+        return [
+            Entry(rel=r["rel"], size=r["size"], mtime_ns=r["mtime_ns"],
+                  problem=Rejected(r[S.REASON], r[S.DETAIL]) if r[S.REASON] else None)
+            for r in self.table.to_pylist()
+        ]
+
+    @property
+    def readable(self) -> pa.Table:
+        """The rows the listing found no problem with."""
+        return self.table.filter(pc.is_null(self.table.column(S.REASON)))
+
+    @property
+    def rejected(self) -> pa.Table:
+        return self.table.filter(pc.is_valid(self.table.column(S.REASON)))
+
+
+def _table(entries: list[Entry]) -> pa.Table:
+    return pa.table({
+        "rel": [e.rel for e in entries], "size": [e.size for e in entries], "mtime_ns": [e.mtime_ns for e in entries],
+        S.REASON: [e.problem.reason if e.problem else None for e in entries],
+        S.DETAIL: [e.problem.detail if e.problem else None for e in entries],
+    }, schema=LISTING_SCHEMA)
+
 
 def audio_extension(name: str) -> str | None:
     """The audio extension ``name`` ends with (lower case), or None."""
@@ -78,22 +130,28 @@ def audio_extension(name: str) -> str | None:
     return next((e for e in _EXTENSIONS if lower.endswith(e)), None)
 
 
-def strip_audio_extension(rel: str) -> str:
-    ext = audio_extension(rel)
-    return rel[: len(rel) - len(ext)] if ext else rel
-
-
-def list_input(input_uri: str, store: storage.Storage | None = None) -> Listing:
+def list_input(
+    input_uri: str, store: storage.Storage | None = None, *, resume_uri: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Listing:
     """Everything under ``input_uri`` (a directory or s3:// prefix); raises ValueError when it
-    is missing or a file."""
+    is missing or a file.
+
+    ``resume_uri``: where an s3:// listing saves its pages as it goes and finds those of an
+    earlier call that was cut short (see the module's docstring); local walks take seconds
+    and are not saved.
+    """
     fs, root = storage.resolve(input_uri, store)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ValueError(f"--input: {input_uri!r} does not exist")
     if info.type != pafs.FileType.Directory:
         raise ValueError(f"--input: {input_uri!r} is a file; expected a directory or prefix of audio files")
-    listing = _walk_s3(fs, root) if storage.is_s3(input_uri) else _walk_local(root)
-    listing.entries.sort(key=lambda e: e.rel)
+    if storage.is_s3(input_uri):
+        listing = _list_s3(input_uri, store, resume_uri, progress or (lambda _: None))
+    else:
+        listing = _walk_local(root)
+    listing.table = listing.table.take(pc.sort_indices(listing.table, [("rel", "ascending")]))
     listing.not_audio = dict(sorted(listing.not_audio.items()))
     return listing
 
@@ -103,20 +161,74 @@ def _other_extension(name: str) -> str:
     return ext if ext != name.lower() else ""
 
 
-def _walk_s3(fs: pafs.FileSystem, root: str) -> Listing:
-    out = Listing(entries=[])
+def _list_s3(input_uri: str, store: storage.Storage | None, resume_uri: str | None,
+             progress: Callable[[str], None]) -> Listing:
+    """The keys under an s3:// prefix, page by page, saved to and resumed from ``resume_uri``."""
+    saved: list[str] = []
+    after = ""
     not_audio: Counter[str] = Counter()
-    for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if f.type != pafs.FileType.File:
-            continue
-        rel = storage.relative(root, f.path)
-        name = posixpath.basename(rel)
-        if audio_extension(name) is None:
-            not_audio[_other_extension(name)] += 1
-            continue
-        out.entries.append(Entry(rel=rel, size=int(f.size or 0), mtime_ns=int(f.mtime_ns or 0)))
-    out.not_audio = dict(not_audio)
-    return out
+    if resume_uri:
+        if storage.exists(storage.join(resume_uri, LISTING_DONE), store):
+            done = storage.read_json(storage.join(resume_uri, LISTING_DONE), store)
+            progress(f"prepare: listing of {input_uri} taken from the interrupted run ({done['keys']} keys)")
+            tables = [storage.read_table(storage.join(resume_uri, name), None, store) for name in done["pages"]]
+            return Listing(table=_concat(tables), not_audio=dict(done["not_audio"]))
+        saved = sorted(i.base_name for i in storage.list_dir(resume_uri, store) if i.base_name.startswith("page-"))
+    tables = []
+    for name in saved:
+        table = storage.read_table(storage.join(resume_uri or "", name), None, store)
+        meta = json.loads(table.schema.metadata[b"wavray"])
+        after = meta["last_key"]
+        not_audio.update(meta["not_audio"])
+        tables.append(table.replace_schema_metadata(None))
+    if saved:
+        progress(f"prepare: listing {input_uri} resumes after {after!r} ({sum(t.num_rows for t in tables)} "
+                 "audio keys listed before)")
+    keys = sum(not_audio.values()) + sum(t.num_rows for t in tables)
+    rows: list[tuple[str, int, int]] = []
+    page_not_audio: Counter[str] = Counter()
+
+    def save(last_key: str) -> None:
+        table = pa.table({"rel": [r[0] for r in rows], "size": [r[1] for r in rows],
+                          "mtime_ns": [r[2] for r in rows], S.REASON: pa.nulls(len(rows), pa.string()),
+                          S.DETAIL: pa.nulls(len(rows), pa.string())}, schema=LISTING_SCHEMA)
+        if resume_uri:
+            name = f"page-{len(saved):07d}.parquet"
+            meta = {"last_key": last_key, "not_audio": dict(page_not_audio)}
+            storage.write_table(storage.join(resume_uri, name),
+                                table.replace_schema_metadata({"wavray": json.dumps(meta)}), store)
+            saved.append(name)
+        tables.append(table)
+        not_audio.update(page_not_audio)
+        rows.clear()
+        page_not_audio.clear()
+
+    last = after
+    pending = 0
+    for page in storage.list_keys(input_uri, store, start_after=after):
+        for rel, size, mtime_ns in page:
+            name = posixpath.basename(rel)
+            if audio_extension(name) is None:
+                page_not_audio[_other_extension(name)] += 1
+            else:
+                rows.append((rel, size, mtime_ns))
+            last = rel
+        keys += len(page)
+        pending += len(page)
+        if pending >= KEYS_PER_SAVED_PAGE:
+            save(last)
+            pending = 0
+            progress(f"prepare: listed {keys} keys under {input_uri}")
+    if rows or page_not_audio or not tables:
+        save(last)
+    if resume_uri:
+        storage.write_json(storage.join(resume_uri, LISTING_DONE),
+                           {"keys": keys, "pages": saved, "not_audio": dict(not_audio)}, store)
+    return Listing(table=_concat(tables), not_audio=dict(not_audio))
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables).combine_chunks() if tables else LISTING_SCHEMA.empty_table()
 
 
 @dataclass
@@ -130,7 +242,7 @@ class _Found:
 
 
 def _walk_local(root: str) -> Listing:
-    out = Listing(entries=[])
+    out = Listing(table=LISTING_SCHEMA.empty_table())
     not_audio: Counter[str] = Counter()
     found: list[_Found] = []
     top = os.stat(root)
@@ -169,7 +281,7 @@ def _walk_local(root: str) -> Listing:
                 continue
             found.append(_describe(child, child_rel))
         linked.sort(key=lambda d: d[1])
-    out.entries = _one_path_per_file(found)
+    out.table = _table(_one_path_per_file(found))
     out.not_audio = dict(not_audio)
     return out
 
@@ -244,7 +356,19 @@ def _one_path_per_file(found: list[_Found]) -> list[Entry]:
     return entries
 
 
+def extensions(rels: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The audio extension of each path, lower case ("" for none): :func:`audio_extension`
+    over a column."""
+    found = pc.extract_regex(pc.utf8_lower(rels), "(?P<ext>" + _EXTENSION_RE + ")")
+    return pc.fill_null(pc.struct_field(found, [0]), "")
+
+
 def assign_ids(rels: list[str]) -> list[str]:
+    """:func:`assign_id_column` for a list of paths."""
+    return assign_id_column(pa.array(rels, pa.string())).to_pylist()
+
+
+def assign_id_column(rels: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Utterance ids, unique by construction: the relative path without its audio extension,
     in Unicode NFC (macOS writes names in NFD; a corpus keeps its ids wherever it is copied).
 
@@ -253,20 +377,40 @@ def assign_ids(rels: list[str]) -> list[str]:
     beside ``a/y.wav``), or no stem (a file named ``.wav``). Two paths that are one name
     once normalised are an error naming both, raised before anything is converted.
     """
-    norm = [unicodedata.normalize("NFC", r) for r in rels]
-    by_norm: dict[str, str] = {}
-    for rel, n in zip(rels, norm, strict=True):
-        if n in by_norm:
-            raise ValueError(f"--input: {by_norm[n]!r} and {rel!r} are the same name written in two Unicode "
-                             "forms (NFC and NFD), so they would get one id; rename one of them")
-        by_norm[n] = rel
-    stems = [strip_audio_extension(n) for n in norm]
-    counts = Counter(stems)
-    ids = [s if s and not s.endswith("/") and counts[s] == 1 and s not in by_norm else n
-           for n, s in zip(norm, stems, strict=True)]
-    owner: dict[str, str] = {}
-    for rel, utt in zip(rels, ids, strict=True):
-        if utt in owner:  # cannot happen by the rule above; a transcript landing on the wrong file would be worse
-            raise ValueError(f"--input: {owner[utt]!r} and {rel!r} would get the same id {utt!r}")
-        owner[utt] = rel
+    norm = _nfc(rels)
+    twice = _repeated(norm)
+    if len(twice):
+        first = pc.indices_nonzero(pc.equal(norm, twice[0])).to_pylist()
+        a, b = (rels[i].as_py() for i in first[:2])
+        raise ValueError(f"--input: {a!r} and {b!r} are the same name written in two Unicode "
+                         "forms (NFC and NFD), so they would get one id; rename one of them")
+    stems = pc.replace_substring_regex(norm, pattern="(?i)" + _EXTENSION_RE, replacement="")
+    shared = pc.is_in(stems, value_set=_repeated(stems))
+    short = pc.and_(pc.and_(pc.not_equal(stems, ""), pc.invert(pc.ends_with(stems, "/"))),
+                    pc.invert(pc.or_(shared, pc.is_in(stems, value_set=norm))))
+    ids = pc.if_else(short, stems, norm)
+    if len(_repeated(ids)):  # cannot happen by the rule above; a transcript landing on the wrong file would be worse
+        raise ValueError(f"--input: two files would get the same id {_repeated(ids)[0].as_py()!r}")
     return ids
+
+
+def _nfc(values: pa.Array | pa.ChunkedArray, rows: int = 1 << 16) -> pa.Array:
+    """Unicode NFC of each string, a chunk at a time (Arrow's ``utf8_normalize`` leaves some
+    decomposed names as they are, so Python's is used; ASCII names are already NFC)."""
+    out = []
+    for start in range(0, len(values), rows):
+        chunk = values.slice(start, rows)
+        if isinstance(chunk, pa.ChunkedArray):
+            chunk = chunk.combine_chunks()
+        if pc.all(pc.string_is_ascii(chunk)).as_py() is not False:
+            out.append(chunk)
+            continue
+        out.append(pa.array([v if v.isascii() else unicodedata.normalize("NFC", v) for v in chunk.to_pylist()],
+                            pa.string()))
+    return pa.chunked_array(out, pa.string()).combine_chunks()
+
+
+def _repeated(values: pa.Array) -> pa.Array:
+    """The values that occur more than once."""
+    counts = pc.value_counts(values)
+    return counts.field(0).filter(pc.greater(counts.field(1), 1))

@@ -27,6 +27,10 @@ Stages, each with the rows it produces:
    ``source (B, S) float32``, ``padding_mask (B, S) bool``, ``num_samples (B,) int64``,
    plus ``ids`` and the position keys that :class:`DataPosition` records.
 
+With a label set (HuBERT, ``labels=``), stage 3 also reads each shard's labels, starts
+every crop on a label frame, and adds ``target_ids`` (B, T) at the model's frame rate
+(:mod:`pipeline.data.labels` says how they stay aligned with the crops).
+
 Batching happens before the split (not in each worker) so that every batch is built
 from one shard's length buckets under the sample budget, and so that a batch is the
 unit the data position counts. Ray Data's own iterators cannot resume mid-epoch
@@ -40,16 +44,18 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.data import labels as L
 from pipeline.data import schema as S
 from pipeline.data import storage
 from pipeline.data.audio import decode_segment
@@ -124,11 +130,12 @@ class DatasetInfo:
         return storage.join(self.root, shard.path)
 
 
-def read_dataset_info(uri: str, store: storage.Storage | None = None) -> DatasetInfo:
-    """Read and check ``<uri>/summary.json``; errors name the file and what is missing."""
+def read_dataset_info(uri: str, store: storage.Storage | None = None, *, wait: bool = False) -> DatasetInfo:
+    """Read and check ``<uri>/summary.json``; errors name the file and what is missing.
+    ``wait``: a store that cannot be reached is waited for (see :func:`storage.check_reachable`)."""
     if not uri:
         raise ValueError("data.train_uri: expected the root of a prepared dataset (jobs.prepare --output), got ''")
-    storage.check_reachable(uri, store)
+    storage.check_reachable(uri, store, wait=wait)
     path = storage.join(uri, S.SUMMARY_FILE)
     if not storage.exists(path, store):
         raise ValueError(f"data.train_uri: {path!r} does not exist; run `python -m jobs.prepare --output {uri}` first")
@@ -162,6 +169,8 @@ class _Settings:
     shuffle_seed: int
     seed: int
     num_splits: int
+    labels: L.LabelSpec | None = None
+    """HuBERT's labels joined with every batch; None: audio only."""
     language_ratios: tuple[tuple[str, float], ...] = ()
     """Copies per utterance of each language ("" for none), empty when not balancing."""
 
@@ -194,6 +203,24 @@ def unit_rows(row_ratios: np.ndarray | None, shuffle_seed: int, epoch: int, shar
     return resample_rows(row_ratios, resample_rng(shuffle_seed, epoch, shard))
 
 
+def row_ratios(languages: pa.Array | pa.ChunkedArray, ratios: dict[str, float]) -> np.ndarray:
+    """Each row's language's copies per utterance, shape (N,) (null is "", a language the
+    ratios do not name 0). Arrow's lookup, not a Python object per row: the driver runs it
+    over every shard of the corpus, and the read task must get exactly the same values."""
+    if not ratios:
+        return np.zeros(len(languages), dtype=np.float64)
+    index = pc.index_in(pc.fill_null(languages, ""), value_set=pa.array(list(ratios), pa.string()))
+    codes = np.asarray(pc.fill_null(index, len(ratios)).to_numpy(zero_copy_only=False), dtype=np.int64)  # (N,)
+    return np.append(np.array(list(ratios.values()), dtype=np.float64), 0.0)[codes]
+
+
+class EpochCounts(NamedTuple):
+    """Each shard's batches in one epoch (extra splits included) and its extra splits."""
+
+    batches: list[int]
+    extra: list[int]
+
+
 Unit = tuple[int, int, frozenset[int], int]
 """(epoch, shard, consumed batch indices, extra splits)."""
 _NOTHING_SEEN: frozenset[int] = frozenset()
@@ -201,14 +228,21 @@ _NOTHING_SEEN: frozenset[int] = frozenset()
 
 def plan_units(
     num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
-    extra_splits: Mapping[int, list[int]],
+    counts: Callable[[int], EpochCounts], max_batches: int | None = None,
 ) -> list[list[Unit]]:
-    """Read tasks as lists of units, finished units left out. ``extra_splits``: by epoch,
-    each shard's extra splits (the same every epoch unless languages are resampled)."""
+    """Read tasks as lists of units, finished units left out.
+
+    ``counts``: an epoch's :class:`EpochCounts` (the same every epoch unless languages are
+    resampled), asked for each epoch planned, in order. ``max_batches``: stop once the
+    units planned hold that many batches: a run that needs 12 epochs of a corpus plans
+    12, not ``data.max_epochs``, so its start (and every restart) costs read tasks, and
+    counting, in proportion to what it will read.
+    """
     tasks: list[list[Unit]] = []
+    planned = 0
     for epoch in range(position.epochs_done, max_epochs):
         order = shard_order(num_shards, shuffle_seed, epoch).tolist()
-        extra = extra_splits[epoch]
+        batches, extra = counts(epoch)
         if position.touches(epoch):
             pending = [
                 (epoch, s, position.seen_batches(epoch, s), extra[s])
@@ -216,53 +250,212 @@ def plan_units(
             ]
         else:
             pending = [(epoch, s, _NOTHING_SEEN, extra[s]) for s in order]
+        if max_batches is not None:
+            for i, unit in enumerate(pending):
+                planned += batches[unit[1]] - len(unit[2])
+                if planned >= max_batches:
+                    pending = pending[:i + 1]
+                    break
         tasks.extend(pending[i:i + per_task] for i in range(0, len(pending), per_task))
+        if max_batches is not None and planned >= max_batches:
+            break
     return tasks
 
 
 def shard_metadata(
-    info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Utterance lengths and languages ("" where none; all "" for a dataset prepared before
-    the column existed) of each shard in row order, from the manifest (no audio read)."""
+    info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None, *, languages: bool = False,
+) -> Iterator[tuple[np.ndarray, pa.Array | None]]:
+    """Utterance lengths of each of ``shards`` in row order, and with ``languages`` their
+    languages (Arrow strings, null where none; None without ``languages``), from the
+    manifest (no audio read).
+
+    The manifest (sorted by split, shard, row) is streamed a record batch at a time and one
+    shard's rows are held at once, so planning a corpus of 10^7 files needs the memory of
+    one shard, not of the corpus.
+    """
     uri = storage.join(info.root, S.MANIFEST_FILE)
-    fs, path = storage.resolve(uri, store)
-    has_language = S.LANGUAGE in pq.read_schema(path, filesystem=fs).names
-    table = storage.read_table(uri, [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * has_language, store)
-    table = table.sort_by([(S.SHARD, "ascending"), (S.ROW, "ascending")])
-    encoded = table.column(S.SHARD).combine_chunks().dictionary_encode()
-    codes = encoded.indices.to_numpy()
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
-    spans = {encoded.dictionary[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)
-             if b > a}
-    rows = table.column(S.ROW).to_numpy()
-    lengths = table.column(S.NUM_SAMPLES).to_numpy()
-    languages = (np.asarray(table.column(S.LANGUAGE).fill_null("").to_pylist(), dtype=object) if has_language
-                 else np.full(len(rows), "", dtype=object))
-    out, out_languages = [], []
-    for s in shards:
-        a, b = spans.get(s.path, (0, 0))
-        if b - a != s.num_rows or not np.array_equal(rows[a:b], np.arange(s.num_rows)):
+    wanted = {s.path: s for s in shards}
+    found: dict[str, tuple[np.ndarray, pa.Array | None]] = {}
+    seen: set[str] = set()
+    next_index = 0
+    for path, rows, lengths, langs in _manifest_runs(uri, store, languages=languages):
+        shard = wanted.get(path)
+        if shard is None:
+            continue
+        if path in seen:
+            raise ValueError(f"{uri}: the rows of shard {path} are not together; run jobs.prepare again")
+        if len(rows) != shard.num_rows or not np.array_equal(rows, np.arange(shard.num_rows)):
             raise ValueError(
-                f"{uri}: has {b - a} rows for shard {s.path}, {S.SUMMARY_FILE} says {s.num_rows}; "
+                f"{uri}: has {len(rows)} rows for shard {path}, {S.SUMMARY_FILE} says {shard.num_rows}; "
                 "was jobs.prepare interrupted? Run it again."
             )
-        out.append(lengths[a:b].astype(np.int64))
-        out_languages.append(languages[a:b])
-    return out, out_languages
+        seen.add(path)
+        found[path] = (lengths, langs)
+        # Handed out in the order asked for as soon as ready: both orders are by path, so
+        # nothing waits unless a manifest was written in another order.
+        while next_index < len(shards) and shards[next_index].path in found:
+            yield found.pop(shards[next_index].path)
+            next_index += 1
+    if next_index < len(shards):
+        missing = shards[next_index]
+        raise ValueError(
+            f"{uri}: has no rows for shard {missing.path}, {S.SUMMARY_FILE} says {missing.num_rows}; "
+            "was jobs.prepare interrupted? Run it again."
+        )
+
+
+def _manifest_runs(
+    uri: str, store: storage.Storage | None, *, languages: bool = False,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, pa.Array | None]]:
+    """``(shard, rows, lengths, languages)`` for each run of consecutive manifest rows of one
+    shard; ``languages`` None unless asked for."""
+    fs, path = storage.resolve(uri, store)
+    with fs.open_input_file(path) as handle:
+        current = ""
+        rows: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        langs: list[pa.Array] = []
+
+        def run() -> tuple[str, np.ndarray, np.ndarray, pa.Array | None]:
+            joined = pa.concat_arrays(langs) if languages else None
+            return current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64), joined
+
+        columns = [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * languages
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1 << 16, columns=columns):
+            encoded = batch.column(S.SHARD).dictionary_encode()
+            codes = encoded.indices.to_numpy()
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
+            row = batch.column(S.ROW).to_numpy()
+            num = batch.column(S.NUM_SAMPLES).to_numpy()
+            for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+                shard = encoded.dictionary[int(codes[a])].as_py()
+                if shard != current:
+                    if rows:
+                        yield run()
+                    current, rows, lengths, langs = shard, [], [], []
+                rows.append(row[a:b])
+                lengths.append(num[a:b])
+                if languages:
+                    langs.append(batch.column(S.LANGUAGE).slice(a, b - a))
+        if rows:
+            yield run()
+
+
+def _spec(cfg: DataConfig) -> BatchSpec:
+    return BatchSpec(
+        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
+        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
+    )
+
+
+def _has_languages(info: DatasetInfo, split: str, store: storage.Storage | None) -> bool:
+    """Whether ``split`` may have two languages to balance: its manifest has the column (a
+    dataset prepared before it existed has none) and its summary does not say otherwise.
+    A monolingual dataset, the common case, so costs no extra pass over the manifest."""
+    named = info.summary.get("splits", {}).get(split, {}).get("languages")
+    if named is not None and len(named) < 2:  # the summary counts every accepted utterance: a superset
+        return False
+    fs, path = storage.resolve(storage.join(info.root, S.MANIFEST_FILE), store)
+    return S.LANGUAGE in pq.read_schema(path, filesystem=fs).names
 
 
 def balance_languages(
-    lengths: list[np.ndarray], languages: list[np.ndarray], *, alpha: float, min_sample_size: int, sample_rate: int,
+    cfg: DataConfig, info: DatasetInfo, split: str, store: storage.Storage | None,
 ) -> dict[str, float]:
     """Each language's copies per utterance (:func:`pipeline.data.batching.language_ratios`)
-    from the hours of the utterances long enough to be trained on; empty: read as it is."""
+    from the hours of ``split``'s utterances long enough to be trained on, streamed from
+    the manifest; empty: the split is read as it is (one language, ``data.language_alpha``
+    1, or a dataset prepared before the language column)."""
+    if cfg.language_alpha == 1.0 or not _has_languages(info, split, store):
+        return {}
     hours: dict[str, float] = {}
-    for n, langs in zip(lengths, languages, strict=True):
-        usable = n >= max(1, min_sample_size)
-        for lang in set(langs.tolist()):
-            hours[lang] = hours.get(lang, 0.0) + float(n[usable & (langs == lang)].sum()) / sample_rate / 3600
-    return language_ratios(hours, alpha)
+    for n, langs in shard_metadata(info, info.split(split), store, languages=True):
+        usable = n >= max(1, cfg.min_sample_size)
+        encoded = pc.fill_null(langs, "").dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)  # (N,)
+        samples = np.bincount(codes[usable], weights=n[usable], minlength=len(encoded.dictionary))
+        for lang, total in zip(encoded.dictionary.to_pylist(), samples.tolist(), strict=True):
+            hours[lang] = hours.get(lang, 0.0) + float(total) / cfg.sample_rate / 3600
+    return language_ratios(hours, cfg.language_alpha)
+
+
+class _PlannedCounts:
+    """:class:`EpochCounts` of ``split``'s shards by epoch, counted from the lengths alone
+    (before any audio is read), on first use and only for the epochs a run plans.
+
+    The extra splits make every epoch's batch count a multiple of the worker count. Read
+    as it is, every epoch counts the same, from one pass over the manifest. Resampled
+    (``ratios``), each epoch's units differ, and so do their counts: a pass over the
+    manifest counts a window of epochs, as many as ``max_batches`` is expected to need
+    (all of ``data.max_epochs`` without it), so a run's start costs what it will read,
+    not every epoch of the data.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec,
+        store: storage.Storage | None, *, ratios: dict[str, float] | None = None, max_batches: int | None = None,
+    ) -> None:
+        self._cfg, self._info, self._split, self._num_splits = cfg, info, split, num_splits
+        self._spec, self._store, self._ratios, self._max_batches = spec, store, ratios or {}, max_batches
+        self._shards = info.split(split)
+        self._by_epoch: dict[int, EpochCounts] = {}
+        self._every_epoch: EpochCounts | None = None
+        self._warned = False
+        if not self._ratios:
+            self._every_epoch = self._finish([count_batches(n, spec) for n, _ in shard_metadata(info, self._shards, store)])
+
+    @property
+    def counted(self) -> tuple[int, ...]:
+        """Epochs counted one by one so far (resampled only): what planning has cost."""
+        return tuple(sorted(self._by_epoch))
+
+    def __call__(self, epoch: int) -> EpochCounts:
+        if self._every_epoch is not None:
+            return self._every_epoch
+        if epoch not in self._by_epoch:
+            self._count(range(epoch, min(epoch + self._window(), self._cfg.max_epochs)))
+        return self._by_epoch[epoch]
+
+    def _window(self) -> int:
+        """Epochs one pass counts: what ``max_batches`` needs at the last epoch's count, plus one."""
+        if self._max_batches is None or not self._by_epoch:
+            return self._cfg.max_epochs if self._max_batches is None else 1
+        per_epoch = max(1, sum(self._by_epoch[max(self._by_epoch)].batches))
+        return -(-self._max_batches // per_epoch) + 1
+
+    def _count(self, epochs: range) -> None:
+        per_epoch: dict[int, list[tuple[int, int]]] = {e: [] for e in epochs}
+        seed = self._cfg.shuffle_seed
+        for s, (n, langs) in enumerate(shard_metadata(self._info, self._shards, self._store, languages=True)):
+            ratios = row_ratios(langs if langs is not None else pa.nulls(len(n), pa.string()), self._ratios)  # (N,)
+            for e in epochs:
+                per_epoch[e].append(count_batches(n[unit_rows(ratios, seed, e, s, len(n))], self._spec))
+        for e, counts in per_epoch.items():
+            self._by_epoch[e] = self._finish(counts)
+
+    def _finish(self, counts: list[tuple[int, int]]) -> EpochCounts:
+        if sum(c for c, _ in counts) == 0:
+            raise ValueError(
+                f"{self._cfg.train_uri}: no {self._split!r} utterance has "
+                f"data.min_sample_size={self._cfg.min_sample_size} samples"
+            )
+        extra = spread_extra_splits(counts, self._num_splits)
+        if (sum(c for c, _ in counts) + sum(extra)) % self._num_splits and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self._split} split: cannot make the batches of an epoch a multiple of {self._num_splits} workers; "
+                "streaming_split(equal=True) drops the remainder at the end of the stream",
+                stacklevel=4,
+            )
+        return EpochCounts([c + e for (c, _), e in zip(counts, extra, strict=True)], extra)
+
+
+def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, epoch: int = 0) -> list[int]:
+    """Batches of each shard of ``split`` in epoch ``epoch`` (extra splits included), in shard order."""
+    store = storage.Storage.for_data(cfg)
+    counts = _PlannedCounts(cfg, info, split, num_splits, _spec(cfg), store,
+                            ratios=balance_languages(cfg, info, split, store), max_batches=0)
+    return counts(epoch).batches
 
 
 def build_train_dataset(
@@ -272,6 +465,9 @@ def build_train_dataset(
     position: dict | None = None,
     seed: int = 0,
     num_splits: int = 1,
+    wait: bool = False,
+    max_batches: int | None = None,
+    labels: L.LabelSpec | None = None,
 ) -> ray.data.Dataset:
     """The training stream of ``cfg.train_uri``'s ``split`` as a Ray Dataset of ready batches.
 
@@ -280,11 +476,17 @@ def build_train_dataset(
     the checkpoint being resumed. ``seed``: the crop offsets. ``num_splits``: the number
     of training workers (``scaling.num_workers``); each epoch's batch count is made a
     multiple of it, so ``streaming_split(equal=True)`` drops nothing at the end.
+    ``wait``: ride out an object store that cannot be reached (a restart of a running
+    job) instead of failing fast (a job that starts). ``max_batches``: the most batches
+    all consumers together will take (the run's remaining updates x workers x
+    accumulation); the stream ends soon after instead of planning every epoch of
+    ``data.max_epochs``.
+    ``labels``: a label set (:func:`pipeline.data.labels.open_label_set`) joined with every batch.
     """
     import ray.data
 
-    store = storage.Storage.from_config(cfg.s3_endpoint, cfg.s3_region)
-    info = read_dataset_info(cfg.train_uri, store)
+    store = storage.Storage.for_data(cfg)
+    info = read_dataset_info(cfg.train_uri, store, wait=wait)
     if info.sample_rate != cfg.sample_rate:
         raise ValueError(
             f"data.sample_rate: {cfg.train_uri} holds {info.sample_rate} Hz audio, the config expects "
@@ -295,49 +497,27 @@ def build_train_dataset(
         raise ValueError(f"{cfg.train_uri}: the {split!r} split has no shards (see {S.SUMMARY_FILE})")
     if num_splits < 1:
         raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
-    spec = BatchSpec(
-        max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
-        max_samples_per_batch=cfg.max_samples_per_batch, batch_mode=cfg.batch_mode, num_buckets=cfg.num_buckets,
-    )
-    lengths, languages = shard_metadata(info, shards, store)
-    ratios = balance_languages(lengths, languages, alpha=cfg.language_alpha, min_sample_size=cfg.min_sample_size,
-                               sample_rate=cfg.sample_rate)
+    spec = _spec(cfg)
+    ratios = balance_languages(cfg, info, split, store)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
-        seed=seed, num_splits=num_splits, language_ratios=tuple(ratios.items()),
+        seed=seed, num_splits=num_splits, labels=labels, language_ratios=tuple(ratios.items()),
     )
-    # Batch counts depend on lengths alone: make every epoch's total a multiple of the
-    # worker count here, before any audio is read.
-    counts = [count_batches(n, spec) for n in lengths]
-    if sum(c for c, _ in counts) == 0:
-        raise ValueError(
-            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
-        )
-    plan = f"{info.version}/{split}/{settings.plan_hash()}"
+    if labels is not None:
+        if labels.dataset_version != info.version:
+            raise ValueError(
+                f"labels {labels.name!r} label version {labels.dataset_version} of the shards, {cfg.train_uri} holds "
+                f"version {info.version}: label it again (jobs.label)"
+            )
+        labels.check_position(position)
+    counts = _PlannedCounts(cfg, info, split, num_splits, spec, store, ratios=ratios, max_batches=max_batches)
+    data_key = info.version if labels is None else labels.plan_key(info.version)
+    plan = f"{data_key}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
-    epochs = range(pos.epochs_done, cfg.max_epochs)
-    if ratios:
-        # Resampled units differ from epoch to epoch, and so do their batch counts.
-        row_ratios = [np.array([ratios.get(lang, 0.0) for lang in langs], dtype=np.float64) for langs in languages]
-        counts_of = {
-            e: [count_batches(n[unit_rows(r, cfg.shuffle_seed, e, s, len(n))], spec)
-                for s, (n, r) in enumerate(zip(lengths, row_ratios, strict=True))]
-            for e in epochs
-        }
-        extra = {e: spread_extra_splits(c, num_splits) for e, c in counts_of.items()}
-    else:
-        counts_of = dict.fromkeys(epochs, counts)
-        extra = dict.fromkeys(epochs, spread_extra_splits(counts, num_splits))
-    if any((sum(c for c, _ in counts_of[e]) + sum(extra[e])) % num_splits for e in epochs):
-        warnings.warn(
-            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
-            "streaming_split(equal=True) drops the remainder at the end of the stream",
-            stacklevel=2,
-        )
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
         len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
-        extra_splits=extra,
+        counts=counts, max_batches=max_batches,
     )
     if not tasks:
         raise ValueError(
@@ -471,6 +651,8 @@ def unit_batches(
     balancing = bool(settings.language_ratios)
     columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * balancing
     table = pq.read_table(path, filesystem=fs, columns=columns)
+    spec = settings.labels
+    shard_labels = None if spec is None else L.read_shard_labels(spec, _shard_path(uri), store)
     if table.num_rows != expected_rows:
         raise ValueError(f"shard {uri}: {table.num_rows} rows, {S.SUMMARY_FILE} says {expected_rows}")
     rates = table.column(S.SAMPLE_RATE).to_numpy()
@@ -479,11 +661,8 @@ def unit_batches(
     num_samples = table.column(S.NUM_SAMPLES).to_numpy()  # (N,)
     ids = table.column(S.ID).to_pylist()
     audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
-    row_ratios = None
-    if balancing:
-        by_language = dict(settings.language_ratios)
-        row_ratios = np.array([by_language.get(lang or "", 0.0) for lang in table.column(S.LANGUAGE).to_pylist()])
-    rows = unit_rows(row_ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
+    ratios = row_ratios(table.column(S.LANGUAGE), dict(settings.language_ratios)) if balancing else None
+    rows = unit_rows(ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
     batches = plan_batches(
         num_samples[rows], settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
         extra_splits=extra_splits,
@@ -494,6 +673,8 @@ def unit_batches(
         members = rows[planned.rows]  # (B,) rows of the shard
         rng = np.random.default_rng([settings.seed, epoch, shard, index])
         offsets = crop_offsets(num_samples[members], planned.lengths, rng)
+        if spec is not None:
+            offsets = L.quantize_offsets(offsets, spec.stride)
         width = planned.length
         full = bool((planned.lengths == width).all())
         source = (np.empty if full else np.zeros)((len(members), width), dtype=np.float32)  # (B, S)
@@ -504,10 +685,26 @@ def unit_batches(
             seg = decode_segment(audio[row].as_buffer(), offset, length, out=source[i, :length])
             if settings.normalize:
                 seg[:] = normalize(seg)
-        yield _batch_row(
-            source, planned.lengths, [ids[r] for r in members.tolist()],
+        batch_ids = [ids[r] for r in members.tolist()]
+        row = _batch_row(
+            source, planned.lengths, batch_ids,
             epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,
         )
+        if shard_labels is not None:
+            targets = L.batch_targets(shard_labels, batch_ids, offsets, planned.lengths, spec)
+            for name, column in L.encode_targets(targets).items():
+                row = row.append_column(name, column)
+        yield row
+
+
+def _shard_path(uri: str) -> str:
+    """A shard's path relative to its dataset root, from its URI: the last ``shards/`` of the
+    URI is the dataset's own (``shards/<version>/<split>/<file>`` holds no other)."""
+    marker = f"/{S.SHARDS_DIR}/"
+    cut = uri.rfind(marker)
+    if cut < 0:
+        raise ValueError(f"shard {uri}: expected a path under {S.SHARDS_DIR}/")
+    return uri[cut + 1:]
 
 
 def _batch_row(
@@ -556,6 +753,7 @@ def batches_from_block(block: pa.Table) -> Iterator[dict[str, Any]]:
             NUM_BATCHES: np.int64(cols[NUM_BATCHES][i].as_py()),
             NUM_SHARDS: np.int64(cols[NUM_SHARDS][i].as_py()),
             PLAN: str(cols[PLAN][i].as_py()),
+            **({L.TARGET_IDS: L.decode_targets(block, i, len(lengths))} if L.TARGET_IDS in cols else {}),
         }
 
 

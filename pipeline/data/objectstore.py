@@ -95,7 +95,8 @@ def start(
     """Start ``weed mini`` detached, wait until S3 answers, create ``buckets``.
 
     ``port``: the S3 port (0: a free one). Credentials: the arguments, else
-    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, else fresh random ones.
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, else those of the last start on
+    ``state_dir`` (a restart serves the same data to the same clients), else fresh random ones.
     """
     state = Path(state_dir).resolve()
     running = load(state)
@@ -111,8 +112,13 @@ def start(
     s3_port = port or free_port()
     others = free_ports(len(PORT_FLAGS) - 1, exclude={s3_port})
     ports = dict(zip(PORT_FLAGS, [s3_port, *others], strict=True))
-    access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID") or "wavray-" + secrets.token_hex(4)
-    secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or secrets.token_urlsafe(24)
+    # A restart keeps the store's credentials: the data is the same store, and every client
+    # that was using it (a training run riding out the restart) still holds the old ones.
+    saved = _saved_credentials(state)
+    access_key = (access_key or os.environ.get("AWS_ACCESS_KEY_ID") or saved.get("AWS_ACCESS_KEY_ID")
+                  or "wavray-" + secrets.token_hex(4))
+    secret_key = (secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or saved.get("AWS_SECRET_ACCESS_KEY")
+                  or secrets.token_urlsafe(24))
     cmd = [
         weed_binary(), "mini", f"-dir={data}", *FIXED_FLAGS,
         *(f"-{flag}={p}" for flag, p in ports.items()),
@@ -195,6 +201,16 @@ def load(state_dir: str | Path) -> ObjectStore | None:
     pid = int(saved["pid"])
     if not _is_our_weed(pid, state):
         return None
+    creds = _saved_credentials(state)
+    return ObjectStore(
+        endpoint=saved["endpoint"], pid=pid, state_dir=str(state), ports=dict(saved["ports"]),
+        buckets=list(saved.get("buckets", [])), access_key=creds.get("AWS_ACCESS_KEY_ID", ""),
+        secret_key=creds.get("AWS_SECRET_ACCESS_KEY", ""),
+    )
+
+
+def _saved_credentials(state: Path) -> dict[str, str]:
+    """The variables of ``credentials.env`` in ``state`` ({} when there is none)."""
     creds: dict[str, str] = {}
     try:
         for line in (state / CREDENTIALS_FILE).read_text().splitlines():
@@ -202,11 +218,7 @@ def load(state_dir: str | Path) -> ObjectStore | None:
             creds[key] = value
     except OSError:
         pass
-    return ObjectStore(
-        endpoint=saved["endpoint"], pid=pid, state_dir=str(state), ports=dict(saved["ports"]),
-        buckets=list(saved.get("buckets", [])), access_key=creds.get("AWS_ACCESS_KEY_ID", ""),
-        secret_key=creds.get("AWS_SECRET_ACCESS_KEY", ""),
-    )
+    return creds
 
 
 def _is_our_weed(pid: int, state: Path) -> bool:

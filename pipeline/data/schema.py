@@ -8,6 +8,8 @@ A prepared dataset (``jobs.prepare``) is a directory or s3:// prefix holding::
     rejects.parquet                  one row per unusable input path, with a reason (REJECTS;
                                      the codes are in verdicts.py)
     shards/<version>/<split>/part-GGGGG-KK.parquet   16 kHz FLAC + metadata (SHARD)
+    _prepare/                        only while a run is unfinished: its saved listing, plan
+                                     and finished groups, from which the same command resumes
 
 Readers trust only ``summary.json``: it is written last and names the shard files of
 the current version, so a crashed or concurrent ``prepare`` never exposes half a dataset.
@@ -116,6 +118,7 @@ SUMMARY_FILE = "summary.json"
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
 SHARDS_DIR = "shards"
+WORK_DIR = "_prepare"
 SIDECAR_FILE = "transcripts.tsv"
 """Looked for at the input root when ``--sidecar`` is not given."""
 

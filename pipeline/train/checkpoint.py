@@ -14,10 +14,14 @@ buffer inside the model state, so both come back with the step and the engine st
 Masks, distractors, LayerDrop and dropout are seeded from (seed, step, rank), so the RNG
 files are a belt on top of braces.
 
-Atomicity: under Ray Train a checkpoint counts only once every rank has reported it
+Atomicity: a checkpoint is complete only when its last file, ``trainer_state.json``, is
+there. :func:`upload` makes that true in storage: every rank copies its files (each
+object appears whole), all ranks meet, and only then does rank 0 write the state file;
+an upload cut anywhere before leaves a folder without it, which nothing takes for a
+checkpoint. Under Ray Train a checkpoint also counts only once every rank has reported it
 and the controller has recorded it in its snapshot; a crash before that leaves the run
 resuming from the previous one. :func:`validate` additionally refuses a directory
-without ``trainer_state.json`` (written last) or missing a rank's DeepSpeed files, and
+without ``trainer_state.json`` or missing a rank's DeepSpeed files, and
 :func:`latest_complete` skips such directories when scanning storage.
 """
 
@@ -36,6 +40,7 @@ import torch
 
 from models.checkpoint import WEIGHTS_NAME, save_weights
 from pipeline.config import CONFIG_FILE, Config, save_config
+from pipeline.data import storage
 from pipeline.train.deepspeed_compat import (
     consolidated_state_dict,
     optimizer_state_files,
@@ -151,6 +156,22 @@ def save(
         tmp.write_text(state.to_json())
         os.replace(tmp, out / STATE_FILE)  # last: marks the directory complete
     return out
+
+
+def upload(local_dir: str | os.PathLike, dest_uri: str, store: storage.Storage | None = None, *, rank: int) -> None:
+    """Copy this rank's part of a checkpoint from ``local_dir`` to ``dest_uri``, the state file last.
+
+    Every rank calls it (it is collective): each copies its files except ``trainer_state.json``
+    (an object appears whole; a store that goes away is retried for ``data.s3_retry_seconds``),
+    all ranks meet, then rank 0 writes the state file, which marks the checkpoint complete.
+    """
+    local = Path(local_dir)
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        storage.upload_file(path, storage.join(dest_uri, path.relative_to(local).as_posix()), store)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        storage.upload_file(local / STATE_FILE, storage.join(dest_uri, STATE_FILE), store)
 
 
 def read_state(ckpt_dir: str | os.PathLike) -> TrainerState:

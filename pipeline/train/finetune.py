@@ -146,7 +146,7 @@ class Targets:
         from pipeline.data import schema as S
         from pipeline.data import storage
 
-        store = storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+        store = storage.Storage.for_data(cfg.data)
         uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
         if not storage.exists(uri, store):
             raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")
@@ -319,17 +319,26 @@ class FinetuneHooks(RayHooks):
         )
 
 
+def hf_exportable(cfg: Config) -> bool:
+    """Whether the fine-tuned model goes out as a Hugging Face ``Wav2Vec2(Conformer)ForCTC``
+    (a conv front end and a context network Hugging Face has classes for)."""
+    from models.hf import hf_unsupported
+
+    return cfg.finetune.frontend == "wav2vec2" and not hf_unsupported(cfg.model)
+
+
 def save_inference_dir(model: Wav2Vec2ForCTC, cfg: Config, out_dir: str | Path) -> Path:
     """The fine-tuned model for others: a Hugging Face ``Wav2Vec2ForCTC`` directory with
     ``vocab.json`` (conv frontend), or a wavray checkpoint (``config.yaml`` +
-    ``model.safetensors``, log-mel frontend, which Hugging Face cannot represent)."""
+    ``model.safetensors``) where Hugging Face cannot represent the encoder (a log-mel front
+    end, wav2vec 1.0's, a causal conv or GRU context network: :func:`hf_exportable`)."""
     from models.checkpoint import save_weights
     from models.hf import save_hf_ctc
     from pipeline.config import save_config
 
     out = Path(out_dir)
     vocab = Vocabulary.from_characters(cfg.finetune.vocab)
-    if cfg.finetune.frontend == "wav2vec2":
+    if hf_exportable(cfg):
         save_hf_ctc(model, cfg.model, out, pad_token_id=vocab.blank_id, normalize=cfg.data.normalize)
     else:
         save_weights(model, out)
@@ -363,7 +372,7 @@ class FinetuneTask(WorkerTask):
             tmp = Path(tempfile.mkdtemp(prefix="wavray-ctc-"))
             try:
                 save_inference_dir(final, cfg, tmp / "model")
-                tracker.log_artifacts(tmp / "model", HF_MODEL_ARTIFACT if cfg.finetune.frontend == "wav2vec2" else "model")
+                tracker.log_artifacts(tmp / "model", HF_MODEL_ARTIFACT if hf_exportable(cfg) else "model")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception as e:
@@ -397,5 +406,5 @@ def run_finetuning(cfg: Config, *, run_name: str | None = None, verbose: bool = 
     cfg = resolve_config(cfg)
     Targets.read(cfg, Vocabulary.from_characters(cfg.finetune.vocab))  # fail before starting workers
     tags = {"wavray.task": "finetune", "wavray.init_from": cfg.train.init_from or f"scratch ({cfg.finetune.frontend})"}
-    register = bool(cfg.tracking.register_as) and cfg.finetune.frontend == "wav2vec2"
+    register = bool(cfg.tracking.register_as) and hf_exportable(cfg)
     return fit_run(cfg, finetune_worker, run_name=run_name, tags=tags, register=register, verbose=verbose)

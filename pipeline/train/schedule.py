@@ -9,6 +9,9 @@ update that DeepSpeed or the finite check skips cannot shift the schedule.
   until ``train.max_steps``.
 - ``noam`` (BEST-RQ, SpeechBrain's ``NoamScheduler``): linear warm-up to the peak over
   ``warmup_steps``, then ``peak * sqrt(warmup / step)``.
+- ``cosine`` (wav2vec 1.0 and vq-wav2vec, fairseq's ``cosine`` with one period): linear
+  warm-up to the peak over ``warmup_steps``, then ``end + (peak - end) * (1 + cos(pi *
+  progress)) / 2`` until ``train.max_steps``.
 - ``tri_stage`` (fine-tuning, fairseq's ``tri_stage``): linear warm-up from
   ``final_lr_scale * peak``, hold at the peak for ``hold_ratio`` of the run, exponential
   decay to ``final_lr_scale * peak`` over ``decay_ratio`` of the run, then constant.
@@ -49,6 +52,18 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
 
         return poly
 
+    if cfg.kind == "cosine":
+        warmup = cfg.warmup_steps
+        end_ratio = cfg.end_lr / peak_lr
+
+        def cosine(step: int) -> float:
+            if warmup > 0 and step < warmup:
+                return step / warmup
+            progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+            return end_ratio + (1.0 - end_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return cosine
+
     if cfg.kind == "tri_stage":
         warmup = cfg.warmup_steps
         hold = int(cfg.hold_ratio * max_steps)
@@ -81,5 +96,5 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int, peak_lr: float) -> Callab
 
         return noam
 
-    raise ValueError(f"schedule.kind: expected 'polynomial', 'tri_stage' or 'noam', got {cfg.kind!r}")
+    raise ValueError(f"schedule.kind: expected 'polynomial', 'cosine', 'tri_stage' or 'noam', got {cfg.kind!r}")
 

@@ -46,7 +46,7 @@ def make_run_name(cfg: Config) -> str:
 
 def storage_for(cfg: Config) -> storage.Storage:
     """How to reach s3:// URIs (endpoint/region from the data section or the AWS variables)."""
-    return storage.Storage.from_config(cfg.data.s3_endpoint, cfg.data.s3_region)
+    return storage.Storage.for_data(cfg.data)
 
 
 def latest_checkpoint_uri(
@@ -99,20 +99,35 @@ class TrainDataFactory:
     num_workers: int
     run_uri: str
     store: storage.Storage
+    max_steps: int = 0
+    """The run's ``train.max_steps`` (0: stream every epoch of ``data.max_epochs``)."""
+    grad_accum: int = 1
+    started: bool = False
+    """Set after the first worker group's dataset: later calls are restarts of a running
+    run, which ride out an object store that cannot be reached instead of failing fast."""
+    labels: Any = None
+    """HuBERT's label set (``pipeline.data.labels.LabelSpec``) joined with every batch, or None."""
 
-    def position(self) -> dict[str, Any] | None:
+    def position(self) -> tuple[dict[str, Any] | None, int]:
+        """(data position, step) of the checkpoint the workers resume from; (None, 0) when none."""
         uri = latest_checkpoint_uri(self.run_uri, self.store, recorded_only=True)
         if uri is None:
-            return None
-        return read_trainer_state(uri, self.store).data_position
+            return None, 0
+        state = read_trainer_state(uri, self.store)
+        return state.data_position, state.step
 
     def __call__(self) -> Any:
         from pipeline.data.loader import build_train_dataset
 
-        position = self.position()
+        position, step = self.position()
+        # What the run will still read: its remaining updates, on every worker.
+        needed = max(1, self.max_steps - step) * self.grad_accum * self.num_workers if self.max_steps else None
         ds = build_train_dataset(
             self.data, split="train", position=position, seed=self.seed, num_splits=self.num_workers,
+            wait=self.started, max_batches=needed,
+            labels=self.labels,
         )
+        self.started = True
         # The progress line of rank 0 says how training goes; Ray Data's bars for the
         # split only interleave with it.
         ds.context.enable_progress_bars = False
@@ -153,7 +168,26 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None, verbose: bool =
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
     cfg = resolve_init(cfg)
-    return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as), verbose=verbose)
+    labels = None
+    if cfg.model.objective == "hubert":  # targets made offline: the label set the run's settings name
+        from pipeline.label.job import training_labels
+        from pipeline.tracking import default_tracking_uri
+
+        labels = training_labels(cfg, tracking_uri=default_tracking_uri(cfg))
+        check_resumed_labels(cfg, run_name or cfg.checkpoint.run_name, labels)
+    return fit_run(cfg, train_worker, run_name=run_name, register=bool(cfg.tracking.register_as), verbose=verbose,
+                   labels=labels)
+
+
+def check_resumed_labels(cfg: Config, run_name: str, labels: Any) -> None:
+    """A run being resumed continues on the labels it started with; refused here, before any
+    worker starts, when the label set was remade with other settings since."""
+    if not run_name:
+        return
+    store = storage_for(cfg)
+    latest = latest_checkpoint_uri(storage.join(cfg.checkpoint.storage_path, run_name), store, recorded_only=True)
+    if latest is not None:
+        labels.check_position(read_trainer_state(latest, store).data_position)
 
 
 def loop_config(cfg: Config, *, run_uri: str, store: storage.Storage, tracker: Any,
@@ -172,6 +206,7 @@ def fit_run(
     tags: dict[str, str] | None = None,
     register: bool = False,
     verbose: bool = False,
+    labels: Any = None,
 ) -> RunResult:
     """Fit (or resume) a training run of ``worker`` (the Ray Train function) for ``cfg``.
 
@@ -180,7 +215,8 @@ def fit_run(
     the data factory and the exact-resume data settings are this one function.
     ``register``: register the final model as ``tracking.register_as``. ``verbose``: Ray
     Train's own INFO logs on the console (every report of every worker); off, the console
-    shows wavray's progress lines, alarms and closing summary.
+    shows wavray's progress lines, alarms and closing summary. ``labels``: a label set
+    joined with the training batches (HuBERT).
     """
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -208,7 +244,7 @@ def fit_run(
         tracker.set_tag(key, value)
 
     use_gpu = cfg.scaling.use_gpu
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources()}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -234,12 +270,17 @@ def fit_run(
         ),
         datasets={"train": TrainDataFactory(
             cfg.data, seed=cfg.train.seed, num_workers=cfg.scaling.num_workers, run_uri=run_uri, store=store,
+            max_steps=cfg.train.max_steps, grad_accum=cfg.train.grad_accum,
+            labels=labels,
         )},
     )
     try:
         trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracker.end("FAILED")
+        cause = storage.failure_in(e)
+        if cause is not None:
+            raise cause from e
         raise
     if storage.exists(abort_uri, store):
         info = storage.read_json(abort_uri, store)

@@ -8,8 +8,10 @@ MLflow and prints the progress line; checkpoints are collective.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -73,8 +75,11 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float], eta_s: f
 class RayHooks(LoopHooks):
     """Data position, MLflow, progress and checkpoints of a Ray Train worker."""
 
-    def __init__(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any, position: Any, start_step: int):
+    def __init__(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any, position: Any, start_step: int,
+                 run_uri: str = "", store: storage.Storage | None = None):
         self.cfg = cfg
+        self.run_uri = run_uri
+        self.store = store
         self.eng = eng
         self.rank = rank
         self.tracker = tracker
@@ -120,22 +125,61 @@ class RayHooks(LoopHooks):
         else:
             states = [self.position.state_dict()]
         merged = DataPosition.merge(states)
-        tmp = Path(tempfile.mkdtemp(prefix=f"wavray-ckpt-{step}-"))
+        staging = self.cfg.checkpoint.local_dir or tempfile.gettempdir()
+        tmp = Path(staging) / f"wavray-ckpt-{step}-rank{self.rank}-{os.getpid()}"
         try:
-            ckpt.save(
-                tmp, cfg=self.cfg, engine=self.eng.engine, step=step,
-                skipped_steps=int(metrics.get("skipped_steps", 0)), data_position=merged, metrics=metrics,
-                train_seconds=metrics.get("train_seconds", 0.0),
-            )
+            try:
+                tmp.mkdir(parents=True, exist_ok=True)
+                ckpt.save(
+                    tmp, cfg=self.cfg, engine=self.eng.engine, step=step,
+                    skipped_steps=int(metrics.get("skipped_steps", 0)), data_position=merged, metrics=metrics,
+                    train_seconds=metrics.get("train_seconds", 0.0),
+                )
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+                err = staging_error(e, staging, f"writing the checkpoint of step {step} (rank {self.rank})")
+                if err is e:
+                    raise
+                raise err from e
             report = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
             report["step"] = step
             ray.train.report(
                 report, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                 checkpoint_dir_name=ckpt.checkpoint_dir_name(step),
+                checkpoint_upload_fn=self.upload if self.run_uri else None,
             )
             self.last_checkpoint_step = step
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def upload(self, checkpoint: Any, dir_name: str) -> Any:
+        """Ray Train's ``checkpoint_upload_fn``: every rank's files, then the state file last
+        (:func:`pipeline.train.checkpoint.upload`), through the retrying filesystem that Ray
+        Train's controller uses too."""
+        import ray.train
+
+        dest = storage.join(self.run_uri, dir_name)
+        ckpt.upload(checkpoint.path, dest, self.store, rank=self.rank)
+        fs, path = storage.resolve(dest, self.store)
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+FULL_BELOW_BYTES = 16 << 20
+"""A write that fails where less than this is free failed for want of space."""
+
+
+def staging_error(e: BaseException, directory: str, doing: str) -> BaseException:
+    """A full local disk as a :class:`storage.LocalDiskFullError` naming the directory (torch
+    and DeepSpeed report it as a RuntimeError of their own, so the free space decides);
+    any other error as it is."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return storage.local_disk_error(e, directory, doing)
+    try:
+        full = shutil.disk_usage(directory).free < FULL_BELOW_BYTES
+    except OSError:
+        full = False
+    if full and isinstance(e, OSError | RuntimeError):
+        return storage.local_disk_error(OSError(errno.ENOSPC, str(e)), directory, doing)
+    return e
 
 
 def consolidated_model(eng: Engine, build: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
@@ -150,15 +194,17 @@ def consolidated_model(eng: Engine, build: Callable[[], torch.nn.Module]) -> tor
 
 
 def record_abort(
-    loop_config: dict[str, Any], error: Exception, *, step: int, last_checkpoint_step: int, tracker: Any
+    loop_config: dict[str, Any], error: Exception, *, step: int, last_checkpoint_step: int, tracker: Any,
+    reason: str = "nonfinite_loss",
 ) -> None:
-    """Rank 0, after repeated non-finite losses: write the run's abort file (the driver
-    reads it to fail the run with this message instead of letting Ray Train retry) and tag
-    the MLflow run."""
+    """After a fault that a restart would only repeat (repeated non-finite losses, a full
+    local disk): write the run's abort file (the driver reads it to fail the run with this
+    message instead of letting Ray Train retry; a restarted worker group finds it and
+    stops) and tag the MLflow run."""
     log.error("%s", error)
     storage.write_json(
         storage.join(loop_config["run_uri"], ABORT_FILE),
-        {"step": step, "reason": "nonfinite_loss", "message": str(error), "last_checkpoint_step": last_checkpoint_step},
+        {"step": step, "reason": reason, "message": str(error), "last_checkpoint_step": last_checkpoint_step},
         loop_config["storage"],
     )
     if tracker is not None:
@@ -241,6 +287,8 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     cfg = from_dict(loop_config["config"])
     tracker = loop_config.get("tracker")
     rank = ray.train.get_context().get_world_rank()
+    if storage.exists(storage.join(loop_config["run_uri"], ABORT_FILE), loop_config["storage"]):
+        return  # a worker of the group before stopped the run (record_abort): restarting would not help
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = task.build_model(cfg)
@@ -269,6 +317,7 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     hooks = task.hooks_class(
         cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
         position=DataPosition(position), start_step=start_step,
+        run_uri=loop_config["run_uri"], store=loop_config["storage"],
     )
     if cfg.train.max_seconds and seconds >= cfg.train.max_seconds:
         if rank == 0:
@@ -283,6 +332,12 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
             record_abort(loop_config, e, step=loop.step, last_checkpoint_step=hooks.last_checkpoint_step,
                          tracker=tracker)
         return
+    except storage.LocalDiskFullError as e:
+        # Any rank: the disk of its node is full. Restarting would fill it again; the
+        # restarted group finds the abort file and stops, and the driver says why.
+        record_abort(loop_config, e, step=loop.step, last_checkpoint_step=hooks.last_checkpoint_step,
+                     tracker=tracker if rank == 0 else None, reason="local_disk_full")
+        raise
 
     task.finish(cfg, eng, rank=rank, tracker=tracker)
     if rank == 0:

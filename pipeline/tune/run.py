@@ -142,6 +142,9 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     if not storage.is_s3(cfg.checkpoint.storage_path):
         os.makedirs(cfg.checkpoint.storage_path, exist_ok=True)
     experiment_path = storage.join(cfg.checkpoint.storage_path, "sweeps", s.name)
+    from pipeline.tune.labels import label_before_trials
+
+    label_before_trials(spec, cfg)  # HuBERT's targets: made once, shared by the trials
     parent = _open_parent_run(spec, cfg)
     print(f"[wavray] sweep {s.name!r}: {s.searcher} search over {', '.join(spec.keys)}; ranked by {s.metric} "
           f"({s.scheduler}); MLflow parent run {parent.run_id} in {parent.uri}", flush=True)

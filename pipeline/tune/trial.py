@@ -18,12 +18,13 @@ from pipeline.tune.spec import probe_cadence
 
 log = logging.getLogger("wavray.tune")
 
-PATH_FIELDS = ("data.train_uri", "probe.train_uri", "probe.dev_uri", "checkpoint.storage_path", "train.init_from")
+PATH_FIELDS = ("data.train_uri", "probe.train_uri", "probe.dev_uri", "checkpoint.storage_path", "train.init_from",
+               "label.teacher", "model.mixing.noise_uri")
 """Local paths made absolute in the driver: Tune runs each trial in its own directory."""
 
 
 def _absolute(value: str) -> str:
-    if not value or "://" in value:
+    if not value or "://" in value or value.startswith(("models:/", "runs:/")):  # URIs stay as they are
         return value
     return str(Path(value).expanduser().resolve())
 
@@ -35,8 +36,9 @@ def resolve_paths(cfg: Config) -> Config:
 
     deltas: dict[str, Any] = {}
     for key in PATH_FIELDS:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value and "://" not in value:
             deltas[key] = _absolute(value)
     out = apply_overrides(cfg, deltas)
@@ -180,6 +182,10 @@ def trial_main(params: dict[str, Any], ctx: TrialContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(ctx.base), params, sweep=ctx.sweep, trial_id=trial_id)
+    if cfg.model.objective == "hubert":  # its labels: made by the sweep's driver, unless drawn from a range
+        from pipeline.label.job import ensure_labels
+
+        ensure_labels(cfg, progress=lambda line: print(f"[wavray] trial {trial_id}: {line}", flush=True))
     run_name = cfg.checkpoint.run_name
     run_uri = storage.join(cfg.checkpoint.storage_path, run_name)
     tracker = open_trial_run(cfg, ctx, trial_id, params)

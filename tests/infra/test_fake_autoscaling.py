@@ -16,7 +16,6 @@ of its own, and ends exactly that group.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import secrets
@@ -31,6 +30,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cluster_audit import is_loopback, listening_addresses
 from infra_specs import AWS_YAML, launcher_worker_groups, prepared_cluster_config
 from ray.cluster_utils import AutoscalingCluster
 
@@ -43,14 +43,6 @@ OBJECT_STORE_BYTES = 100 * 1024 * 1024  # Ray's minimum is 75 MiB
 IDLE_TIMEOUT_MINUTES = 0.1  # 6 s: long enough to see the nodes, short enough for a test
 START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 150.0
-
-
-def _is_loopback(ip: str) -> bool:
-    """127.0.0.0/8, ::1, and IPv4-mapped loopback (::ffff:127.0.0.1) as dual-stack sockets report it."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 class LoopbackAutoscalingCluster(AutoscalingCluster):
@@ -165,16 +157,7 @@ class LoopbackAutoscalingCluster(AutoscalingCluster):
 
     def listening_addresses(self) -> set[tuple[str, int, str]]:
         """(ip, port, process name) of every listening TCP socket of this cluster."""
-        pids = {p.pid: p for p in self.processes()}
-        out = set()
-        for c in psutil.net_connections(kind="inet"):
-            if c.status == psutil.CONN_LISTEN and c.pid in pids:
-                try:
-                    name = pids[c.pid].name()
-                except psutil.Error:
-                    name = "?"
-                out.add((c.laddr.ip, c.laddr.port, name))
-        return out
+        return listening_addresses(self.processes())
 
     def shutdown(self) -> None:
         if self._proc is None:
@@ -278,7 +261,7 @@ def test_trainer_and_decoder_types_scale_separately_and_back_to_zero() -> None:
     # Nothing bound the external interface; everything we started is gone.
     assert report["driver_ip"] == "127.0.0.1"
     assert listening, "no listening socket seen: the audit did not run"
-    external = {a for a in listening if not _is_loopback(a[0])}
+    external = {a for a in listening if not is_loopback(a[0])}
     assert not external, f"bound outside loopback: {sorted(external)}"
     assert started, "no cluster process found while the job ran"
     assert not left, f"left running: {[p.pid for p in left]}"

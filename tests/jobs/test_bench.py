@@ -27,3 +27,36 @@ def test_model_step_tiny_reports_both_models(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["ours"]["samples_per_s"] > 0 and results["transformers"]["samples_per_s"] > 0
     assert results["ours"]["audio_s_per_s"] == pytest.approx(results["ours"]["samples_per_s"] * 0.5)
+
+
+def test_the_objectives_table_counts_labelling_and_refuses_iterations_of_other_objectives(capsys):
+    """HuBERT rows: labelling's seconds come out of the budget (a row of its own column), and
+    ':2' (two iterations) is a HuBERT-only suffix, refused before any work."""
+    from jobs.benchmarks.objectives import _describe, main, render
+    from pipeline.config import preset_config
+
+    with pytest.raises(SystemExit):
+        main(["--objectives", "laptop:2"])
+    assert "for HuBERT presets only" in capsys.readouterr().err
+    assert _describe(preset_config("wavlm_laptop")) != _describe(preset_config("hubert_laptop"))
+    results = {
+        "setup": {"seed": 0, "seconds": 60.0, "pretrain_minutes": 1.0, "num_train_voices": 2, "label_minutes": 1.0,
+                  "test_minutes": 1.0, "test_voices": "a", "probe_steps": 1, "finetune_steps": 1},
+        "rows": [{"label": "HuBERT 2 iterations (hubert_laptop, conv + transformer 2x64)", "params": 1000,
+                  "updates": 7, "label_seconds": 12.0, "audio_s_per_s": 3.0, "probe_cer": 0.5}],
+        "wall": {"total": 1.0},
+    }
+    table = render(results)
+    assert "label s" in table and " 12 " in table and "50.0%" in table
+
+
+def test_labelling_counts_in_the_clock_the_training_budget_counts_in(monkeypatch):
+    """On CPU the budget is CPU-seconds, so a HuBERT row pays its labelling's CPU-seconds
+    (not its elapsed time, which other load on the machine stretches); with
+    ``train.budget_clock=wall``, its elapsed seconds."""
+    import pipeline.label.job as job
+    from jobs.benchmarks.objectives import label_corpus
+
+    monkeypatch.setattr(job, "run_labelling", lambda cfg, progress: {"seconds": 50.0, "cpu_seconds": 20.0})
+    assert label_corpus("hubert_laptop", "data", [], print) == 20.0
+    assert label_corpus("hubert_laptop", "data", ["train.budget_clock=wall"], print) == 50.0

@@ -219,3 +219,68 @@ def test_every_job_reads_a_model_from_a_path_an_s3_uri_and_an_mlflow_uri(
         pt_cfg = resolve_init(C.apply_overrides(run_cfg, [f"train.init_from={location}"]))
         again = PretrainTask().build_model(pt_cfg)
         assert torch.equal(again.quantizer.codevectors, pre.quantizer.codevectors), form
+
+
+def test_a_first_generation_checkpoint_is_probed_fine_tuned_and_evaluated(tmp_path: Path, labelled: Path) -> None:
+    """vq-wav2vec (wav2vec 1.0's convs at 10 ms, a quantizer, a causal conv context network)
+    as a wavray checkpoint: the probe reads every hidden state of it on transcribed speech,
+    ``jobs.finetune`` takes its architecture and weights (the fine-tuning preset's LayerDrop
+    ignored) and logs a wavray bundle, not a Hugging Face model, and ``jobs.evaluate`` scores it."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main as evaluate_main
+    from jobs.finetune import main as finetune_main
+    from pipeline.probe import num_hidden_states, probe_sets, run_probe
+
+    torch.set_num_threads(1)
+    pre_cfg = C.vq_wav2vec_laptop()
+    torch.manual_seed(0)
+    pre = build_pretraining_model(pre_cfg.model)
+    save_weights(pre, tmp_path / "pre")
+    C.save_config(pre_cfg, tmp_path / "pre" / "config.yaml")
+
+    probe_cfg = C.apply_overrides(C.tiny(), [
+        f"probe.train_uri={labelled}", "probe.train_split=all", "probe.dev_split=all", "probe.train_minutes=0.3",
+        "probe.dev_minutes=5", "probe.steps=20", "probe.head=conv",
+    ])
+    train, dev = probe_sets(probe_cfg)
+    scores = run_probe(pre, train, dev, probe_cfg.probe)
+    weights = [v for k, v in scores.items() if k.startswith("probe/layer_weight_")]
+    assert len(weights) == num_hidden_states(pre) == 6  # the front end's output, then each of its 5 layers
+    assert math.isfinite(scores["probe/train_loss"]) and 0.0 <= scores["probe/cer"] <= scores["probe/cer_at_start"]
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+    rc = finetune_main([
+        "--config", str(ROOT / "jobs/configs/finetune/tiny_10m.yaml"),
+        f"data.train_uri={labelled}", f"train.init_from={tmp_path / 'pre'}", f"checkpoint.storage_path={runs}",
+        "checkpoint.run_name=ft", "checkpoint.every_steps=4", "train.max_steps=4", "finetune.freeze_encoder_steps=2",
+        "train.log_every=2", "schedule.warmup_steps=1", "data.max_samples_per_batch=200000", f"tracking.uri={db}",
+        "scaling.cpus_per_worker=1",
+    ])
+    assert rc == 0
+    ckpt = runs / "ft" / "checkpoint_000000004"
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert saved["model"]["objective"] == "vq_wav2vec" and saved["model"]["transformer"]["kind"] == "causal_conv"
+    state = load_weights(ckpt)
+    vocab = Vocabulary.from_characters(saved["finetune"]["vocab"])
+    assert tuple(state["head.weight"].shape) == (len(vocab), pre_cfg.model.transformer.dim)
+    for key, value in pre.state_dict().items():  # the frozen front end: the pretrained weights
+        if key.startswith("encoder.feature_encoder."):
+            assert torch.equal(state[key], value), key
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("wavray-finetune").experiment_id],
+                                filter_string="tags.`wavray.run_name` = 'ft'")
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss/ctc")]
+    assert losses and all(np.isfinite(losses))
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model" in logged and "hf_model" not in logged
+
+    out = tmp_path / "eval.tsv"
+    assert evaluate_main(["--checkpoint", str(runs / "ft"), "--data", str(labelled), "--output", str(out),
+                          "--tracking-uri", db, "--experiment", "wavray-eval", "--run-name", "eval-vq"]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert len(rows) >= 8 and all(r["reference"] for r in rows)

@@ -14,10 +14,13 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pretrain"
 
 
 @pytest.mark.parametrize("name", ["tiny", "laptop", "base", "large", "large_lv60k", "best_rq", "best_rq_laptop",
-                                  "data2vec", "data2vec_laptop", "data2vec2", "data2vec2_laptop"])
+                                  "hubert", "hubert_it2", "hubert_laptop", "hubert_laptop_it2", "wavlm",
+                                  "wavlm_laptop", "data2vec", "data2vec_laptop", "data2vec2",
+                                  "data2vec2_laptop"])
 def test_config_loads_and_names_its_preset(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())
+    name = name.removesuffix("_it2")  # the second iteration of a preset
     assert raw["preset"] == name
     cfg = C.load_config(path)
     assert cfg.preset == name
@@ -60,3 +63,17 @@ def test_bad_schedule_fails_in_under_a_second_before_any_work(capsys) -> None:
     assert main(["--config", str(CONFIGS / "laptop.yaml"), "schedule.end_lr=0.5"]) == 2
     assert time.perf_counter() - start < 1.0, "checked by the config, not by a training worker"
     assert "schedule.end_lr (0.5) must be <= optim.lr (0.001)" in capsys.readouterr().err
+
+
+def test_hubert_recipes() -> None:
+    """FAMILY.md section 1: BASE iteration 1 on 100 MFCC clusters, iteration 2 on 500 of layer 6;
+    WavLM adds the gated bias and mixing; the laptop iterations label what the model can align."""
+    it1, it2, wavlm = (C.load_config(CONFIGS / f"{n}.yaml") for n in ("hubert", "hubert_it2", "wavlm"))
+    assert it1.model.objective == "hubert" and it1.model.hubert.clusters == 100 and it1.label.features == "mfcc"
+    assert it1.model.mask.prob == 0.8 and it1.model.mask.length == 10 and it1.model.loss.feature_penalty_weight == 10
+    assert it1.train.max_steps == 250_000 and it2.train.max_steps == 400_000
+    assert it2.model.hubert.clusters == 500 and it2.label.features == "model" and it2.label.layer == 6
+    assert it2.label.teacher.endswith(it1.checkpoint.run_name)
+    assert wavlm.model.transformer.relative_bias == "gated" and wavlm.model.mixing.prob == 0.2
+    lap2 = C.load_config(CONFIGS / "hubert_laptop_it2.yaml")
+    assert lap2.label.layer < lap2.model.transformer.num_layers + 1 and lap2.model.hubert.clusters == 500

@@ -251,3 +251,28 @@ def test_the_configs_refuse_what_does_not_fit() -> None:
         cfg = preset()
         cfg.__post_init__()
         assert cfg.transformer.pos_conv_depth > 1 and cfg.encoder.mode == "layer_norm"
+
+
+def test_data2vecs_options_beside_wavlms_and_teras_in_one_stack() -> None:
+    """The merged Transformer takes every option of both lineages: a data2vec teacher reads a
+    WavLM-biased stack's FFN outputs (the gated bias reaches every layer) and a stack with
+    TERA's sinusoids; the pairings that cannot mean anything are refused by name."""
+    from models.transformer import TransformerEncoder
+
+    common = dict(dim=16, ffn_dim=32, num_layers=2, num_heads=4, dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0, layerdrop=0.0, layer_norm_first=False, pos_conv_kernel=4, pos_conv_groups=4)
+    x = torch.randn(2, 7, 16)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    for options in ({"relative_bias": "gated", "relative_buckets": 8, "relative_max_distance": 16},
+                    {"absolute_positions": True}, {"alibi": True, "pos_conv_depth": 2}):
+        stack = TransformerEncoder(**common, **options).eval()
+        outs = stack.ffn_outputs(x, pad)
+        assert len(outs) == 2 and all(o.shape == (2, 7, 16) and torch.isfinite(o).all() for o in outs)
+        assert stack(x, pad).shape == (2, 7, 16)
+    with pytest.raises(ValueError, match="choose one"):
+        M.TransformerConfig(alibi=True, relative_bias="gated")
+    with pytest.raises(ValueError, match="never run"):
+        M.TransformerConfig(absolute_positions=True, pos_conv_depth=3)
+    with pytest.raises(ValueError, match="relative_bias"):
+        M.ModelConfig(objective="data2vec2", transformer=M.TransformerConfig(relative_bias="gated"))

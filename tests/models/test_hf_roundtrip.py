@@ -148,7 +148,7 @@ def test_bin_weights_are_read_with_weights_only(small_config, tmp_path):
     ("change", "message"),
     [
         ({"hidden_act": "relu"}, r"hidden_act: expected 'gelu', got 'relu'"),
-        ({"model_type": "hubert"}, r"model_type: expected 'wav2vec2', got 'hubert'"),
+        ({"model_type": "whisper"}, r"model_type: expected 'wav2vec2', got 'whisper'"),  # HuBERT and WavLM read since
         ({"layer_norm_eps": 1e-6}, r"layer_norm_eps"),
         ({"add_adapter": True}, r"add_adapter"),
         ({"feat_extract_norm": "batch"}, r"feat_extract_norm"),

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +36,15 @@ def test_the_switches_and_messages_ray_is_read_by() -> None:
 
     assert "storage_filesystem" in inspect.signature(ray.train.Result.from_path).parameters
     assert RC.train_logging_config(False).log_level == "WARNING"
+
+
+def test_the_driver_stays_quiet_when_ray_data_is_imported_after() -> None:
+    """Importing ``ray.data`` configures its logger; a job that quiets it first must stay quiet."""
+    code = ("import logging; from pipeline.ray_compat import quiet_driver_logs; quiet_driver_logs(False); "
+            "import ray.data; print(logging.getLogger('ray.data').getEffectiveLevel())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == str(logging.WARNING), out.stderr[-2000:]
 
 
 def test_the_job_proxy_variables_stay_the_users(monkeypatch) -> None:
@@ -82,5 +94,13 @@ def test_latest_checkpoint_and_a_quiet_console(capfd) -> None:
         record.write_text(json.dumps({"not": "a record"}))
         with pytest.raises(ValueError, match="unreadable"):
             RC.latest_checkpoint_dir(str(storage / "pin"), fs)
+        # The object-store meter of the scale benchmark sees what is put there.
+        import numpy as np
+
+        meter = RC.ObjectStoreMeter()
+        before = meter.bytes_used()
+        held = ray.put(np.ones(16 << 20, dtype=np.uint8))
+        assert meter.bytes_used() - before >= 16 << 20
+        del held
     finally:
         ray.shutdown()

@@ -335,3 +335,23 @@ def test_samplers_propose_trials_inside_the_space(searcher: str) -> None:
         cfg = trial_config(spec.config, params, sweep="s", trial_id="t")
         assert cfg.model.mask.length == params["model.mask.length"]
     assert len({json.dumps(p, sort_keys=True) for p in proposals}) > 1
+
+
+def test_a_sweep_over_labelling_settings_lists_each_label_set_once() -> None:
+    """HuBERT's K and feature layer are searched like any path; the sweep's driver makes each
+    distinct label set once before the trials (pipeline.tune.labels)."""
+    from pipeline.tune.labels import label_configs
+
+    spec = load_sweep(SWEEP_DIR / "hubert_demo.yaml")
+    assert [c.model.hubert.clusters for c in label_configs(spec)] == [50, 100, 200]
+    assert {c.label.set_name(c.model.hubert.clusters) for c in label_configs(spec)} == {
+        "mfcc-k50", "mfcc-k100", "mfcc-k200"}
+    layers = load_sweep(SWEEP_DIR / "hubert_demo.yaml", [
+        "label.features=model", "label.teacher=runs/it1", "space.label.layer={grid: [1, 2]}",
+        "space.model.mask.prob={grid: [0.5, 0.8]}"])
+    made = label_configs(layers)
+    assert len(made) == 6, "the mask probability does not make another label set"
+    assert {c.label.set_name(c.model.hubert.clusters) for c in made} == {
+        f"layer{layer}-k{k}" for layer in (1, 2) for k in (50, 100, 200)}
+    # A sweep of other objectives labels nothing.
+    assert label_configs(load_sweep(SWEEP_DIR / "tiny_demo.yaml")) == []

@@ -15,16 +15,26 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataConfig, tiny
 from pipeline.data import schema as S
+from pipeline.data import storage
 from pipeline.data import testing as T
 from pipeline.data.batching import language_ratios, resample_rows
-from pipeline.data.loader import build_train_dataset, read_dataset_info
+from pipeline.data.loader import (
+    _PlannedCounts,
+    _spec,
+    balance_languages,
+    build_train_dataset,
+    plan_units,
+    read_dataset_info,
+    row_ratios,
+)
 from pipeline.data.position import DataPosition
-from pipeline.data.prepare import language_of
+from pipeline.data.prepare import language_column, language_of
 from pipeline.data.sidecar import parse_sidecar
 
 # --- where a file's language comes from -----------------------------------------------------------
@@ -36,6 +46,24 @@ def test_the_sidecar_row_wins_over_the_folder_and_the_folder_over_the_flag() -> 
     assert language_of("u1.wav", None, "folder") is None  # no folder to name it
     assert language_of("sw/u1.wav", None, "en") == "en"
     assert language_of("sw/u1.wav", None, "") is None
+
+
+def test_the_plan_gives_every_file_the_language_the_rule_gives_one_file() -> None:
+    """prepare builds its plan from Arrow columns (no Python object per file at 10^7 files):
+    the column rule must be :func:`language_of`, file by file, chunked columns included."""
+    rels = pa.chunked_array([["sw/a/u1.wav", "u1.wav", "/x.wav", "en/b.wav"], ["yo/c.wav", "xx/d.wav"]])
+    given = pa.chunked_array([["yo", None, None, ""], [None, "aa"]], pa.string())
+    for flag in ("folder", "en", ""):
+        want = [language_of(r, g, flag) for r, g in zip(rels.to_pylist(), given.to_pylist(), strict=True)]
+        assert language_column(rels, given, flag).to_pylist() == want, flag
+    assert language_column(rels, pa.nulls(6, pa.string()), "folder").to_pylist() == \
+        ["sw", None, None, "en", "yo", "xx"]
+
+
+def test_each_row_gets_its_languages_ratio_and_an_unnamed_language_none() -> None:
+    ratios = {"": 0.5, "aa": 2.0, "bb": 0.25}
+    got = row_ratios(pa.array(["bb", None, "aa", "zz", ""], pa.string()), ratios)
+    assert got.tolist() == [0.25, 0.5, 2.0, 0.0, 0.5]
 
 
 def test_a_sidecar_may_carry_only_a_language_column_and_empty_cells_name_none() -> None:
@@ -183,6 +211,28 @@ def test_the_stream_balances_languages_to_hours_to_the_alpha_and_resumes_exactly
     assert len(resumed) == len(whole)
     assert {b["key"]: b["ids"] for b in resumed} == {b["key"]: b["ids"] for b in whole}
     assert DataPosition.merge([position] + [r["position"] for r in rest])["epochs_done"] == EPOCHS
+
+
+def test_a_balanced_run_counts_only_the_epochs_it_will_read(multilingual: dict) -> None:
+    """Resampled epochs each have their own batch counts; a run that will read a little over
+    one epoch (``max_batches``, as the trainer passes it) plans two epochs and counts a
+    window of epochs near that, not all 16 of ``data.max_epochs``, and what it counted equals
+    what counting every epoch gives."""
+    cfg = multilingual["cfg"]
+    info = read_dataset_info(str(multilingual["out"]))
+    store = storage.Storage.for_data(cfg)
+    ratios = balance_languages(cfg, info, "train", store)
+    assert set(ratios) == {"aa", "bb", "cc"}
+    every = _PlannedCounts(cfg, info, "train", 2, _spec(cfg), store, ratios=ratios)
+    totals = [sum(every(e).batches) for e in range(cfg.max_epochs)]
+    assert all(t % 2 == 0 for t in totals)  # a multiple of the workers, epoch by epoch
+    wanted = totals[0] + 1
+    counts = _PlannedCounts(cfg, info, "train", 2, _spec(cfg), store, ratios=ratios, max_batches=wanted)
+    tasks = plan_units(len(info.split("train")), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed,
+                       position=DataPosition(None), per_task=1, counts=counts, max_batches=wanted)
+    assert {unit[0] for task in tasks for unit in task} == {0, 1}
+    assert set(counts.counted) <= set(range(4))
+    assert all(counts(e) == every(e) for e in counts.counted)
 
 
 def test_alpha_one_reads_the_data_as_it_is(multilingual: dict) -> None:

@@ -222,6 +222,32 @@ def test_data_benchmark_measures_both_paths(prepared: dict) -> None:
     assert "plain soundfile" in table and "input (whole)" in table and "x" in table
 
 
+def test_scale_benchmark_measures_every_stage_and_fits_the_growth(s3_store: S3Store, ray_local: None) -> None:
+    """``jobs.bench scale`` at 40 and 80 files on the session's store and Ray: every stage is
+    measured and the table fits an exponent where the figures are above the noise floor."""
+    import argparse
+
+    from jobs.benchmarks import scale
+
+    s3 = storage.Storage.from_config(s3_store.endpoint)
+    args = argparse.Namespace(files_per_shard=10, workers=2, epochs=2)
+    results = []
+    meter = scale.Meter()
+    try:
+        for n in (40, 80):
+            scale.write_corpus(n, s3, threads=4)
+            results.append(scale.measure(n, args, s3, meter))
+    finally:
+        meter.close()
+    for r in results:
+        assert set(r.stages) == set(scale.STAGES) and r.shards >= 2
+        assert all(m.wall_s > 0 for m in r.stages.values()), r.stages
+        assert r.position_kb > 0
+    text, rows = scale.table(results)
+    assert "exponent" in text and {row["stage"] for row in rows} == set(scale.STAGES)
+    assert any(row["exponent"] is not None for row in rows)
+
+
 def test_valid_speakers_hold_out_whole_voices(tmp_path: Path, ray_local: None) -> None:
     """``data.valid_speakers``: every utterance of the named speakers, and nothing else (with
     ``valid_fraction`` 0), lands in the valid split; a name with no utterances is an error
