@@ -244,8 +244,10 @@ class PretrainTask(WorkerTask):
 
         model = build_pretraining_model(cfg.model)
         if cfg.train.init_from:
-            model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
-                                  tracking_uri=default_tracking_uri(cfg))
+            left = model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
+                                         tracking_uri=default_tracking_uri(cfg))
+            if any(name.startswith("teacher.") for name in left) and hasattr(model, "reset_teacher"):
+                model.reset_teacher()  # data2vec from an encoder without a teacher: it starts as that encoder
         return model
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
