@@ -37,7 +37,8 @@ def _checkpoint(d: Path, cfg, model, step: int) -> Path:
 def _upload(local: Path, uri: str) -> None:
     fs, path = storage.resolve(uri)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    use_threads=False)  # threaded copies to S3 can deadlock (apache/arrow#32372)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] = ()) -> bool:
