@@ -146,7 +146,16 @@ class TransformerConfig:
     layerdrop: float = 0.05
     """Probability of skipping a whole layer in training."""
     pos_conv_kernel: int = 128
+    """Kernel of the conv positional embedding (of each of its layers when ``pos_conv_depth`` > 1)."""
     pos_conv_groups: int = 16
+    pos_conv_depth: int = 1
+    """1: wav2vec 2.0's one weight-normed convolution; more: data2vec's stack of that many
+    plain convolutions of ``pos_conv_kernel``, each followed by a non-affine LayerNorm and
+    GELU (fairseq ``pos_conv_depth: 5``, ``conv_pos: 95`` = 5 x 19; Hugging Face's
+    ``Data2VecAudio``). Transformer only."""
+    alibi: bool = False
+    """ALiBi in every attention: ``-scale_h * slope_h * |i - j|``, a learned per-head scale
+    (data2vec 2.0, FAMILY.md section 4). Transformer only; Hugging Face has no such class."""
     conv_kernel: int = 31
     """Conformer only: kernel of the depthwise convolution over time (odd, so the output
     stays aligned with the input: 'same' padding of ``conv_kernel // 2`` frames a side)."""
@@ -217,7 +226,14 @@ class TransformerConfig:
             raise ValueError(f"model.transformer.activation: only causal_conv takes {self.activation!r}, got kind {self.kind!r}")
         if self.absolute_positions and self.kind != "transformer":
             raise ValueError(f"model.transformer.absolute_positions: only the transformer kind has them, got {self.kind!r}")
-        for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups"):
+        if self.absolute_positions and self.pos_conv_depth > 1:
+            raise ValueError("model.transformer.absolute_positions replaces the conv positional embedding; "
+                             f"pos_conv_depth={self.pos_conv_depth} would stack convolutions that never run")
+        if self.alibi and self.relative_bias != "none":
+            raise ValueError("model.transformer.alibi and relative_bias='gated' are two relative position biases "
+                             "(data2vec 2.0's and WavLM's); choose one")
+        for name in ("num_layers", "dim", "ffn_dim", "num_heads", "pos_conv_kernel", "pos_conv_groups",
+                     "pos_conv_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.transformer.{name}: expected > 0, got {getattr(self, name)}")
         if self.dim % self.num_heads:
@@ -234,6 +250,11 @@ class TransformerConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"model.transformer.{name}: expected in [0, 1), got {v}")
+        if self.kind == "conformer" and (self.pos_conv_depth > 1 or self.alibi):
+            raise ValueError(
+                "model.transformer.pos_conv_depth > 1 and model.transformer.alibi are options of the "
+                f"Transformer (kind 'transformer'); the conformer has its own positions, got kind {self.kind!r}"
+            )
         if self.kind == "conformer":
             # sine/cosine pairs: relative encodings pair channels of the model width,
             # rotary ones channels of each head
@@ -381,6 +402,73 @@ class BestRqConfig:
                 raise ValueError(f"model.best_rq.{name}: expected >= 1, got {getattr(self, name)}")
         if self.codebook_size < 2:
             raise ValueError(f"model.best_rq.codebook_size: expected >= 2, got {self.codebook_size}")
+
+
+@dataclass(kw_only=True)
+class Data2VecConfig:
+    """data2vec's teacher, targets and loss (FAMILY.md sections 3, 4; ``models.data2vec``):
+    the student regresses, at masked frames, the average of the top ``top_k`` layers'
+    feed-forward outputs (each instance-normalised over time) of an EMA teacher that sees
+    the unmasked input. ``data2vec`` (1.0) and ``data2vec2`` (2.0) share this section;
+    ``clones`` and ``decoder_*`` are data2vec 2.0's."""
+
+    top_k: int = 8
+    """Teacher layers averaged into the target (``average_top_k_layers``)."""
+    ema_decay: float = 0.999
+    """Teacher decay after the first update; it rises linearly to ``ema_end_decay``."""
+    ema_end_decay: float = 0.9999
+    """Teacher decay from update ``ema_anneal_steps`` on (1.0 freezes the teacher)."""
+    ema_anneal_steps: int = 30_000
+    """Updates over which the decay rises (``ema_anneal_end_step``)."""
+    loss_scale: float = 0.0
+    """Factor on the squared error summed over channels; 0 means 1/sqrt(dim) (``loss_scale: null``)."""
+    instance_norm_targets: bool = True
+    """Instance-normalise each teacher layer's output over time before averaging
+    (``instance_norm_target_layer``)."""
+    clones: int = 1
+    """data2vec 2.0: masked copies of each utterance sharing one teacher pass (``clone_batch``)."""
+    mask_adjust: float = 0.05
+    """data2vec 2.0: extra span centres drawn, as a fraction of the frames, before exactly
+    ``model.mask.prob`` of the frames are kept masked (``mask_prob_adjust``)."""
+    mask_noise_std: float = 0.01
+    """data2vec 2.0: std of the noise the decoder gets at masked frames."""
+    decoder_layers: int = 4
+    """data2vec 2.0: grouped conv blocks of the decoder (kernel, residual, LayerNorm, GELU)."""
+    decoder_dim: int = 384
+    decoder_kernel: int = 7
+    decoder_groups: int = 16
+    decoder_input_dropout: float = 0.1
+    """data2vec 2.0: dropout on the encoder's output before the decoder."""
+    min_target_std: float = 0.1
+    """Health alarm: targets whose std over masked frames (mean over channels) falls below this
+    have collapsed (fairseq ``min_target_var``, a std despite the name)."""
+    min_prediction_std: float = 0.01
+    """Health alarm: the same floor for the predictions (fairseq ``min_pred_var``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "clones", "decoder_layers", "decoder_dim", "decoder_kernel", "decoder_groups",
+                     "ema_anneal_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.data2vec.{name}: expected >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay <= self.ema_end_decay <= 1.0:
+            raise ValueError(
+                f"model.data2vec.ema_decay ({self.ema_decay}) and ema_end_decay ({self.ema_end_decay}): expected "
+                "0 <= ema_decay <= ema_end_decay <= 1"
+            )
+        for name in ("loss_scale", "mask_adjust", "mask_noise_std", "min_target_std", "min_prediction_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.data2vec.{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.decoder_input_dropout < 1.0:
+            raise ValueError(
+                f"model.data2vec.decoder_input_dropout: expected in [0, 1), got {self.decoder_input_dropout}"
+            )
+        if self.decoder_dim % self.decoder_groups:
+            raise ValueError(
+                f"model.data2vec.decoder_dim ({self.decoder_dim}) must be divisible by "
+                f"model.data2vec.decoder_groups ({self.decoder_groups})"
+            )
+
+
 
 
 @dataclass(kw_only=True)
@@ -593,7 +681,9 @@ class VqBertConfig:
             raise ValueError("model.vq_bert: random_token_prob + leave_unmasked_prob must be <= 1")
 
 
-OBJECTIVES = ("wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "vq_bert")
+OBJECTIVES = (
+    "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert",
+)
 """What a pretraining model learns to do (``model.objective``)."""
 FUTURE_OBJECTIVES = ("wav2vec", "vq_wav2vec", "apc")
 """Objectives that predict frames after t from the context at t: they need a causal context network."""
@@ -614,16 +704,20 @@ class ModelConfig:
     ``wav2vec`` (binary contrastive prediction of future features: ``wav2vec``),
     ``vq_wav2vec`` (the same on quantized features: ``wav2vec``, ``vq_wav2vec``), ``apc``
     (autoregressive prediction of a future log-mel frame: ``apc``), ``tera`` (reconstruction
-    of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``), ``vq_bert``
-    (vq-wav2vec's second stage: a BERT on the tokens ``jobs.label`` made with a vq-wav2vec
-    model, ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``).
+    of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``), ``data2vec`` /
+    ``data2vec2`` (regression to an EMA teacher: ``data2vec``), ``vq_bert`` (vq-wav2vec's
+    second stage: a BERT on the tokens ``jobs.label`` made with a vq-wav2vec model,
+    ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``).
     """
 
-    objective: Literal["wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "vq_bert"] = "wav2vec2"
+    objective: Literal[
+        "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert"
+    ] = "wav2vec2"
     """The pretraining objective. wav2vec2, best_rq and hubert train with any front end and context
     network; wav2vec, vq_wav2vec and apc predict the future, so they need a causal context
     network (``transformer.kind`` causal_conv or gru); apc and tera reconstruct log-mel
-    frames, so they need the log-mel front end."""
+    frames, so they need the log-mel front end; data2vec and data2vec2 regress a teacher's
+    Transformer layers, so they need ``transformer.kind`` transformer."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -637,6 +731,7 @@ class ModelConfig:
     vq_wav2vec: VqWav2vecConfig = field(default_factory=VqWav2vecConfig)
     apc: ApcConfig = field(default_factory=ApcConfig)
     tera: TeraConfig = field(default_factory=TeraConfig)
+    data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
     vq_bert: VqBertConfig = field(default_factory=VqBertConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
@@ -682,12 +777,32 @@ class ModelConfig:
                 f"model.vq_wav2vec.groups ({self.vq_wav2vec.groups}) must divide the front end's width "
                 f"({self.frontend_dim}): each group quantizes its share of the features"
             )
+        if self.objective in ("data2vec", "data2vec2"):
+            self._check_data2vec()
         cv = self.quantizer.codevector_dim or self.final_dim
         if cv % self.quantizer.groups:
             raise ValueError(
                 f"model.quantizer.codevector_dim (resolved to {cv}) must be divisible by "
                 f"model.quantizer.groups ({self.quantizer.groups})"
             )
+
+    def _check_data2vec(self) -> None:
+        tr, d2v = self.transformer, self.data2vec
+        where = f"model.objective={self.objective}"
+        if tr.kind != "transformer":
+            raise ValueError(f"{where}: the targets are Transformer layers' feed-forward outputs; "
+                             f"expected model.transformer.kind 'transformer', got {tr.kind!r}")
+        if d2v.top_k > tr.num_layers:
+            raise ValueError(f"model.data2vec.top_k ({d2v.top_k}) must be <= model.transformer.num_layers "
+                             f"({tr.num_layers})")
+        if self.objective == "data2vec2" and tr.dim % d2v.decoder_groups:
+            raise ValueError(f"model.transformer.dim ({tr.dim}) must be divisible by model.data2vec.decoder_groups "
+                             f"({d2v.decoder_groups}): the decoder's first convolution reads it")
+        if self.objective == "data2vec2" and tr.relative_bias != "none":
+            raise ValueError(f"{where}: the student sees only its unmasked frames, which WavLM's bucketed "
+                             "relative bias (model.transformer.relative_bias='gated') does not place; use alibi")
+        if self.objective == "data2vec" and d2v.clones != 1:
+            raise ValueError(f"model.data2vec.clones: data2vec 1.0 has none (data2vec2 does), got {d2v.clones}")
 
     @property
     def codevector_dim(self) -> int:
@@ -1024,6 +1139,79 @@ def tera_laptop() -> ModelConfig:
     return _tiny_transformer(tera())
 
 
+def data2vec() -> ModelConfig:
+    """data2vec 1.0 BASE, fairseq's ``data2vec/config/audio/pretraining/base_librispeech.yaml``
+    (FAMILY.md section 3): layer-norm extractor with the full gradient, a 5-layer conv
+    positional embedding of kernel 19 (95 // 5), 12 post-LN layers of 768, LayerDrop 0.05,
+    spans of 10 at mask_prob 0.65 (min_masks 1), targets the top 8 layers' instance-normed
+    FFN outputs, EMA 0.999 -> 0.9999 over 30k updates, MSE scaled by 1/sqrt(768)."""
+    cfg = ModelConfig(objective="data2vec")
+    cfg.encoder.mode = "layer_norm"
+    cfg.encoder.grad_mult = 1.0
+    cfg.transformer.pos_conv_kernel = 19
+    cfg.transformer.pos_conv_depth = 5
+    cfg.mask = MaskConfig(prob=0.65, length=10, min_masks=1)
+    cfg.data2vec = Data2VecConfig(top_k=8, ema_decay=0.999, ema_end_decay=0.9999, ema_anneal_steps=30_000)
+    cfg.dropout_input = 0.0
+    cfg.dropout_features = 0.0
+    return cfg
+
+
+def data2vec2() -> ModelConfig:
+    """data2vec 2.0 BASE, fairseq's ``data2vec/config/v2/base_audio_only_task.yaml`` (FAMILY.md
+    section 4): data2vec 1.0's encoder with ALiBi in every attention; 8 masked clones of each
+    utterance, each with exactly half of its frames masked (spans of 5 around 0.55 x T / 5
+    centres) and dropped from the student; a 4-block conv decoder (384 channels, kernel 7,
+    16 groups) fills them in; one teacher pass per utterance, the whole context network
+    averaged with decay 0.999 -> 0.99999 over 75k updates."""
+    cfg = data2vec()
+    cfg.objective = "data2vec2"
+    cfg.transformer.alibi = True
+    cfg.mask = MaskConfig(prob=0.5, length=5, min_masks=0)
+    cfg.data2vec = Data2VecConfig(
+        top_k=8, ema_decay=0.999, ema_end_decay=0.99999, ema_anneal_steps=75_000, clones=8, mask_adjust=0.05,
+        decoder_layers=4, decoder_dim=384, decoder_kernel=7, decoder_groups=16, decoder_input_dropout=0.1,
+    )
+    return cfg
+
+
+def _laptop_context(cfg: ModelConfig) -> None:
+    """The laptop model's size (``laptop()``): 20 ms frames of a 32-channel layer-norm
+    extractor, 2 post-LN layers of 64 with 4 heads, no dropout or LayerDrop."""
+    small = laptop()
+    cfg.encoder = small.encoder
+    depth, alibi = cfg.transformer.pos_conv_depth, cfg.transformer.alibi
+    cfg.transformer = TransformerConfig(
+        num_layers=2, dim=64, ffn_dim=128, num_heads=4, layerdrop=0.0, dropout=0.0, attention_dropout=0.0,
+        pos_conv_kernel=5, pos_conv_groups=4, pos_conv_depth=depth, alibi=alibi,
+    )
+
+
+def data2vec_laptop() -> ModelConfig:
+    """data2vec 1.0 at the laptop preset's size: both layers are the target (top_k 2), the
+    masking of ``laptop()`` (spans of 5 for 3 s crops), a 3-layer positional stack of kernel 5,
+    and a teacher that follows within tens of updates (0.99 -> 0.999 over 500)."""
+    cfg = data2vec()
+    cfg.transformer.pos_conv_depth = 3
+    _laptop_context(cfg)
+    cfg.mask = MaskConfig(prob=0.5, length=5, min_masks=1)
+    cfg.data2vec = Data2VecConfig(top_k=2, ema_decay=0.99, ema_end_decay=0.999, ema_anneal_steps=500)
+    return cfg
+
+
+def data2vec2_laptop() -> ModelConfig:
+    """data2vec 2.0 at the laptop preset's size: ``data2vec_laptop``'s encoder and teacher
+    schedule, with ALiBi, 4 clones and a 2-block decoder of 32 channels (4 groups, kernel 7)."""
+    cfg = data2vec2()
+    cfg.transformer.pos_conv_depth = 3
+    _laptop_context(cfg)
+    cfg.data2vec = Data2VecConfig(
+        top_k=2, ema_decay=0.99, ema_end_decay=0.999, ema_anneal_steps=500, clones=4, mask_adjust=0.05,
+        decoder_layers=2, decoder_dim=32, decoder_kernel=7, decoder_groups=4, decoder_input_dropout=0.1,
+    )
+    return cfg
+
+
 def vq_bert() -> ModelConfig:
     """vq-wav2vec's BERT BASE (the paper, section 4.3; fairseq's ``roberta_base`` on the
     tokens; FAMILY.md section 9 gives no BERT values): 12 post-LN layers of 768, FFN 3072,
@@ -1059,5 +1247,7 @@ PRESETS = {
     "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
     "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
     "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
+    "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
+    "data2vec2_laptop": data2vec2_laptop,
     "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
 }

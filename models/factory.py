@@ -10,6 +10,7 @@ from models.best_rq import RandomProjectionQuantizer
 from models.causal_conv import CausalConvContext, Wav2VecFeatureEncoder
 from models.config import TARGET_HOP, ModelConfig
 from models.conformer import ConformerEncoder
+from models.data2vec import ConvDecoder, Data2Vec2Model, Data2VecModel
 from models.feature_encoder import FeatureEncoder, FeatureProjection, IdentityProjection
 from models.frontends import LogMelFrontend
 from models.gru import GRUContext
@@ -23,8 +24,10 @@ from models.vq_bert import TokenEncoder, VqBertModel
 from models.wav2vec1 import Wav2VecModel
 from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretraining
 
-PretrainingModel = (Wav2Vec2ForPretraining | MaskedPredictionModel | Wav2VecModel | ApcModel | MaskedReconstructionModel
-                    | VqBertModel)
+PretrainingModel = (
+    Wav2Vec2ForPretraining | MaskedPredictionModel | Wav2VecModel | ApcModel | MaskedReconstructionModel
+    | Data2VecModel | Data2Vec2Model | VqBertModel
+)
 
 
 def build_frontend(cfg: ModelConfig) -> FeatureEncoder | LogMelFrontend | Wav2VecFeatureEncoder:
@@ -93,6 +96,7 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
     else:
         transformer = TransformerEncoder(
             **common, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
+            pos_conv_depth=tr.pos_conv_depth, alibi=tr.alibi,
             relative_bias=tr.relative_bias, relative_buckets=tr.relative_buckets,
             relative_max_distance=tr.relative_max_distance,
             absolute_positions=tr.absolute_positions,
@@ -105,8 +109,9 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
 def build_pretraining_model(cfg: ModelConfig) -> PretrainingModel:
     """The self-supervised model of ``cfg``'s objective with fresh weights."""
     builders = {
-        "best_rq": build_best_rq_model, "hubert": build_hubert_model, "wav2vec": build_wav2vec_model, "vq_wav2vec": build_wav2vec_model,
-        "apc": build_apc_model, "tera": build_tera_model, "vq_bert": build_vq_bert_model,
+        "best_rq": build_best_rq_model, "hubert": build_hubert_model, "wav2vec": build_wav2vec_model,
+        "vq_wav2vec": build_wav2vec_model, "apc": build_apc_model, "tera": build_tera_model,
+        "data2vec": build_data2vec_model, "data2vec2": build_data2vec_model, "vq_bert": build_vq_bert_model,
     }
     return builders.get(cfg.objective, build_wav2vec2_model)(cfg)
 
@@ -200,6 +205,26 @@ def build_tera_model(cfg: ModelConfig) -> MaskedReconstructionModel:
         mask_length=m.length, min_masks=m.min_masks, zero_prob=t.zero_prob, replace_prob=t.replace_prob,
         freq_width=t.freq_width, noise_prob=t.noise_prob, noise_std=t.noise_std,
     )
+
+
+def build_data2vec_model(cfg: ModelConfig) -> Data2VecModel | Data2Vec2Model:
+    """data2vec 1.0 (``objective: data2vec``) or 2.0 (``data2vec2``): the encoder, an EMA
+    teacher that starts as a copy of its context network, and a regression head (1.0) or
+    a conv decoder (2.0)."""
+    d = cfg.data2vec
+    encoder = build_encoder(cfg)
+    common = dict(
+        top_k=d.top_k, instance_norm_targets=d.instance_norm_targets, loss_scale=d.loss_scale,
+        ema=(d.ema_decay, d.ema_end_decay, d.ema_anneal_steps), mask_prob=cfg.mask.prob,
+        mask_length=cfg.mask.length,
+    )
+    if cfg.objective == "data2vec":
+        return Data2VecModel(encoder, min_masks=cfg.mask.min_masks, **common)
+    decoder = ConvDecoder(
+        encoder.dim, decoder_dim=d.decoder_dim, kernel=d.decoder_kernel, groups=d.decoder_groups,
+        num_layers=d.decoder_layers, input_dropout=d.decoder_input_dropout, noise_std=d.mask_noise_std,
+    )
+    return Data2Vec2Model(encoder, decoder, clones=d.clones, mask_adjust=d.mask_adjust, **common)
 
 
 def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:

@@ -8,9 +8,13 @@ directories that ``transformers.Wav2Vec2ForPreTraining`` / ``Wav2Vec2ForCTC``
 A model whose ``model.transformer.kind`` is ``conformer`` goes to and comes from the
 ``Wav2Vec2Conformer*`` classes instead (``model_type`` ``wav2vec2-conformer``; their
 names, fields and limits are in ``models.hf_conformer``), a HuBERT or WavLM encoder to and
-from ``HubertModel`` / ``HubertForCTC`` / ``WavLMModel`` / ``WavLMForCTC`` (``models.hf_hubert``). Reading dispatches on
-``model_type`` in config.json, and state dicts on their own keys (a conformer's layers
-have a depthwise convolution), so the same functions serve both.
+from ``HubertModel`` / ``HubertForCTC`` / ``WavLMModel`` / ``WavLMForCTC`` (``models.hf_hubert``),
+and a data2vec encoder (a stacked conv positional embedding,
+``model.transformer.pos_conv_depth`` > 1) to and from ``Data2VecAudioModel`` /
+``Data2VecAudioForCTC`` (``models.hf_data2vec``). Reading dispatches on ``model_type`` in
+config.json, and state dicts on their own keys (a conformer's layers have a depthwise
+convolution, data2vec's positional embedding is a stack, HuBERT's and WavLM's classes
+name their base model), so the same functions serve them all.
 
 Settings that Hugging Face's config has no field for (feature-encoder gradient scale,
 Gumbel temperature schedule, feature-penalty weight) travel in a ``"wavray"`` entry of
@@ -32,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models import hf_conformer, hf_hubert
+from models import hf_conformer, hf_data2vec, hf_hubert
 from models.checkpoint import WEIGHTS_NAME, check_shapes, save_weights
 from models.config import (
     FeatureEncoderConfig,
@@ -98,6 +102,9 @@ _HF_TO_ENCODER: list[tuple[str, str]] = _FRONT_FROM_HF + [
     (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"transformer.layers.\1.ffn.fc2.\2"),
     (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"transformer.layers.\1.ffn_norm.\2"),
 ]
+# data2vec's stacked positional embedding (its only weights that wav2vec 2.0 names otherwise)
+_ENCODER_TO_HF += hf_data2vec.POS_CONV_TO_HF
+_HF_TO_ENCODER += hf_data2vec.POS_CONV_FROM_HF
 
 # WavLM's gated relative position bias (only a gated encoder has these keys).
 _ENCODER_TO_HF += hf_hubert.GATED_TO_HF
@@ -140,7 +147,10 @@ def _base_prefix(conformer: bool) -> str:
 
 
 def _hf_prefix(state: dict[str, Tensor]) -> str:
-    """The base model's prefix in a HF state dict of any class we read."""
+    """The base model's prefix in the heads-carrying Hugging Face classes of the architecture
+    ``state`` holds (a state dict of ours or of Hugging Face's)."""
+    if hf_data2vec.is_data2vec_state(state):
+        return hf_data2vec.BASE_PREFIX
     for prefix in hf_hubert.PREFIXES.values():
         if any(k.startswith(prefix) for k in state):
             return prefix
@@ -207,7 +217,7 @@ def pretraining_state_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our ``Wav2Vec2ForPretraining`` state dict -> HF ``Wav2Vec2ForPreTraining`` state dict
     (``Wav2Vec2ConformerForPreTraining`` for a conformer, less ``unused_hf_weights``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = _base_prefix(is_conformer_state(enc))
+    prefix = _hf_prefix(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder.") or key in _OURS_ONLY:
@@ -223,7 +233,7 @@ def ctc_state_to_hf(state: dict[str, Tensor], *, prefix: str | None = None) -> d
     (``Wav2Vec2ConformerForCTC`` for a conformer, less ``unused_hf_weights``); ``prefix``: the
     base model's name of another class (``hubert.``, ``wavlm.``)."""
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    prefix = prefix or _base_prefix(is_conformer_state(enc))
+    prefix = prefix or _hf_prefix(enc)
     out = {prefix + k: v for k, v in encoder_to_hf(enc).items()}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -264,7 +274,7 @@ def split_hf_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 
 def hf_unsupported(cfg: ModelConfig) -> str:
     """Why Hugging Face has no class for the encoder of ``cfg``; empty when it has one
-    (``Wav2Vec2Model`` or ``Wav2Vec2ConformerModel``)."""
+    (``Wav2Vec2Model``, ``Wav2Vec2ConformerModel``, HuBERT's and WavLM's, ``Data2VecAudioModel``)."""
     if cfg.objective == "vq_bert":
         return "model.objective=vq_bert: a BERT on vq-wav2vec's tokens reads no waveform; Wav2Vec2Model has no place for it"
     if cfg.frontend.kind != "conv":
@@ -281,7 +291,15 @@ def hf_unsupported(cfg: ModelConfig) -> str:
         return f"model.transformer.kind={cfg.transformer.kind!r}: this context network has no Hugging Face class"
     if cfg.transformer.absolute_positions:
         return "model.transformer.absolute_positions: Hugging Face's Wav2Vec2 has conv positions only"
+    if _data2vec_encoder(cfg):
+        return "; ".join(hf_data2vec.problems(cfg))
     return ""
+
+
+def _data2vec_encoder(cfg: ModelConfig) -> bool:
+    """Whether ``cfg``'s encoder has data2vec's options (a stacked positional embedding or
+    ALiBi): it exports as ``Data2VecAudioModel`` where Hugging Face has a class for it."""
+    return cfg.transformer.pos_conv_depth > 1 or cfg.transformer.alibi
 
 
 def model_config_to_hf(
@@ -302,6 +320,9 @@ def model_config_to_hf(
     problem = hf_unsupported(cfg)
     if problem:
         raise ValueError(f"{problem}; the model stays a wavray checkpoint (config.yaml + model.safetensors)")
+    if _data2vec_encoder(cfg):
+        return hf_data2vec.config_to_hf(cfg, architecture=architecture, vocab_size=vocab_size,
+                                        pad_token_id=pad_token_id)
     enc, tr, mask, q, loss = cfg.encoder, cfg.transformer, cfg.mask, cfg.quantizer, cfg.loss
     hf: dict[str, Any] = {
         "model_type": "wav2vec2",
@@ -391,10 +412,12 @@ def hf_to_model_config(hf: dict[str, Any], *, for_pretraining: bool = True) -> M
     of SPEC.md (0.65, 10, 2) replaces them, with a warning.
     """
     model_type = hf.get("model_type", "wav2vec2")
+    if model_type == hf_data2vec.MODEL_TYPE:
+        return hf_data2vec.model_config_from_hf(hf, for_pretraining=for_pretraining)
     if model_type not in ("wav2vec2", hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES):
         raise ValueError(
             f"config.json: model_type: expected 'wav2vec2', got {model_type!r}; "
-            f"the other types read are {[hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES]}"
+            f"the other types read are {[hf_conformer.MODEL_TYPE, *hf_hubert.MODEL_TYPES, hf_data2vec.MODEL_TYPE]}"
         )
     conformer = model_type == hf_conformer.MODEL_TYPE
     hubert = model_type in hf_hubert.MODEL_TYPES
@@ -687,6 +710,8 @@ def load_hf(
             stacklevel=2,
         )
     model.load_state_dict(state, strict=False)
+    if any(k.startswith("teacher.") for k in missing) and hasattr(model, "reset_teacher"):
+        model.reset_teacher()  # data2vec: the teacher starts as the imported encoder
     if isinstance(model, Wav2Vec2ForPretraining):
         current = hf_cfg.get("wavray", {}).get("temperature") if isinstance(hf_cfg.get("wavray"), dict) else None
         if current is not None:

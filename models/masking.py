@@ -143,3 +143,62 @@ def compute_channel_mask(
         (batch, channels), mask_prob=mask_prob, mask_length=mask_length, min_masks=0,
         generator=generator, device=device,
     )
+
+
+def compute_exact_span_mask(
+    shape: tuple[int, int],
+    *,
+    mask_prob: float,
+    mask_length: int,
+    adjust: float = 0.0,
+    lengths: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(B, T) bool: exactly ``floor(mask_prob * n)`` of each row's ``n`` valid frames masked,
+    in spans (data2vec 2.0's ``compute_block_mask_1d`` with ``require_same_masks``).
+
+    Per row: ``int(n * (mask_prob + adjust) / mask_length)`` span centres drawn uniformly
+    with replacement from the valid frames, each masking ``mask_length`` frames around it
+    (``mask_length // 2`` before), cut at the row's ends; then masked frames chosen
+    uniformly are unmasked, or unmasked ones masked, until exactly ``floor(mask_prob * n)``
+    are. Rows of equal length therefore keep equally many frames, which is what lets
+    data2vec 2.0 drop the masked frames from the student's input. Padding is never masked.
+    """
+    batch, total = shape
+    if device is None:
+        device = lengths.device if lengths is not None else torch.device("cpu")
+    device = torch.device(device)
+    if mask_length < 1:
+        raise ValueError(f"mask_length: expected >= 1, got {mask_length}")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob: expected in [0, 1], got {mask_prob}")
+    if lengths is None:
+        lengths = torch.full((batch,), total, dtype=torch.long, device=device)
+    lengths = lengths.to(device=device, dtype=torch.long).clamp(0, total)
+    t = torch.arange(total, device=device)
+    valid = t.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+
+    # Span centres, uniform over each row's valid frames, with replacement.
+    num_centres = torch.floor(lengths.double() * (mask_prob + adjust) / mask_length).long()  # (B,)
+    most = max(1, int(total * (mask_prob + adjust) / mask_length))
+    centres = torch.floor(_rand((batch, most), generator, device) * lengths.unsqueeze(1)).long()  # (B, C)
+    centres = torch.minimum(centres, (lengths - 1).clamp(min=0).unsqueeze(1))  # u * n rounding up to n
+    used = (torch.arange(most, device=device).unsqueeze(0) < num_centres.unsqueeze(1)).long()  # (B, C)
+    # Each centre covers [c - length // 2, c - length // 2 + length) cut to [0, n): +1 at its
+    # first frame and -1 after its last in a difference array, whose running sum counts the
+    # spans over every frame.
+    first = (centres - mask_length // 2).clamp(min=0)
+    end = torch.minimum(centres - mask_length // 2 + mask_length, lengths.unsqueeze(1))
+    diff = torch.zeros(batch, total + 1, dtype=torch.long, device=device)
+    diff.scatter_add_(1, first, used).scatter_add_(1, end, -used)
+    spans = diff[:, :total].cumsum(dim=1) > 0  # (B, T)
+
+    # Exactly k per row: the k highest of (2 if in a span else 0) + U[0, 1) over valid frames
+    # are every span frame in random order, then the other frames in random order.
+    k = torch.floor(lengths.double() * mask_prob).long()  # (B,)
+    score = spans.double() * 2.0 + _rand((batch, total), generator, device).double()
+    score = torch.where(valid, score, torch.full_like(score, -1.0))
+    order = score.argsort(dim=1, descending=True)  # (B, T)
+    rank = torch.empty_like(order).scatter_(1, order, t.unsqueeze(0).expand(batch, total))
+    return (rank < k.unsqueeze(1)) & valid

@@ -50,7 +50,8 @@ __all__ = [
     "laptop", "best_rq", "best_rq_laptop", "hubert", "hubert_laptop", "wavlm", "wavlm_laptop",
     "wav2vec", "wav2vec_laptop", "vq_wav2vec", "vq_wav2vec_laptop",
     "vq_wav2vec_kmeans", "vq_wav2vec_kmeans_laptop", "apc", "apc_laptop", "mockingjay", "mockingjay_laptop", "tera",
-    "tera_laptop", "vq_bert", "vq_bert_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
+    "data2vec", "data2vec2", "data2vec2_laptop", "data2vec_laptop", "vq_bert", "vq_bert_laptop",
+    "tera_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
 
@@ -350,6 +351,56 @@ def tera_laptop() -> Config:
     return cfg
 
 
+def data2vec() -> Config:
+    """data2vec 1.0 BASE (``models.config.data2vec``), per GPU of fairseq's 16: Adam (0.9, 0.98),
+    eps 1e-6, weight decay 0.01, lr 5e-4 on the tri-stage schedule (3% warm-up, 90% hold,
+    7% decay, from and to 1% of the peak), 400k updates, 3.8M samples (237 s) per batch,
+    crops of 2-20 s, normalised input."""
+    cfg = Config(preset="data2vec", model=model_config.data2vec())
+    cfg.optim.lr = 5e-4
+    cfg.schedule.kind = "tri_stage"
+    cfg.schedule.warmup_steps = 12_000
+    cfg.schedule.hold_ratio = 0.9
+    cfg.schedule.decay_ratio = 0.07
+    cfg.schedule.final_lr_scale = 0.01
+    cfg.train.max_steps = 400_000
+    cfg.data.max_samples_per_batch = 3_800_000
+    cfg.data.max_sample_size = 320_000
+    cfg.data.normalize = True
+    return cfg
+
+
+def data2vec2() -> Config:
+    """data2vec 2.0 BASE (``models.config.data2vec2``), per GPU of fairseq's 8: lr 7.5e-4 after
+    8k warm-up updates, 400k updates, 1M samples (62.5 s) per batch before the 8 clones,
+    normalised input. fairseq decays the lr on a cosine; wavray's polynomial schedule
+    (linear decay) stands in for it here."""
+    cfg = Config(preset="data2vec2", model=model_config.data2vec2())
+    cfg.optim.lr = 7.5e-4
+    cfg.schedule.warmup_steps = 8_000
+    cfg.train.max_steps = 400_000
+    cfg.data.max_samples_per_batch = 1_000_000
+    cfg.data.max_sample_size = 320_000
+    cfg.data.normalize = True
+    return cfg
+
+
+def data2vec_laptop() -> Config:
+    """data2vec 1.0 at the laptop preset's size and data settings (``models.config.data2vec_laptop``)."""
+    cfg = laptop()
+    cfg.preset = "data2vec_laptop"
+    cfg.model = model_config.data2vec_laptop()
+    return cfg
+
+
+def data2vec2_laptop() -> Config:
+    """data2vec 2.0 at the laptop preset's size and data settings (``models.config.data2vec2_laptop``)."""
+    cfg = laptop()
+    cfg.preset = "data2vec2_laptop"
+    cfg.model = model_config.data2vec2_laptop()
+    return cfg
+
+
 def vq_bert() -> Config:
     """vq-wav2vec's BERT BASE as its paper and fairseq's ``masked_lm`` command on the tokens
     (``roberta_base``; FAMILY.md section 9 has no BERT values): Adam (0.9, 0.98), eps 1e-6,
@@ -388,6 +439,8 @@ PRESETS = {
     "vq_wav2vec_laptop": vq_wav2vec_laptop, "vq_wav2vec_kmeans": vq_wav2vec_kmeans,
     "vq_wav2vec_kmeans_laptop": vq_wav2vec_kmeans_laptop, "apc": apc, "apc_laptop": apc_laptop,
     "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
+    "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
+    "data2vec2_laptop": data2vec2_laptop,
     "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
 }
 

@@ -38,6 +38,12 @@ class DataConfig:
     decode_cpus: float = 1.0
     """CPUs reserved per decode task."""
     prefetch_batches: int = 2
+    language_alpha: float = 0.5
+    """XLSR's language-balanced sampling: each epoch draws a language's utterances in
+    proportion to (its hours)^alpha rather than its hours (1: as the data is; 0: every
+    language equally), by resampling each shard's utterances with a seeded ratio per
+    language, so the stream stays deterministic and exactly resumable. Languages are the
+    prepared data's ``language`` column; a dataset of one language is read as it is."""
     max_epochs: int = 100
     """Epochs the training input streams in one pass (each with its own shuffle); the run
     ends at ``train.max_steps`` or when the stream ends, whichever comes first."""
@@ -50,6 +56,10 @@ class DataConfig:
     """prepare: speakers (the sidecar's ``speaker`` column) whose every utterance goes to
     the valid split, on top of ``valid_fraction``: a dev set of voices never heard in
     training, as a probe or an evaluation of generalisation needs."""
+    prepare_language: str = ""
+    """prepare: the language of files the sidecar's ``language`` column leaves without one:
+    ``folder`` for the first folder under the input root (``<input>/sw/...`` is ``sw``),
+    any other value for that code, empty for none (``jobs.prepare --language``)."""
     prepare_min_seconds: float = 0.1
     """prepare: shorter files are rejected (``too_short``)."""
     prepare_max_seconds: float = 3600.0
@@ -88,6 +98,11 @@ class DataConfig:
             raise ValueError(f"data.decode_cpus: expected > 0, got {self.decode_cpus}")
         if self.prefetch_batches < 0:
             raise ValueError(f"data.prefetch_batches: expected >= 0, got {self.prefetch_batches}")
+        if not 0.0 <= self.language_alpha <= 1.0:
+            raise ValueError(f"data.language_alpha: expected a value in [0, 1], got {self.language_alpha}")
+        if self.prepare_language != self.prepare_language.strip():
+            raise ValueError(f"data.prepare_language: expected a code without surrounding spaces, "
+                             f"got {self.prepare_language!r}")
         if self.max_epochs < 1:
             raise ValueError(f"data.max_epochs: expected >= 1, got {self.max_epochs}")
         if self.shard_size_mb <= 0:

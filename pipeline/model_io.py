@@ -48,10 +48,11 @@ def write_bundle(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
     """A trained pretraining model for others, in ``out_dir``: ``config.yaml`` +
     ``model.safetensors`` (exact; what :func:`load_model` reads first) and ``hf_model/``
     where Hugging Face has a class for it: ``Wav2Vec2(Conformer)ForPreTraining`` for wav2vec
-    2.0, the encoder alone (``Wav2Vec2(Conformer)Model``) for another objective, nothing for
-    an encoder it has no class for (a log-mel front end: Hugging Face's models read the
-    waveform through convolutions; wav2vec 1.0's front end, a causal conv or GRU context
-    network, absolute positions: :func:`models.hf.hf_unsupported`)."""
+    2.0, the encoder alone (``Wav2Vec2(Conformer)Model``, ``HubertModel`` / ``WavLMModel``,
+    ``Data2VecAudioModel`` for data2vec 1.0) for another objective, nothing for an encoder it
+    has no class for (a log-mel front end: Hugging Face's models read the waveform through
+    convolutions; wav2vec 1.0's front end, a causal conv or GRU context network, absolute
+    positions, data2vec 2.0's ALiBi: :func:`models.hf.hf_unsupported`)."""
     from models.checkpoint import save_weights
     from models.hf import hf_unsupported, save_hf_encoder, save_hf_pretraining
     from pipeline.config import save_config

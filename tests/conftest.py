@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # The real S3 object store (SeaweedFS on loopback), started once per session on first use.
 pytest_plugins = ["fixtures.objectstore"]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test: its budget is one core's time, on a shared
+    machine extra threads only spin, and results do not depend on the core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import soundfile as sf
 
 from pipeline.cluster import connect_ray
@@ -191,8 +190,7 @@ def _make_dataset(work: Path, minutes: float, shard_size_mb: float) -> str:
 
 def _copy_to_s3(local: str, store: objectstore.ObjectStore, bucket: str) -> str:
     s3 = storage.Storage(endpoint=store.endpoint, access_key=store.access_key, secret_key=store.secret_key)
-    fs, path = storage.resolve(f"s3://{bucket}/shards", s3)
-    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage.upload_file(local, f"s3://{bucket}/shards", s3)
     return f"s3://{bucket}/shards"
 
 

@@ -118,22 +118,22 @@ class Meter:
                     with self._lock:
                         self._store_peak = max(self._store_peak, used)
 
-    def _reset(self) -> tuple[int, int]:
-        rss = self._proc.memory_info().rss
+    def _now(self) -> tuple[int, int]:
+        """(driver RSS, object-store bytes) at this moment (0 for a store that did not answer)."""
         try:
             used = self._store.bytes_used()
         except Exception:
             used = 0
+        return self._proc.memory_info().rss, used
+
+    def _reset(self) -> tuple[int, int]:
+        rss, used = self._now()
         with self._lock:
             self._rss_peak, self._store_peak = rss, used
         return rss, used
 
     def _peaks(self) -> tuple[int, int]:
-        rss = self._proc.memory_info().rss
-        try:
-            used = self._store.bytes_used()
-        except Exception:
-            used = 0
+        rss, used = self._now()
         with self._lock:
             return max(self._rss_peak, rss), max(self._store_peak, used)
 

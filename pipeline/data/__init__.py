@@ -7,14 +7,15 @@ Modules, in the order data flows through them:
 * ``objectstore``  a local S3 server (SeaweedFS) for the demo and the tests
 * ``demo_corpus``  synthesised English speech with transcripts, made on this machine
 * ``listing``      every audio path under the input once, with ids; links, odd names
-* ``sidecar``      transcripts and speakers from a TSV as spreadsheets write it
+* ``sidecar``      transcripts, speakers and languages from a TSV as spreadsheets write it
 * ``decode``       the samples of a file: libsndfile, helped over what it misreads, then ffmpeg
 * ``audio``        one file -> 16 kHz mono FLAC that keeps its signal, or a reject reason;
   crop decoding
 * ``verdicts``     every reject reason
 * ``prepare``      the prepare job: list, label, group, convert + write shards, commit
 * ``schema``       column names and the layout of a prepared dataset
-* ``batching``     batches planned on lengths under a sample budget; crop/pad assembly
+* ``batching``     batches planned on lengths under a sample budget; XLSR language
+  resampling; crop/pad assembly
 * ``position``     what the training input delivered, for exact resume
 * ``loader``       the Ray Data training input (``build_train_dataset``,
   ``iter_train_batches``)

@@ -18,6 +18,11 @@ before any audio is read (``streaming_split(equal=True)`` drops the remainder
 otherwise), and what makes a batch's ``(epoch, shard, batch_index)`` key stable across
 a restart: the plan is a pure function of the lengths and a seed.
 
+Before planning, a multilingual unit may be resampled (:func:`language_ratios`,
+:func:`resample_rows`): XLSR's language balancing, p(language) proportional to
+(hours)^alpha, done as a seeded number of copies of each utterance per epoch. It too sees
+only metadata and a seed, so the plan stays a pure function of them.
+
 Assembly (:func:`crop_offsets`, :func:`assemble`) turns a planned batch and decoded
 segments into the ``(B, S)`` array the model takes.
 """
@@ -138,6 +143,40 @@ def spread_extra_splits(counts: list[tuple[int, int]], multiple_of: int) -> list
         if not progressed:
             break
     return extra
+
+
+def language_ratios(hours: dict[str, float], alpha: float) -> dict[str, float]:
+    """Copies per utterance, in expectation, of each language: XLSR's balancing.
+
+    A language of ``h`` hours out of ``H`` is drawn with probability
+    ``p = h^alpha / sum(h'^alpha)`` (Conneau et al. 2020, eq. 1); giving each of its
+    utterances ``p * H / h`` copies per epoch makes its share of the epoch's hours ``p``
+    while the epoch keeps ``H`` hours. Empty when there is nothing to balance (fewer than
+    two languages with hours, or ``alpha`` 1): the stream is then the data as it is,
+    bit for bit.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"data.language_alpha: expected a value in [0, 1], got {alpha}")
+    present = {lang: h for lang, h in sorted(hours.items()) if h > 0}
+    if len(present) < 2 or alpha == 1.0:
+        return {}
+    h = np.array(list(present.values()), dtype=np.float64)
+    p = h**alpha / (h**alpha).sum()
+    return {lang: float(r) for lang, r in zip(present, p * h.sum() / h, strict=True)}
+
+
+def resample_rows(ratios: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row indices of a unit after resampling, sorted, with repeats: row ``i`` appears
+    ``floor(r_i)`` or ``floor(r_i) + 1`` times with mean ``r_i`` (``ratios`` (N,)).
+
+    Rounding each row up or down at random, rather than drawing rows with replacement,
+    keeps every language's share of each epoch close to its target (the variance is that
+    of N coin flips, not of a multinomial), and an upsampled language keeps all its rows.
+    """
+    ratios = np.asarray(ratios, dtype=np.float64)  # (N,)
+    whole = np.floor(ratios)
+    copies = (whole + (rng.random(len(ratios)) < ratios - whole)).astype(np.int64)  # (N,)
+    return np.repeat(np.arange(len(ratios), dtype=np.int64), copies)
 
 
 def crop_offsets(num_samples: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:

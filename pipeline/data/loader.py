@@ -7,9 +7,13 @@ Stages, each with the rows it produces:
    split's shards in the order of a permutation seeded by ``data.shuffle_seed + e``.
    A resumed run leaves out the units its position marks finished.
 2. read + plan (a Ray Data read task per few units, ``data.decode_cpus`` each): read a
-   shard's ``id, num_samples, audio`` columns, plan its batches on lengths alone
-   (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard), and drop the
-   batches the position marks consumed, all before decoding anything.
+   shard's ``id, num_samples, audio`` columns; on a multilingual dataset, resample its
+   rows (XLSR's balancing, ``data.language_alpha``: each row 0, 1 or more times, seeded by
+   epoch and shard, :func:`pipeline.data.batching.resample_rows`); plan its batches on
+   lengths alone (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard),
+   and drop the batches the position marks consumed, all before decoding anything. A
+   unit's batches are thus still a pure function of the metadata and the seeds, which is
+   what keeps the position's keys, and so an exact resume, valid.
 3. decode + crop (same task): for each planned batch, decode only each item's crop from
    its FLAC (random offset seeded by ``seed``, epoch, shard and batch), normalise per
    utterance when ``data.normalize``, and emit ONE row per batch::
@@ -40,12 +44,13 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -58,9 +63,11 @@ from pipeline.data.batching import (
     BatchSpec,
     count_batches,
     crop_offsets,
+    language_ratios,
     normalize,
     padding_mask,
     plan_batches,
+    resample_rows,
     spread_extra_splits,
 )
 from pipeline.data.position import (
@@ -164,9 +171,15 @@ class _Settings:
     num_splits: int
     labels: L.LabelSpec | None = None
     """HuBERT's labels joined with every batch; None: audio only."""
+    language_ratios: tuple[tuple[str, float], ...] = ()
+    """Copies per utterance of each language ("" for none), empty when not balancing."""
 
     def plan_hash(self) -> str:
-        keyed = {"spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits}
+        keyed: dict[str, Any] = {
+            "spec": asdict(self.spec), "shuffle_seed": self.shuffle_seed, "num_splits": self.num_splits,
+        }
+        if self.language_ratios:  # absent when not balancing: plans made before it existed stay valid
+            keyed["language_ratios"] = [[lang, round(r, 9)] for lang, r in self.language_ratios]
         # normalize and seed change content, not which batch has which key
         return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -176,6 +189,38 @@ def shard_order(num_shards: int, shuffle_seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(shuffle_seed + epoch).permutation(num_shards)
 
 
+def resample_rng(shuffle_seed: int, epoch: int, shard: int) -> np.random.Generator:
+    """The generator of unit ``(epoch, shard)``'s language resampling (the driver counting
+    batches and the read task planning them must draw the same rows)."""
+    return np.random.default_rng([shuffle_seed + epoch, shard, 1])
+
+
+def unit_rows(row_ratios: np.ndarray | None, shuffle_seed: int, epoch: int, shard: int, num_rows: int) -> np.ndarray:
+    """Rows unit ``(epoch, shard)`` plans its batches from: every row once, or, when
+    balancing languages (``row_ratios`` (N,): each row's language's ratio), resampled."""
+    if row_ratios is None:
+        return np.arange(num_rows, dtype=np.int64)
+    return resample_rows(row_ratios, resample_rng(shuffle_seed, epoch, shard))
+
+
+def row_ratios(languages: pa.Array | pa.ChunkedArray, ratios: dict[str, float]) -> np.ndarray:
+    """Each row's language's copies per utterance, shape (N,) (null is "", a language the
+    ratios do not name 0). Arrow's lookup, not a Python object per row: the driver runs it
+    over every shard of the corpus, and the read task must get exactly the same values."""
+    if not ratios:
+        return np.zeros(len(languages), dtype=np.float64)
+    index = pc.index_in(pc.fill_null(languages, ""), value_set=pa.array(list(ratios), pa.string()))
+    codes = np.asarray(pc.fill_null(index, len(ratios)).to_numpy(zero_copy_only=False), dtype=np.int64)  # (N,)
+    return np.append(np.array(list(ratios.values()), dtype=np.float64), 0.0)[codes]
+
+
+class EpochCounts(NamedTuple):
+    """Each shard's batches in one epoch (extra splits included) and its extra splits."""
+
+    batches: list[int]
+    extra: list[int]
+
+
 Unit = tuple[int, int, frozenset[int], int]
 """(epoch, shard, consumed batch indices, extra splits)."""
 _NOTHING_SEEN: frozenset[int] = frozenset()
@@ -183,27 +228,29 @@ _NOTHING_SEEN: frozenset[int] = frozenset()
 
 def plan_units(
     num_shards: int, *, max_epochs: int, shuffle_seed: int, position: DataPosition, per_task: int,
-    extra_splits: list[int], batches: list[int] | None = None, max_batches: int | None = None,
+    counts: Callable[[int], EpochCounts], max_batches: int | None = None,
 ) -> list[list[Unit]]:
     """Read tasks as lists of units, finished units left out.
 
-    ``max_batches``: stop once the units planned hold that many batches (``batches``: each
-    shard's count in an epoch, extra splits included): a run that needs 12 epochs of a
-    corpus plans 12, not ``data.max_epochs``, so its start (and every restart) costs read
-    tasks in proportion to what it will read.
+    ``counts``: an epoch's :class:`EpochCounts` (the same every epoch unless languages are
+    resampled), asked for each epoch planned, in order. ``max_batches``: stop once the
+    units planned hold that many batches: a run that needs 12 epochs of a corpus plans
+    12, not ``data.max_epochs``, so its start (and every restart) costs read tasks, and
+    counting, in proportion to what it will read.
     """
     tasks: list[list[Unit]] = []
     planned = 0
     for epoch in range(position.epochs_done, max_epochs):
         order = shard_order(num_shards, shuffle_seed, epoch).tolist()
+        batches, extra = counts(epoch)
         if position.touches(epoch):
             pending = [
-                (epoch, s, position.seen_batches(epoch, s), extra_splits[s])
+                (epoch, s, position.seen_batches(epoch, s), extra[s])
                 for s in order if not position.unit_done(epoch, s)
             ]
         else:
-            pending = [(epoch, s, _NOTHING_SEEN, extra_splits[s]) for s in order]
-        if max_batches is not None and batches is not None:
+            pending = [(epoch, s, _NOTHING_SEEN, extra[s]) for s in order]
+        if max_batches is not None:
             for i, unit in enumerate(pending):
                 planned += batches[unit[1]] - len(unit[2])
                 if planned >= max_batches:
@@ -215,19 +262,23 @@ def plan_units(
     return tasks
 
 
-def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None) -> Iterator[np.ndarray]:
-    """Utterance lengths of each of ``shards`` in row order, from the manifest (no audio read).
+def shard_metadata(
+    info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None, *, languages: bool = False,
+) -> Iterator[tuple[np.ndarray, pa.Array | None]]:
+    """Utterance lengths of each of ``shards`` in row order, and with ``languages`` their
+    languages (Arrow strings, null where none; None without ``languages``), from the
+    manifest (no audio read).
 
     The manifest (sorted by split, shard, row) is streamed a record batch at a time and one
-    shard's lengths are held at once, so planning a corpus of 10^7 files needs the memory of
+    shard's rows are held at once, so planning a corpus of 10^7 files needs the memory of
     one shard, not of the corpus.
     """
     uri = storage.join(info.root, S.MANIFEST_FILE)
     wanted = {s.path: s for s in shards}
-    found: dict[str, np.ndarray] = {}
+    found: dict[str, tuple[np.ndarray, pa.Array | None]] = {}
     seen: set[str] = set()
     next_index = 0
-    for path, rows, lengths in _manifest_runs(uri, store):
+    for path, rows, lengths, langs in _manifest_runs(uri, store, languages=languages):
         shard = wanted.get(path)
         if shard is None:
             continue
@@ -239,7 +290,7 @@ def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Sto
                 "was jobs.prepare interrupted? Run it again."
             )
         seen.add(path)
-        found[path] = lengths
+        found[path] = (lengths, langs)
         # Handed out in the order asked for as soon as ready: both orders are by path, so
         # nothing waits unless a manifest was written in another order.
         while next_index < len(shards) and shards[next_index].path in found:
@@ -253,14 +304,24 @@ def shard_lengths(info: DatasetInfo, shards: list[ShardInfo], store: storage.Sto
         )
 
 
-def _manifest_runs(uri: str, store: storage.Storage | None) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(shard, rows, lengths)`` for each run of consecutive manifest rows of one shard."""
+def _manifest_runs(
+    uri: str, store: storage.Storage | None, *, languages: bool = False,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, pa.Array | None]]:
+    """``(shard, rows, lengths, languages)`` for each run of consecutive manifest rows of one
+    shard; ``languages`` None unless asked for."""
     fs, path = storage.resolve(uri, store)
     with fs.open_input_file(path) as handle:
         current = ""
         rows: list[np.ndarray] = []
         lengths: list[np.ndarray] = []
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1 << 16, columns=[S.SHARD, S.ROW, S.NUM_SAMPLES]):
+        langs: list[pa.Array] = []
+
+        def run() -> tuple[str, np.ndarray, np.ndarray, pa.Array | None]:
+            joined = pa.concat_arrays(langs) if languages else None
+            return current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64), joined
+
+        columns = [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * languages
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1 << 16, columns=columns):
             encoded = batch.column(S.SHARD).dictionary_encode()
             codes = encoded.indices.to_numpy()
             starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
@@ -270,12 +331,14 @@ def _manifest_runs(uri: str, store: storage.Storage | None) -> Iterator[tuple[st
                 shard = encoded.dictionary[int(codes[a])].as_py()
                 if shard != current:
                     if rows:
-                        yield current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64)
-                    current, rows, lengths = shard, [], []
+                        yield run()
+                    current, rows, lengths, langs = shard, [], [], []
                 rows.append(row[a:b])
                 lengths.append(num[a:b])
+                if languages:
+                    langs.append(batch.column(S.LANGUAGE).slice(a, b - a))
         if rows:
-            yield current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64)
+            yield run()
 
 
 def _spec(cfg: DataConfig) -> BatchSpec:
@@ -285,31 +348,114 @@ def _spec(cfg: DataConfig) -> BatchSpec:
     )
 
 
-def _planned_counts(
-    cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec, store: storage.Storage | None
-) -> tuple[list[int], list[int]]:
-    """(batches, extra splits) of each shard of ``split`` in one epoch, from the lengths alone
-    (before any audio is read): the extra splits make every epoch's batch count a multiple
-    of the worker count."""
-    counts = [count_batches(lengths, spec) for lengths in shard_lengths(info, info.split(split), store)]
-    if sum(c for c, _ in counts) == 0:
-        raise ValueError(
-            f"{cfg.train_uri}: no {split!r} utterance has data.min_sample_size={cfg.min_sample_size} samples"
-        )
-    extra = spread_extra_splits(counts, num_splits)
-    if (sum(c for c, _ in counts) + sum(extra)) % num_splits:
-        warnings.warn(
-            f"{split} split: cannot make the batches of an epoch a multiple of {num_splits} workers; "
-            "streaming_split(equal=True) drops the remainder at the end of the stream",
-            stacklevel=3,
-        )
-    return [c for c, _ in counts], extra
+def _has_languages(info: DatasetInfo, split: str, store: storage.Storage | None) -> bool:
+    """Whether ``split`` may have two languages to balance: its manifest has the column (a
+    dataset prepared before it existed has none) and its summary does not say otherwise.
+    A monolingual dataset, the common case, so costs no extra pass over the manifest."""
+    named = info.summary.get("splits", {}).get(split, {}).get("languages")
+    if named is not None and len(named) < 2:  # the summary counts every accepted utterance: a superset
+        return False
+    fs, path = storage.resolve(storage.join(info.root, S.MANIFEST_FILE), store)
+    return S.LANGUAGE in pq.read_schema(path, filesystem=fs).names
 
 
-def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int) -> list[int]:
-    """Batches of each shard of ``split`` in one epoch (extra splits included), in shard order."""
-    counts, extra = _planned_counts(cfg, info, split, num_splits, _spec(cfg), storage.Storage.for_data(cfg))
-    return [c + e for c, e in zip(counts, extra, strict=True)]
+def balance_languages(
+    cfg: DataConfig, info: DatasetInfo, split: str, store: storage.Storage | None,
+) -> dict[str, float]:
+    """Each language's copies per utterance (:func:`pipeline.data.batching.language_ratios`)
+    from the hours of ``split``'s utterances long enough to be trained on, streamed from
+    the manifest; empty: the split is read as it is (one language, ``data.language_alpha``
+    1, or a dataset prepared before the language column)."""
+    if cfg.language_alpha == 1.0 or not _has_languages(info, split, store):
+        return {}
+    hours: dict[str, float] = {}
+    for n, langs in shard_metadata(info, info.split(split), store, languages=True):
+        usable = n >= max(1, cfg.min_sample_size)
+        encoded = pc.fill_null(langs, "").dictionary_encode()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)  # (N,)
+        samples = np.bincount(codes[usable], weights=n[usable], minlength=len(encoded.dictionary))
+        for lang, total in zip(encoded.dictionary.to_pylist(), samples.tolist(), strict=True):
+            hours[lang] = hours.get(lang, 0.0) + float(total) / cfg.sample_rate / 3600
+    return language_ratios(hours, cfg.language_alpha)
+
+
+class _PlannedCounts:
+    """:class:`EpochCounts` of ``split``'s shards by epoch, counted from the lengths alone
+    (before any audio is read), on first use and only for the epochs a run plans.
+
+    The extra splits make every epoch's batch count a multiple of the worker count. Read
+    as it is, every epoch counts the same, from one pass over the manifest. Resampled
+    (``ratios``), each epoch's units differ, and so do their counts: a pass over the
+    manifest counts a window of epochs, as many as ``max_batches`` is expected to need
+    (all of ``data.max_epochs`` without it), so a run's start costs what it will read,
+    not every epoch of the data.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec,
+        store: storage.Storage | None, *, ratios: dict[str, float] | None = None, max_batches: int | None = None,
+    ) -> None:
+        self._cfg, self._info, self._split, self._num_splits = cfg, info, split, num_splits
+        self._spec, self._store, self._ratios, self._max_batches = spec, store, ratios or {}, max_batches
+        self._shards = info.split(split)
+        self._by_epoch: dict[int, EpochCounts] = {}
+        self._every_epoch: EpochCounts | None = None
+        self._warned = False
+        if not self._ratios:
+            self._every_epoch = self._finish([count_batches(n, spec) for n, _ in shard_metadata(info, self._shards, store)])
+
+    @property
+    def counted(self) -> tuple[int, ...]:
+        """Epochs counted one by one so far (resampled only): what planning has cost."""
+        return tuple(sorted(self._by_epoch))
+
+    def __call__(self, epoch: int) -> EpochCounts:
+        if self._every_epoch is not None:
+            return self._every_epoch
+        if epoch not in self._by_epoch:
+            self._count(range(epoch, min(epoch + self._window(), self._cfg.max_epochs)))
+        return self._by_epoch[epoch]
+
+    def _window(self) -> int:
+        """Epochs one pass counts: what ``max_batches`` needs at the last epoch's count, plus one."""
+        if self._max_batches is None or not self._by_epoch:
+            return self._cfg.max_epochs if self._max_batches is None else 1
+        per_epoch = max(1, sum(self._by_epoch[max(self._by_epoch)].batches))
+        return -(-self._max_batches // per_epoch) + 1
+
+    def _count(self, epochs: range) -> None:
+        per_epoch: dict[int, list[tuple[int, int]]] = {e: [] for e in epochs}
+        seed = self._cfg.shuffle_seed
+        for s, (n, langs) in enumerate(shard_metadata(self._info, self._shards, self._store, languages=True)):
+            ratios = row_ratios(langs if langs is not None else pa.nulls(len(n), pa.string()), self._ratios)  # (N,)
+            for e in epochs:
+                per_epoch[e].append(count_batches(n[unit_rows(ratios, seed, e, s, len(n))], self._spec))
+        for e, counts in per_epoch.items():
+            self._by_epoch[e] = self._finish(counts)
+
+    def _finish(self, counts: list[tuple[int, int]]) -> EpochCounts:
+        if sum(c for c, _ in counts) == 0:
+            raise ValueError(
+                f"{self._cfg.train_uri}: no {self._split!r} utterance has "
+                f"data.min_sample_size={self._cfg.min_sample_size} samples"
+            )
+        extra = spread_extra_splits(counts, self._num_splits)
+        if (sum(c for c, _ in counts) + sum(extra)) % self._num_splits and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self._split} split: cannot make the batches of an epoch a multiple of {self._num_splits} workers; "
+                "streaming_split(equal=True) drops the remainder at the end of the stream",
+                stacklevel=4,
+            )
+        return EpochCounts([c + e for (c, _), e in zip(counts, extra, strict=True)], extra)
+
+
+def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, epoch: int = 0) -> list[int]:
+    """Batches of each shard of ``split`` in epoch ``epoch`` (extra splits included), in shard order."""
+    store = storage.Storage.for_data(cfg)
+    counts = _PlannedCounts(cfg, info, split, num_splits, _spec(cfg), store,
+                            ratios=balance_languages(cfg, info, split, store), max_batches=0)
+    return counts(epoch).batches
 
 
 def build_train_dataset(
@@ -352,9 +498,10 @@ def build_train_dataset(
     if num_splits < 1:
         raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
     spec = _spec(cfg)
+    ratios = balance_languages(cfg, info, split, store)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
-        seed=seed, num_splits=num_splits, labels=labels,
+        seed=seed, num_splits=num_splits, labels=labels, language_ratios=tuple(ratios.items()),
     )
     if labels is not None:
         if labels.dataset_version != info.version:
@@ -363,14 +510,14 @@ def build_train_dataset(
                 f"version {info.version}: label it again (jobs.label)"
             )
         labels.check_position(position)
-    counts, extra = _planned_counts(cfg, info, split, num_splits, spec, store)
+    counts = _PlannedCounts(cfg, info, split, num_splits, spec, store, ratios=ratios, max_batches=max_batches)
     data_key = info.version if labels is None else labels.plan_key(info.version)
     plan = f"{data_key}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
     per_task = max(1, math.ceil(len(shards) / MAX_READ_TASKS_PER_EPOCH))
     tasks = plan_units(
         len(shards), max_epochs=cfg.max_epochs, shuffle_seed=cfg.shuffle_seed, position=pos, per_task=per_task,
-        extra_splits=extra, batches=[c + e for c, e in zip(counts, extra, strict=True)], max_batches=max_batches,
+        counts=counts, max_batches=max_batches,
     )
     if not tasks:
         raise ValueError(
@@ -501,7 +648,9 @@ def unit_batches(
 ) -> Iterator[pa.Table]:
     """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
     fs, path = storage.resolve(uri, store)
-    table = pq.read_table(path, filesystem=fs, columns=[S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO])
+    balancing = bool(settings.language_ratios)
+    columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * balancing
+    table = pq.read_table(path, filesystem=fs, columns=columns)
     spec = settings.labels
     shard_labels = None if spec is None else L.read_shard_labels(spec, _shard_path(uri), store)
     if table.num_rows != expected_rows:
@@ -512,28 +661,31 @@ def unit_batches(
     num_samples = table.column(S.NUM_SAMPLES).to_numpy()  # (N,)
     ids = table.column(S.ID).to_pylist()
     audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
+    ratios = row_ratios(table.column(S.LANGUAGE), dict(settings.language_ratios)) if balancing else None
+    rows = unit_rows(ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
     batches = plan_batches(
-        num_samples, settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
+        num_samples[rows], settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),
         extra_splits=extra_splits,
     )
     for index, planned in enumerate(batches):
         if index in seen:
             continue
+        members = rows[planned.rows]  # (B,) rows of the shard
         rng = np.random.default_rng([settings.seed, epoch, shard, index])
-        offsets = crop_offsets(num_samples[planned.rows], planned.lengths, rng)
+        offsets = crop_offsets(num_samples[members], planned.lengths, rng)
         if spec is not None:
             offsets = L.quantize_offsets(offsets, spec.stride)
         width = planned.length
         full = bool((planned.lengths == width).all())
-        source = (np.empty if full else np.zeros)((len(planned.rows), width), dtype=np.float32)  # (B, S)
+        source = (np.empty if full else np.zeros)((len(members), width), dtype=np.float32)  # (B, S)
         for i, (row, offset, length) in enumerate(
-            zip(planned.rows.tolist(), offsets.tolist(), planned.lengths.tolist(), strict=True)
+            zip(members.tolist(), offsets.tolist(), planned.lengths.tolist(), strict=True)
         ):
             # Decode straight into the batch: no per-utterance array to copy.
             seg = decode_segment(audio[row].as_buffer(), offset, length, out=source[i, :length])
             if settings.normalize:
                 seg[:] = normalize(seg)
-        batch_ids = [ids[r] for r in planned.rows.tolist()]
+        batch_ids = [ids[r] for r in members.tolist()]
         row = _batch_row(
             source, planned.lengths, batch_ids,
             epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,

@@ -230,11 +230,18 @@ def _is_our_weed(pid: int, state: Path) -> bool:
 
 
 def stop(state_dir: str | Path, timeout: float = 10.0) -> bool:
-    """Stop the store recorded in ``state_dir`` (that PID only); True if one was running."""
+    """Stop the store recorded in ``state_dir`` (that PID only); True if one was running.
+
+    Returns once the process is gone and its S3 port can be listened on again (bounded by
+    ``timeout``), so that ``start`` on the same port right after succeeds: a restart keeps
+    the endpoint its clients know.
+    """
     state = Path(state_dir).resolve()
     try:
-        pid = int(json.loads((state / STATE_FILE).read_text())["pid"])
-    except (OSError, ValueError, KeyError):
+        saved = json.loads((state / STATE_FILE).read_text())
+        pid = int(saved["pid"])
+        s3_port = int(saved.get("ports", {}).get("s3.port", 0))
+    except (OSError, ValueError, KeyError, AttributeError):
         return False
     if not _is_our_weed(pid, state):
         (state / STATE_FILE).unlink(missing_ok=True)
@@ -247,6 +254,9 @@ def stop(state_dir: str | Path, timeout: float = 10.0) -> bool:
         os.kill(pid, signal.SIGKILL)
         while _alive(pid):
             time.sleep(0.05)
+    # Sockets of the ended process can hold the port for a moment after it exits.
+    while s3_port and port_in_use(s3_port) and time.monotonic() < deadline:
+        time.sleep(0.05)
     (state / STATE_FILE).unlink(missing_ok=True)
     (state / "pid").unlink(missing_ok=True)
     return True

@@ -7,9 +7,11 @@ Stages, each with the rows it produces:
    the listing alone (a name that is not UTF-8, a broken link, a second path to one file, a
    pipe); other files counted by extension. An s3:// prefix is listed a page at a time and
    saved as it goes, so a listing cut short resumes.
-2. label (driver, :mod:`pipeline.data.sidecar`): ids (unique by construction), transcript
-   and speaker from a sidecar table when there is one, with a report of rows and files
-   that match nothing; the split (train/valid) from a hash of the id, so it never changes
+2. label (driver, :mod:`pipeline.data.sidecar`): ids (unique by construction), transcript,
+   speaker and language from a sidecar table when there is one, with a report of rows and
+   files that match nothing; a language the sidecar does not give from
+   ``data.prepare_language`` (a code, or ``folder``: the first folder of the path), as
+   Arrow columns; the split (train/valid) from a hash of the id, so it never changes
    between runs.
 3. group (driver): per split, files in hash order (each shard a random mix of the
    corpus, not one speaker or book) cut into groups of about ``data.shard_size_mb`` of
@@ -110,6 +112,7 @@ PLAN_SCHEMA = pa.schema([
     pa.field("expected", pa.float64(), nullable=False),
     pa.field(S.TRANSCRIPT, pa.string()),
     pa.field(S.SPEAKER, pa.string()),
+    pa.field(S.LANGUAGE, pa.string()),
 ])
 """One planned file: what a convert task needs to read, name and label it."""
 
@@ -123,6 +126,7 @@ class InputFile:
     split: str
     transcript: str | None = None
     speaker: str | None = None
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,13 +155,14 @@ class Settings:
     min_seconds: float
     max_seconds: float
     valid_speakers: tuple[str, ...] = ()
+    language: str = ""
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Settings:
         return cls(
             sample_rate=cfg.sample_rate, shard_size_mb=cfg.shard_size_mb, valid_fraction=cfg.valid_fraction,
             min_seconds=cfg.prepare_min_seconds, max_seconds=cfg.prepare_max_seconds,
-            valid_speakers=tuple(sorted(set(cfg.valid_speakers))),
+            valid_speakers=tuple(sorted(set(cfg.valid_speakers))), language=cfg.prepare_language,
         )
 
 
@@ -194,6 +199,35 @@ def split_column(ids: pa.ChunkedArray | pa.Array, speakers: pa.Array, settings: 
         named = pc.fill_null(pc.is_in(speakers, value_set=pa.array(settings.valid_speakers, pa.string())), False)
         valid |= np.asarray(named.to_numpy(zero_copy_only=False), dtype=bool)
     return valid
+
+
+def language_of(rel: str, label_language: str | None, prepare_language: str) -> str | None:
+    """A file's language: its sidecar row's, else its first folder's (``prepare_language``
+    ``folder``), else ``prepare_language`` itself; None when nothing names one. The most
+    specific source wins, so one sidecar can correct a folder layout file by file.
+    :func:`language_column` is the same rule over the plan's columns."""
+    if label_language:
+        return label_language
+    if prepare_language == "folder":
+        head, sep, _ = rel.partition("/")
+        return head if sep and head else None
+    return prepare_language or None
+
+
+def language_column(rels: pa.ChunkedArray | pa.Array, label_languages: pa.ChunkedArray | pa.Array,
+                    prepare_language: str) -> pa.ChunkedArray | pa.Array:
+    """:func:`language_of` over columns, in Arrow: the plan is built from the listing's columns
+    without a Python object per file, and the language must not bring one back."""
+    # The sidecar's cells are trimmed and empty ones null (sidecar.py); "" is treated as none too.
+    given = pc.if_else(pc.equal(label_languages, ""), pa.scalar(None, pa.string()), label_languages)
+    if prepare_language == "folder":
+        parts = pc.split_pattern(rels, pattern="/", max_splits=1)
+        head = pc.list_element(parts, 0)
+        named = pc.and_(pc.greater(pc.list_value_length(parts), 1), pc.not_equal(head, ""))
+        return pc.coalesce(given, pc.if_else(named, head, pa.scalar(None, pa.string())))
+    if prepare_language:
+        return pc.coalesce(given, pa.scalar(prepare_language, pa.string()))
+    return given
 
 
 def check_valid_speakers(wanted: tuple[str, ...], known: set[str], sidecar_uri: str | None) -> None:
@@ -325,7 +359,7 @@ class _ShardWriter:
             path, S.SHARD_SCHEMA, filesystem=fs,
             # FLAC is already compressed; the small columns are worth zstd.
             compression={c: ("none" if c == S.AUDIO else "zstd") for c in S.SHARD_SCHEMA.names},
-            use_dictionary=[S.SPEAKER],
+            use_dictionary=[S.SPEAKER, S.LANGUAGE],
         )
         self._file_bytes = 0
         self._file_rows = 0
@@ -401,11 +435,13 @@ def convert_group(
         expected = plan.column("expected").to_pylist()
         remaining = float(sum(expected))
         for row, est in zip(plan.to_pylist(), expected, strict=True):
+            # A plan written before the language column (a run resumed across the upgrade) has none.
             f = InputFile(uri=storage.join(input_uri, row["rel"]), rel=row["rel"], id=row[S.ID], size=row["size"],
-                          split=group.split, transcript=row[S.TRANSCRIPT], speaker=row[S.SPEAKER])
+                          split=group.split, transcript=row[S.TRANSCRIPT], speaker=row[S.SPEAKER],
+                          language=row.get(S.LANGUAGE))
             result = _read_and_convert(f, settings, store)
             base = {S.SOURCE_URI: f.uri, S.ID: f.id, S.SPLIT: f.split, S.TRANSCRIPT: f.transcript,
-                    S.SPEAKER: f.speaker}
+                    S.SPEAKER: f.speaker, S.LANGUAGE: f.language}
             if isinstance(result, Rejected):
                 outcomes.append({**base, S.REASON: result.reason, S.DETAIL: result.detail})
                 remaining -= est
@@ -413,7 +449,7 @@ def convert_group(
             shard, index = writer.add({
                 S.ID: f.id, S.AUDIO: result.flac, S.NUM_SAMPLES: result.num_samples,
                 S.SAMPLE_RATE: result.sample_rate, S.DURATION: result.duration, S.SOURCE_URI: f.uri,
-                S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker,
+                S.TRANSCRIPT: f.transcript, S.SPEAKER: f.speaker, S.LANGUAGE: f.language,
             }, remaining)
             remaining -= est
             outcomes.append({
@@ -459,8 +495,9 @@ def _listing_uri(output_uri: str, input_uri: str) -> str:
 def fingerprint(input_uri: str, listing: pa.Table, settings: Settings, sidecar: bytes | None) -> str:
     h = hashlib.sha1()
     described = dict(settings.__dict__)
-    if not described["valid_speakers"]:
-        del described["valid_speakers"]  # outputs prepared before the setting existed stay current
+    for name in ("valid_speakers", "language"):
+        if not described[name]:
+            del described[name]  # outputs prepared before the setting existed stay current
     h.update(json.dumps({"format": FORMAT_VERSION, "convert": CONVERT_VERSION, "settings": described},
                         sort_keys=True).encode())
     prefix = storage.join(input_uri, "x")[:-1]
@@ -582,6 +619,10 @@ def prepare(
     progress(f"prepare: done in {summary['seconds']:.0f} s: {summary['files_in']} files in, "
              f"{summary['accepted']} accepted ({summary['hours']:.2f} h), {summary['rejected']} rejected "
              f"{summary['rejected_by_reason']}, {len(summary['shards'])} shards")
+    train_languages = summary["splits"]["train"]["languages"]
+    if any(train_languages):
+        progress("prepare: train hours by language: " + ", ".join(
+            f"{lang or '(none)'} {v['hours']:.2f}" for lang, v in train_languages.items()))
     return summary
 
 
@@ -637,13 +678,15 @@ def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_b
     rels = readable.column("rel")
     ids = assign_id_column(rels)
     sidecar_report = None
-    transcripts = speakers = pa.nulls(len(ids), pa.string())
+    transcripts = speakers = label_languages = pa.nulls(len(ids), pa.string())
     if sidecar_uri and sidecar_bytes is not None:
         # Labels are the one per-file state held in Python here: a sidecar is read whole.
         labels, sidecar_report = match(parse_sidecar(sidecar_bytes, sidecar_uri), rels.to_pylist(), ids.to_pylist())
         transcripts = pa.array([x.transcript if x else None for x in labels], pa.string())
         speakers = pa.array([x.speaker if x else None for x in labels], pa.string())
+        label_languages = pa.array([x.language if x else None for x in labels], pa.string())
         del labels
+    languages = language_column(rels, label_languages, settings.language)
     known = {s for s in pc.unique(speakers).to_pylist() if s}
     check_valid_speakers(settings.valid_speakers, known, sidecar_uri)
     valid = split_column(ids, speakers, settings)
@@ -655,7 +698,7 @@ def _plan(input_uri: str, readable: pa.Table, sidecar_uri: str | None, sidecar_b
     ratios = calibrate_output_ratios(input_uri, probes, settings.sample_rate, store)
     expected = expected_bytes(exts, sizes, ratios)
     table = pa.table({"rel": rels, S.ID: ids, "size": sizes, "expected": expected, S.TRANSCRIPT: transcripts,
-                      S.SPEAKER: speakers}, schema=PLAN_SCHEMA)
+                      S.SPEAKER: speakers, S.LANGUAGE: languages}, schema=PLAN_SCHEMA)
     groups: list[list[Any]] = []
     files: list[pa.Table] = []
     part = 0
@@ -723,8 +766,10 @@ class _Tally:
         self.rejects = [listing_rejects]
         self.reasons: Counter[str] = Counter(listing_rejects.column(S.REASON).to_pylist())
         self.shards: dict[str, dict[str, Any]] = {}
-        self.splits: dict[str, dict[str, Any]] = {split: {"utterances": 0, "hours": 0.0, "shards": 0}
-                                                  for split in S.SPLITS}
+        # "languages": per language, "" for the utterances nothing gave one (summed per group,
+        # sorted at the commit)
+        self.splits: dict[str, dict[str, Any]] = {split: {"utterances": 0, "hours": 0.0, "shards": 0,
+                                                          "languages": {}} for split in S.SPLITS}
         self.files = 0
         self.accepted = 0
 
@@ -742,6 +787,11 @@ class _Tally:
         self.accepted += accepted.num_rows
         self.splits[g.split]["utterances"] += accepted.num_rows
         self.splits[g.split]["hours"] += float(pc.sum(accepted.column(S.DURATION)).as_py() or 0.0) / 3600
+        by_language = self.splits[g.split]["languages"]
+        for rec in accepted.group_by(S.LANGUAGE).aggregate([(S.DURATION, "count"), (S.DURATION, "sum")]).to_pylist():
+            lang = by_language.setdefault(rec[S.LANGUAGE] or "", {"utterances": 0, "hours": 0.0})
+            lang["utterances"] += rec[f"{S.DURATION}_count"]
+            lang["hours"] += float(rec[f"{S.DURATION}_sum"] or 0.0) / 3600
         per_shard = accepted.group_by(S.SHARD).aggregate(
             [(S.NUM_SAMPLES, "count"), (S.NUM_SAMPLES, "sum"), ("audio_bytes", "sum")])
         for rec in per_shard.to_pylist():
@@ -763,6 +813,8 @@ def _commit(
     storage.write_table(storage.join(output_uri, S.REJECTS_FILE), rejected_table, store, compression="zstd")
     for s in shards.values():
         splits[s["split"]]["shards"] += 1
+    for split in splits.values():
+        split["languages"] = dict(sorted(split["languages"].items()))
     summary = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

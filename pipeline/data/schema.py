@@ -34,6 +34,10 @@ SOURCE_SAMPLE_RATE = "source_sample_rate"
 SOURCE_CHANNELS = "source_channels"
 TRANSCRIPT = "transcript"
 SPEAKER = "speaker"
+LANGUAGE = "language"
+"""As ``jobs.prepare`` was told it (the sidecar's ``language`` column, the first folder under
+the input root, or ``data.prepare_language``); null when nothing named it. What the
+training input balances languages by (``data.language_alpha``)."""
 SPLIT = "split"
 SHARD = "shard"
 """Shard file, relative to the dataset root."""
@@ -56,6 +60,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field(SOURCE_URI, pa.string(), nullable=False),
         pa.field(TRANSCRIPT, pa.string()),
         pa.field(SPEAKER, pa.string()),
+        pa.field(LANGUAGE, pa.string()),
     ]
 )
 
@@ -73,6 +78,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(SOURCE_CHANNELS, pa.int32(), nullable=False),
         pa.field(TRANSCRIPT, pa.string()),
         pa.field(SPEAKER, pa.string()),
+        pa.field(LANGUAGE, pa.string()),
     ]
 )
 
@@ -102,6 +108,7 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field(SOURCE_CHANNELS, pa.int32()),
         pa.field(TRANSCRIPT, pa.string()),
         pa.field(SPEAKER, pa.string()),
+        pa.field(LANGUAGE, pa.string()),
         pa.field("audio_bytes", pa.int64()),
     ]
 )

@@ -1,7 +1,7 @@
 """Stage 2 of ``prepare``: transcripts and speakers from a sidecar table, matched to the files.
 
 The sidecar is a table whose header names ``path`` (relative to the input root) and/or
-``id``, and ``transcript`` and/or ``speaker``; other columns are ignored. It is read the
+``id``, and any of ``transcript``, ``speaker`` and ``language``; other columns are ignored. It is read the
 way spreadsheet tools and scripts write it: tab-separated, or comma- or semicolon-separated
 (CSV as Excel writes it in English or in European locales); UTF-8 with or without a
 byte-order mark, UTF-16 with one (Excel's "Unicode text"); CRLF, LF or CR line ends;
@@ -36,6 +36,9 @@ class Label:
     speaker: str | None
     line: int
     """Line of the sidecar it came from."""
+    language: str | None = None
+    """The row's ``language`` cell, trimmed; None where the column is absent or the cell empty
+    (the folder or ``data.prepare_language`` may name it then)."""
 
 
 @dataclass
@@ -101,9 +104,9 @@ def parse_sidecar(data: bytes, uri: str) -> Sidecar:
     rows = _table(decode_text(data, uri))
     header = [c.strip().strip("\ufeff").lower() for c in rows[0][1]] if rows else []
     keys = [k for k in ("path", "id") if k in header]
-    if not keys or not ({"transcript", "speaker"} & set(header)):
+    if not keys or not ({"transcript", "speaker", "language"} & set(header)):
         raise ValueError(f"sidecar {uri}: header {rows[0][1] if rows else []} must name 'path' or 'id', and "
-                         "'transcript' and/or 'speaker' (tab-, comma- or semicolon-separated)")
+                         "'transcript', 'speaker' and/or 'language' (tab-, comma- or semicolon-separated)")
     col = {name: header.index(name) for name in header}
     labels: dict[str, Label] = {}
     listed: list[tuple[int, str]] = []
@@ -119,6 +122,7 @@ def parse_sidecar(data: bytes, uri: str) -> Sidecar:
             transcript=cells[col["transcript"]] if "transcript" in col else None,
             speaker=cells[col["speaker"]].strip() if "speaker" in col else None,
             line=line_no,
+            language=(cells[col["language"]].strip() or None) if "language" in col else None,
         )
         row_keys = [key_of(cells[col[k]], path=k == "path") for k in keys]
         listed.append((line_no, row_keys[0]))

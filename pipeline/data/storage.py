@@ -635,8 +635,10 @@ def write_bytes(uri: str, data: bytes, storage: Storage | None = None) -> None:
 
 
 def upload_file(local: str | os.PathLike, uri: str, storage: Storage | None = None) -> None:
-    """Copy a local file to ``uri``, whole or not at all; to s3:// straight from the file
-    (no second local copy), the whole transfer retried while the store cannot be reached."""
+    """Copy a local file (or a directory, file by file) to ``uri``, whole or not at all; to
+    s3:// straight from the file (no second local copy) through the plain S3 filesystem, one
+    file at a time (copies into the retrying filesystem can deadlock), the whole transfer
+    retried while the store cannot be reached."""
     local = str(local)
     if not is_s3(uri):
         with atomic_path(uri, storage) as (fs, path):

@@ -18,6 +18,18 @@ Upgrading DeepSpeed should break this module and its test
   the tensors the module returns, found only inside tensors, tuples (named ones
   included), lists and dicts: the models return named tuples for that reason
   (``models/wav2vec2.py``); the test pins it.
+- :func:`local_tensors`: a parameter trained outside the optimizer (data2vec's EMA
+  teacher) is updated on what each rank holds of it. Under ZeRO-3 that is its partition
+  ``ds_tensor`` (a flat 1-D slice of ``ceil(numel / world)`` values, padded at the end,
+  laid out by ``numel`` alone, so a teacher parameter's slice lines up with its
+  student's), plus the whole tensor where DeepSpeed keeps it gathered between steps
+  (its "persistent" parameters, below ``stage3_param_persistence_threshold``), unless
+  that whole tensor is the partition's own memory (one rank). The
+  optimizer writes the student's new values into both before ``engine.step()``
+  returns. ZeRO-3 partitions parameters the optimizer does not own too, and its
+  checkpoints save and restore each rank's partition of them
+  (``frozen_param_fragments`` in every rank's model-states file); ZeRO-0/1/2 keep them
+  whole in the module state. The test pins all of it.
 """
 
 from __future__ import annotations
@@ -53,3 +65,23 @@ def optimizer_state_pattern(rank: int) -> str:
 def optimizer_state_files(tag_dir: str | Path, rank: int) -> list[Path]:
     """Rank ``rank``'s ZeRO optimizer shard files in a DeepSpeed checkpoint tag folder."""
     return sorted(Path(tag_dir).glob(optimizer_state_pattern(rank)))
+
+
+def local_tensors(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The tensors holding this rank's values of ``params``, to update in place outside the
+    optimizer: each parameter itself, or under ZeRO-3 its partition and, where DeepSpeed
+    keeps it gathered, the whole tensor too (module doc). Two lists of parameters of equal
+    shapes and equal persistence give lists that line up element by element."""
+    out: list[torch.Tensor] = []
+    for p in params:
+        partition = getattr(p, "ds_tensor", None)
+        if partition is None:
+            out.append(p.data)
+            continue
+        out.append(partition.data)
+        # Gathered and kept (a persistent parameter) in memory of its own: write it too. On
+        # one rank the gathered tensor may be the partition's own storage; writing it twice
+        # would apply an update twice.
+        if p.data.numel() > 0 and p.data.untyped_storage().data_ptr() != partition.untyped_storage().data_ptr():
+            out.append(p.data)
+    return out

@@ -17,7 +17,10 @@ sums, and the loop does the rest, on any number of ranks:
    more than ``train.max_nonfinite_steps`` in a row stops the run
    (:class:`NonFiniteLossError`);
 5. every ``train.log_every`` updates (and at checkpoints and the end) the metric sums are
-   reduced across ranks with one all-reduce and one host sync, and handed to the hooks.
+   reduced across ranks with one all-reduce and one host sync, and handed to the hooks;
+6. a task whose model has state the optimizer does not own (data2vec's EMA teacher)
+   updates it in ``end_update(eng, step, skipped)`` right after the optimizer step,
+   with the skip flag as a device tensor (the update must not look at it on the host).
 """
 
 from __future__ import annotations
@@ -237,6 +240,9 @@ class TrainLoop:
                 eng.optimizer.found_inf = bad
                 self.hooks.on_gradients(step)
             eng.engine.step()
+        end_update = getattr(self.task, "end_update", None)
+        if end_update is not None:
+            end_update(eng, step, bad)
 
         norm = E.grad_norm(eng, measured)
         good = 1.0 - bad

@@ -7,7 +7,8 @@ loop then turn sums into means (loss per masked frame, accuracy, perplexity, ...
 
 Health alarms (SPEC.md, "Chance level"): after warm-up, a contrastive loss within
 ``train.chance_margin`` nats of ln(K + 1), or a code/prob perplexity below
-``train.min_perplexity``, is flagged.
+``train.min_perplexity``, is flagged. An objective without a chance level (regression:
+data2vec) names floors instead: metrics whose values below them mean collapse.
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class Health:
 
     loss_key: str
     """The metric that sits at ``chance`` when the model learns nothing."""
-    chance: float
-    """Its value at chance, nats per counted unit."""
+    chance: float | None
+    """Its value at chance, nats per counted unit; None: the objective has none (regression)."""
     chance_text: str
     """How the chance level is computed, for the message (``ln(K+1)``)."""
     hint: str
@@ -135,6 +136,11 @@ class Health:
     """Prefixes of perplexity metrics whose values near 1 mean the targets collapsed."""
     collapse_hint: str
     """What to do about a collapse."""
+    floors: tuple[tuple[str, float], ...] = ()
+    """(metric, floor): a value below its floor means the representations collapsed
+    (data2vec's target and prediction stds)."""
+    floor_hint: str = ""
+    """What to do when a floor is crossed."""
 
 
 def contrastive_health(num_negatives: int) -> Health:
@@ -171,7 +177,8 @@ def check_health(
         return []
     alarms: list[Alarm] = []
     value = metrics.get(health.loss_key)
-    if value is not None and math.isfinite(value) and abs(value - health.chance) <= chance_margin:
+    if health.chance is not None and value is not None and math.isfinite(value) and \
+            abs(value - health.chance) <= chance_margin:
         alarms.append(Alarm(
             "alarm_chance_level",
             f"{health.loss_key} {value:.4f} nats is within {chance_margin} of chance {health.chance_text} = "
@@ -181,6 +188,13 @@ def check_health(
         if key.startswith(health.collapse_keys) and math.isfinite(ppl) and ppl < min_perplexity:
             alarms.append(Alarm(
                 "alarm_codebook_collapse", f"{key} = {ppl:.3f} < {min_perplexity} at step {step}: {health.collapse_hint}",
+            ))
+            break
+    for key, floor in health.floors:
+        value = metrics.get(key)
+        if value is not None and math.isfinite(value) and value < floor:
+            alarms.append(Alarm(
+                "alarm_representation_collapse", f"{key} = {value:.4f} < {floor} at step {step}: {health.floor_hint}",
             ))
             break
     return alarms

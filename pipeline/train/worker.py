@@ -244,8 +244,10 @@ class PretrainTask(WorkerTask):
 
         model = build_pretraining_model(cfg.model)
         if cfg.train.init_from:
-            model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
-                                  tracking_uri=default_tracking_uri(cfg))
+            left = model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
+                                         tracking_uri=default_tracking_uri(cfg))
+            if any(name.startswith("teacher.") for name in left) and hasattr(model, "reset_teacher"):
+                model.reset_teacher()  # data2vec from an encoder without a teacher: it starts as that encoder
         return model
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
@@ -263,18 +265,25 @@ class PretrainTask(WorkerTask):
                 log.warning("could not log the final model to MLflow: %s", e)
 
 
+RESTORE_RETRY_S = 60.0
+"""Least time a copy that came down short is fetched again: a store that has just restarted
+answers before its listing is whole again, which is not the outage ``data.s3_retry_seconds``
+bounds."""
+
+
 def restore(resumed: Any, eng: Engine, cfg: Config, store: storage.Storage) -> ckpt.TrainerState:
     """Load the checkpoint Ray Train resumes from into ``eng``; its trainer state.
 
     Ray records a checkpoint only once its state file (uploaded last) is there, so a copy
     that comes down without one of its files was listed by a store that is not itself yet
     (seen right after an object store restarts mid-run). Such a copy is fetched again for
-    up to ``data.s3_retry_seconds`` before the run fails naming what is missing.
+    up to ``data.s3_retry_seconds`` (at least ``RESTORE_RETRY_S``) before the run fails
+    naming what is missing.
     """
     import pyarrow.fs as pafs
 
     remote = not isinstance(resumed.filesystem, pafs.LocalFileSystem)
-    deadline = time.monotonic() + (store.retry_s if remote else 0.0)
+    deadline = time.monotonic() + (max(store.retry_s, RESTORE_RETRY_S) if remote else 0.0)
     while True:
         with tempfile.TemporaryDirectory(prefix="wavray-resume-") as tmp:
             resumed.to_directory(tmp)

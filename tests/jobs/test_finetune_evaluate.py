@@ -151,13 +151,9 @@ def test_probe_sets_from_a_prepared_dataset(labelled: Path) -> None:
 
 
 def _upload(local: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
     from pipeline.data import storage
 
-    fs, path = storage.resolve(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage.upload_file(local, uri)  # a directory, file by file, as every job uploads
 
 
 def _register(db: str, local: Path, name: str) -> str:

@@ -44,13 +44,8 @@ def make_small_config(mode: str = "default", **overrides) -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Model tests run on one intra-op thread: their budget is one core's time, and on a
-    shared machine extra threads only spin; results are also independent of core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Every model test on one thread (``one_thread``)."""
 
 
 @pytest.fixture

@@ -43,12 +43,7 @@ def toy() -> tuple[LabelledSet, LabelledSet]:
     return toy_set(48, 0), toy_set(16, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cer_drops_on_a_separable_task_and_is_deterministic(toy) -> None:

@@ -159,11 +159,11 @@ def test_integer_ranges_include_both_ends() -> None:
     assert dim.candidates() == [5, 15]
 
 
-def test_trial_config_has_its_own_run_and_no_registration(tmp_path: Path) -> None:
+def test_trial_config_has_its_own_run_and_no_registration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = load_sweep(SWEEP_DIR / "tiny_demo.yaml", [
         f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.register_as=someone-elses-model",
     ])
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative paths resolve against it; the next test gets its own directory back
     cfg = resolve_paths(spec.config)
     assert Path(cfg.data.train_uri).is_absolute() and Path(cfg.probe.train_uri).is_absolute()
     assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"

@@ -150,6 +150,7 @@ def test_prepare_while_the_store_goes_away(own_store: objectstore.ObjectStore, r
     cfg = replace(tiny().data, s3_endpoint=own_store.endpoint, s3_retry_seconds=3.0, shard_size_mb=0.01,
                   valid_fraction=0.0, decode_cpus=2.0)
     done: dict[str, float] = {}
+    watchers: list[threading.Thread] = []
 
     def stop_after_some_groups(name: str) -> None:
         if name != "convert":
@@ -159,17 +160,22 @@ def test_prepare_while_the_store_goes_away(own_store: objectstore.ObjectStore, r
             while True:
                 groups = _finished_groups(out, s3)
                 if len(groups) >= 3:
-                    objectstore.stop(own_store.state_dir)
+                    # Recorded first: the store stops answering at SIGTERM, while its graceful
+                    # shutdown can outlast the job's retry window.
                     done["stopped_at"] = len(groups)
+                    objectstore.stop(own_store.state_dir)
                     return
                 time.sleep(0.05)
 
-        threading.Thread(target=watch, daemon=True).start()
+        watchers.append(threading.Thread(target=watch, daemon=True))
+        watchers[-1].start()
 
     started = time.monotonic()
     with pytest.raises(StorageError, match=own_store.endpoint.replace(".", r"\.")):
         prepare(raw, out, cfg, progress=lambda _: None, on_stage=stop_after_some_groups)
     failed_after = time.monotonic() - started
+    for watcher in watchers:
+        watcher.join(timeout=30)
     assert 3 <= done["stopped_at"] < n
 
     _restart(own_store)

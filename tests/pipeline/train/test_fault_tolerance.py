@@ -217,3 +217,94 @@ def test_first_generation_on_two_zero2_workers_resumes(shards: str, tmp_path: Pa
         final = load_model(second.run_uri).model  # its tokens, the second stage's input
         ids, lengths = final.tokens(torch.randn(2, 16000))
         assert ids.shape == (2, int(lengths[0]), 2) and bool((ids >= 0).all())
+
+
+def _loss_log(cfg: C.Config, name: str) -> list[tuple[int, float]]:
+    """(step, loss) as logged, in order: a step re-run after a resume appears twice. Empty
+    while the run has not logged yet."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import RUN_NAME_TAG
+
+    db = Path(cfg.checkpoint.storage_path) / "mlflow.db"
+    if not db.is_file():
+        return []
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    if not runs:
+        return []
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+
+
+def _kill_two_updates_past_a_checkpoint(cfg: C.Config, name: str, killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL a training worker once the newest recorded checkpoint is two logged updates old,
+    so that updates both before the kill and after the resume are logged."""
+    run_dir = Path(cfg.checkpoint.storage_path) / name
+    while not stop.is_set():
+        try:
+            latest = latest_checkpoint_uri(str(run_dir), recorded_only=True) if run_dir.is_dir() else None
+            logged = max((s for s, _ in _loss_log(cfg, name)), default=0)
+        except Exception:  # the store is being written: ask again
+            latest, logged = None, 0
+        if latest is not None and logged >= int(Path(latest).name.split("_")[-1]) + 2:
+            workers = _our_train_workers()
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.1)
+
+
+def test_a_data2vec_teacher_survives_a_sigkilled_worker_under_zero2_and_zero3(shards: str, tmp_path: Path) -> None:
+    """data2vec 2.0 (clones, decoder, ALiBi, the whole context network in the EMA teacher)
+    on 2 workers, once under ZeRO-2 and once under ZeRO-3 (every parameter sharded,
+    the teacher's too), each with a worker SIGKILLed two updates after a checkpoint. In each
+    run the updates repeated after the resume log the losses they logged before the kill
+    (the teacher, whose targets set the loss, came back with every rank's shard), and the
+    two runs log the same losses at every update: the EMA on ZeRO-3's shards is the EMA of
+    the whole tensors. The final teachers agree too."""
+    from models.checkpoint import load_weights
+
+    runs = {}
+    for stage in (2, 3):
+        name = f"d2v-zero{stage}"
+        cfg = C.apply_overrides(_config(shards, tmp_path / "runs", name, C.data2vec2_laptop()), [
+            f"deepspeed.zero_stage={stage}", "deepspeed.zero3_persistence_threshold=0", "train.max_steps=10",
+            "checkpoint.every_steps=3", "schedule.warmup_steps=2",
+        ])
+        killed: list[int] = []
+        stop = threading.Event()
+        killer = threading.Thread(target=_kill_two_updates_past_a_checkpoint, args=(cfg, name, killed, stop),
+                                  daemon=True)
+        killer.start()
+        try:
+            result = run_pretraining(cfg)
+        finally:
+            stop.set()
+            killer.join(timeout=5)
+        assert killed, f"ZeRO-{stage}: no training worker was killed"
+        assert result.step == 10
+        client = Tracker(result.mlflow_uri, "wavray", result.mlflow_run_id).client
+        resumed_from = int(client.get_run(result.mlflow_run_id).data.tags["wavray.resumed_from"])
+        logged = _loss_log(cfg, name)
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        for step, loss in logged:
+            first.setdefault(step, loss)
+            last[step] = loss
+        again = [s for s in first if s > resumed_from and len([1 for t, _ in logged if t == s]) > 1]
+        assert again, f"ZeRO-{stage}: no update logged both before the kill and after the resume"
+        for s in again:
+            assert last[s] == pytest.approx(first[s], abs=1e-4), f"ZeRO-{stage} update {s}: resumed {last[s]} vs {first[s]}"
+        assert sorted(last) == list(range(1, 11))
+        runs[stage] = (last, load_weights(Path(result.run_uri) / "checkpoint_000000010"))
+
+    (losses2, weights2), (losses3, weights3) = runs[2], runs[3]
+    for s in range(1, 11):
+        assert losses3[s] == pytest.approx(losses2[s], abs=1e-4), f"update {s}: ZeRO-3 {losses3[s]} vs ZeRO-2 {losses2[s]}"
+    teacher = [k for k in weights2 if k.startswith("teacher.")]
+    assert teacher and all(torch.allclose(weights3[k], weights2[k], atol=1e-4) for k in teacher)
+    student = weights2["encoder.transformer.layers.0.ffn.fc1.weight"]
+    assert not torch.allclose(weights2["teacher.layers.0.ffn.fc1.weight"], student, atol=1e-5)

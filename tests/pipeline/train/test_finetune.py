@@ -26,13 +26,7 @@ def process_group():
     E.ensure_process_group("gloo")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several test processes: more threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def finetune_cfg(*overrides: str) -> C.Config:

@@ -30,12 +30,7 @@ RESUMED = ["wav2vec_laptop", "vq_wav2vec_laptop", "apc_laptop", "tera_laptop"]  
 STEPS, SAVE_AT = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(rank: int, step: int, micro: int = 0) -> dict[str, np.ndarray]:
