@@ -26,6 +26,9 @@ sinusoids in the presets, ``transformer.absolute_positions``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -179,3 +182,45 @@ class VqBertModel(nn.Module):
             last_hidden_state=hidden, mask_time_indices=mask, padding_mask=frame_pad, ce_sum=ce_sum,
             feature_penalty=ce_sum.new_zeros(()),
         )
+
+
+class TokenisedBert(nn.Module):
+    """Audio -> vq-wav2vec tokens -> vq_bert's BERT: what the probe reads of a vq_bert model.
+
+    The BERT never saw audio: its input was the label set's tokens, so its features of audio
+    are those of the same tokeniser (the frozen vq-wav2vec model and the vocabulary that
+    made the label set). ``tokenise`` maps one utterance's samples (S,) to its (T,) token
+    ids; it is given whole utterances, one at a time, as the tokenising job gives them
+    (wav2vec 1.0's front end normalises each utterance over all its frames, so a padded
+    batch would tokenise differently). Not trained: the tokeniser is a frozen function and
+    the BERT is what downstream heads read.
+    """
+
+    def __init__(self, bert: TokenEncoder, tokenise: Callable[[np.ndarray], np.ndarray]) -> None:
+        super().__init__()
+        self.bert = bert
+        self.tokenise = tokenise
+
+    @torch.no_grad()
+    def tokens(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(ids (B, T) long, 0 at padded frames; frames (B,)) of ``source`` (B, S), where
+        ``padding_mask`` (B, S) is True at padded samples."""
+        if source.dim() != 2:
+            raise ValueError(f"TokenisedBert: expected source (B, S), got shape {tuple(source.shape)}")
+        samples = [source.shape[1]] * source.shape[0]
+        if padding_mask is not None:
+            samples = (~padding_mask).long().sum(dim=1).tolist()
+        rows = [np.asarray(self.tokenise(source[b, :n].float().cpu().numpy()), dtype=np.int64)
+                for b, n in enumerate(samples)]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=source.device)
+        ids = torch.zeros((len(rows), max((len(r) for r in rows), default=0)), dtype=torch.long, device=source.device)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.from_numpy(r).to(source.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.bert.vocab):
+            raise ValueError(f"TokenisedBert: token ids outside the BERT's vocabulary of {self.bert.vocab}")
+        return ids, lengths
+
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) BERT hidden states of ``source`` (B, S)."""
+        ids, lengths = self.tokens(source, padding_mask)
+        return self.bert(ids, frame_padding_mask(ids.shape[1], lengths))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.masking import frame_padding_mask
 from models.wav2vec2 import Wav2Vec2Encoder
 from pipeline.config import Config, ProbeConfig
 from pipeline.text import Vocabulary, error_rates, greedy_decode
@@ -192,13 +193,15 @@ def probe_sets(cfg: Config) -> tuple[LabelledSet, LabelledSet]:
 
 def _encoder_of(model: nn.Module) -> nn.Module:
     """The part of ``model`` whose hidden states the probe reads."""
-    from models.vq_bert import VqBertModel
+    from models.vq_bert import TokenisedBert, VqBertModel
 
     if isinstance(model, VqBertModel):
         raise ValueError(
-            "a vq_bert model reads vq-wav2vec's tokens, not audio: probing it needs its tokeniser in front "
-            "(features through the frozen tokens -> BERT, not built yet)"
+            "a vq_bert model reads vq-wav2vec's tokens, not audio: probe it with its tokeniser in front "
+            "(pipeline.label.tokens.audio_model, as jobs.bench probe does)"
         )
+    if isinstance(model, TokenisedBert):
+        return model
     enc = getattr(model, "encoder", None)
     if isinstance(enc, Wav2Vec2Encoder):
         return enc
@@ -214,9 +217,13 @@ def _input_is_a_state(enc: Wav2Vec2Encoder) -> bool:
 
 def num_hidden_states(model: nn.Module) -> int:
     """How many hidden states :func:`hidden_states` returns for ``model``."""
+    from models.vq_bert import TokenisedBert
+
     enc = _encoder_of(model)
     if isinstance(enc, Wav2Vec2Encoder):
         return len(enc.transformer.layers) + int(_input_is_a_state(enc))
+    if isinstance(enc, TokenisedBert):
+        return len(enc.bert.transformer.layers) + 1
     return 1
 
 
@@ -231,10 +238,18 @@ def hidden_states(model: nn.Module, source: Tensor, padding_mask: Tensor | None)
     conv, GRU) gives its input and every layer's output the same way; a context network
     that widens its input has no state 0 (APC's GRU: its layers' outputs, as s3prl's
     upstream gives them). No masking (the model is in eval mode).
+    vq_bert's BERT behind its tokeniser (:class:`models.vq_bert.TokenisedBert`) gives the
+    token embedding and every layer's output the same way.
     Any other module is treated as a frontend: ``forward(source) -> (B, T, C)`` plus
     ``output_lengths(num_samples)`` (the conv feature encoder, :class:`LogMelFrontend`).
     """
+    from models.vq_bert import TokenisedBert
+
     enc = _encoder_of(model)
+    if isinstance(enc, TokenisedBert):
+        ids, lengths = enc.tokens(source, padding_mask)
+        return _layer_states(enc.bert.transformer, lambda: enc.bert(ids, frame_padding_mask(ids.shape[1], lengths)),
+                             layer_norm_first=enc.bert.transformer.layer_norm_first), lengths
     if not isinstance(enc, Wav2Vec2Encoder):
         feats = enc(source)  # (B, T, C)
         if padding_mask is None:
@@ -243,8 +258,24 @@ def hidden_states(model: nn.Module, source: Tensor, padding_mask: Tensor | None)
             lengths = enc.output_lengths((~padding_mask).long().sum(dim=1)).clamp(max=feats.shape[1])
         return [feats], lengths
 
+    found: dict[str, Tensor] = {}
+
+    def run() -> Tensor:
+        features, frame_pad, found["lengths"] = enc.extract_features(source, padding_mask)  # (B, T, C)
+        x, _ = enc.feature_projection(features)  # (B, T, D)
+        return enc.transformer(x, frame_pad)  # (B, T, D)
+
+    captured = _layer_states(enc.transformer, run, layer_norm_first=enc.transformer.layer_norm_first)
+    if not _input_is_a_state(enc):
+        captured = captured[1:]
+    return captured, found["lengths"]
+
+
+def _layer_states(transformer: nn.Module, run: Callable[[], Tensor], *, layer_norm_first: bool) -> list[Tensor]:
+    """The input of ``transformer``'s first layer and every layer's output while ``run()``
+    runs it; in pre-LN models the last is ``run()``'s result (after the final LayerNorm)."""
     captured: list[Tensor] = []
-    layers = enc.transformer.layers
+    layers = transformer.layers
 
     def grab_input(_module: nn.Module, args: tuple) -> None:
         captured.append(args[0])
@@ -255,17 +286,13 @@ def hidden_states(model: nn.Module, source: Tensor, padding_mask: Tensor | None)
     handles = [layers[0].register_forward_pre_hook(grab_input)]
     handles += [layer.register_forward_hook(grab_output) for layer in layers]
     try:
-        features, frame_pad, lengths = enc.extract_features(source, padding_mask)  # (B, T, C)
-        x, _ = enc.feature_projection(features)  # (B, T, D)
-        last = enc.transformer(x, frame_pad)  # (B, T, D)
+        last = run()
     finally:
         for h in handles:
             h.remove()
-    if enc.transformer.layer_norm_first:
+    if layer_norm_first:
         captured[-1] = last
-    if not _input_is_a_state(enc):
-        captured = captured[1:]
-    return captured, lengths
+    return captured
 
 
 def batches_by_length(lengths: Sequence[int], max_samples: int) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
     python -m jobs.bench probe --checkpoint runs/hubert-it1 --config jobs/configs/sweep/hubert_demo.yaml
 
-Scores any model location (``pipeline/model_io.py``) with the probe a sweep or a pretraining
+Scores any model location (``pipeline/model_io.py``; a vq_bert model through the
+vq-wav2vec tokeniser of its label set) with the probe a sweep or a pretraining
 config names (its ``probe`` section: the labelled sets, the head, its budget; a sweep file's
 base config, or a pretraining config with ``probe.*`` overrides), exactly as each trial is
 scored: a CTC head trained on the frozen features of ``probe.train_*``, its greedy CER and
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from pipeline.config import ConfigError, load_config
+    from pipeline.label.tokens import audio_model
     from pipeline.model_io import load_model
     from pipeline.probe import probe_sets, run_probe
 
@@ -41,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
         train, dev = probe_sets(cfg)
         trained = load_model(args.checkpoint)
+        model = audio_model(trained)
     except (ConfigError, ValueError) as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
-    scores = run_probe(trained.model, train, dev, cfg.probe, normalize=trained.normalize)
+    scores = run_probe(model, train, dev, cfg.probe, normalize=trained.normalize)
     print(f"probe: {args.checkpoint}: CER {100 * scores['probe/cer']:.1f}% WER {100 * scores['probe/wer']:.1f}% "
           f"(dev loss {scores['probe/dev_loss']:.3f}; {train.minutes:.1f} min to train the head, "
           f"{dev.minutes:.1f} min scored; {scores['probe/seconds']:.0f} s)", flush=True)

@@ -406,10 +406,10 @@ class _Labeller(_Worker):
         if plan.features == "tokens":
             from pipeline.label.tokens import VOCABULARY_FILE, TokenMap
 
-            saved = np.load(_open_npz(storage.join(plan.version_uri, VOCABULARY_FILE), plan.store))
+            saved = np.load(open_npz(storage.join(plan.version_uri, VOCABULARY_FILE), plan.store))
             self.assign = TokenMap(saved["pairs"], plan.clusters, self.extractor.entries)
         else:
-            centroids = np.load(_open_npz(storage.join(plan.version_uri, L.KMEANS_FILE), plan.store))["centroids"]
+            centroids = np.load(open_npz(storage.join(plan.version_uri, L.KMEANS_FILE), plan.store))["centroids"]
             self.assign = K.Assigner(centroids, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -481,7 +481,8 @@ def _write_atomically(table: pa.Table | bytes, uri: str, plan: Plan, *, fault_po
     fs.move(tmp_path, final_path)
 
 
-def _open_npz(uri: str, store: storage.Storage | None) -> Any:
+def open_npz(uri: str, store: storage.Storage | None) -> Any:
+    """A file of the label set (``.npz``) as a seekable buffer for ``np.load``."""
     import io
 
     return io.BytesIO(storage.read_bytes(uri, store))
@@ -521,7 +522,7 @@ def fit_kmeans(cfg: Config, r: Resolved, manifest: pa.Table, progress: Callable[
     uri = storage.join(r.plan.version_uri, L.KMEANS_FILE)
     store = r.plan.store
     if storage.exists(uri, store):
-        saved = np.load(_open_npz(uri, store))
+        saved = np.load(open_npz(uri, store))
         progress(f"label: reusing the k-means fit at {uri}")
         return {"inertia": float(saved["inertia"]), "sample_frames": int(saved["sample_frames"]), "seconds": 0.0,
                 "cpu_seconds": 0.0, "reused": True}
@@ -566,7 +567,7 @@ def fit_vocabulary(cfg: Config, r: Resolved, manifest: pa.Table, progress: Calla
     uri = storage.join(r.plan.version_uri, VOCABULARY_FILE)
     store = r.plan.store
     if storage.exists(uri, store):
-        saved = np.load(_open_npz(uri, store))
+        saved = np.load(open_npz(uri, store))
         progress(f"label: reusing the token vocabulary at {uri}")
         return {"size": r.plan.clusters, "pairs": int(len(saved["pairs"])), "sample_pairs": int(saved["sample_pairs"]),
                 "sample_frames": int(saved["sample_frames"]), "seconds": 0.0, "cpu_seconds": 0.0, "reused": True}

@@ -127,3 +127,41 @@ class TokenMap:
         found = (self._sorted[where] == pairs) if len(self._sorted) else np.zeros(len(pairs), bool)
         out = np.where(found, self._ids[where] if len(self._ids) else 0, self.unknown)
         return out.astype(np.int16)
+
+
+def audio_model(trained: Any, *, store: Any = None, tracking_uri: str = "") -> torch.nn.Module:
+    """The model downstream heads read audio through: ``trained.model`` itself, except for a
+    vq_bert model, whose BERT reads tokens: then its BERT behind the tokeniser that made the
+    label set it trained on (:class:`models.vq_bert.TokenisedBert`: the vq-wav2vec model at
+    ``label.teacher`` and the set's ``vocabulary.npz``, found from its run config as the
+    training found them).
+
+    ``trained``: a :class:`pipeline.model_io.TrainedModel`.
+    """
+    from models.vq_bert import TokenisedBert, VqBertModel
+
+    model = trained.model
+    if not isinstance(model, VqBertModel):
+        return model
+    if trained.config is None:
+        raise ValueError(f"{trained.path}: a vq_bert model without its run config: its tokeniser cannot be found")
+    from pipeline.data import storage
+    from pipeline.label.job import make_extractor, open_npz, resolve
+
+    cfg = trained.config
+    r = resolve(cfg, store=store, tracking_uri=tracking_uri)
+    uri = storage.join(r.plan.version_uri, VOCABULARY_FILE)
+    if not storage.exists(uri, r.plan.store):
+        raise ValueError(
+            f"vq_bert: the token vocabulary of the label set it trained on is not at {uri} (label.teacher="
+            f"{cfg.label.teacher}, data.train_uri={cfg.data.train_uri}): its features of audio need that tokeniser"
+        )
+    features = make_extractor(r.plan)
+    to_ids = TokenMap(np.load(open_npz(uri, r.plan.store))["pairs"], r.plan.clusters, features.entries)
+    if to_ids.size != model.encoder.vocab:
+        raise ValueError(f"vq_bert: the label set at {uri} has {to_ids.size} tokens, the model {model.encoder.vocab}")
+
+    def tokenise(audio: np.ndarray) -> np.ndarray:
+        return to_ids(features(audio)).astype(np.int64) if len(audio) else np.zeros(0, np.int64)
+
+    return TokenisedBert(model.encoder, tokenise).eval()

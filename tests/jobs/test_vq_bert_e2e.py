@@ -8,7 +8,8 @@ local Ray.
    writes nothing.
 2. A short vq_bert pretraining on 1 worker reads the tokens through the label join of the
    data path: its first masked cross-entropy is near chance, ln(K), and the tokens it saw
-   vary.
+   vary. The trained BERT reads audio through the tokeniser of its label set (the label
+   files' own tokens, from a padded batch) and the probe trains a head on its states.
 """
 
 from __future__ import annotations
@@ -163,3 +164,32 @@ def test_vq_bert_pretrains_on_the_tokens(data_uri: str, teacher: tuple[Path, tor
     assert run.data.metrics["perplexity/target_0"] > 2.0, "the tokens the model saw do not vary"
     with pytest.raises(ValueError, match="label.features must be 'tokens'"):
         run_pretraining(C.apply_overrides(cfg, ["label.features=mfcc"]))
+
+    # Downstream: the trained BERT reads audio through the tokeniser of its label set; the
+    # tokens it gets are the label files' tokens, and the probe trains a head on its states.
+    from models.vq_bert import TokenisedBert
+    from pipeline.label.tokens import audio_model
+    from pipeline.model_io import load_model
+    from pipeline.probe import LabelledSet, num_hidden_states, pad_batch, run_probe
+
+    trained = load_model(result.checkpoint_uri)
+    with pytest.raises(ValueError, match="tokeniser in front"):
+        num_hidden_states(trained.model)
+    model = audio_model(trained)
+    assert isinstance(model, TokenisedBert) and num_hidden_states(model) == cfg.model.transformer.num_layers + 1
+    manifest = storage.read_table(storage.join(data_uri, S.MANIFEST_FILE), [S.ID, S.SHARD, S.NUM_SAMPLES])
+    shard = manifest.column(S.SHARD)[0].as_py()
+    labels = storage.read_table(storage.join(L.set_uri(data_uri, "tokens"), tokenised["version"],
+                                             L.shard_label_path(shard)))
+    audio = storage.read_table(storage.join(data_uri, shard), [S.ID, S.AUDIO, S.NUM_SAMPLES])
+    waves = [decode_segment(audio.column(S.AUDIO)[i].as_buffer(), 0, audio.column(S.NUM_SAMPLES)[i].as_py())
+             for i in range(3)]
+    assert labels.column(S.ID).to_pylist()[:3] == audio.column(S.ID).to_pylist()[:3]
+    source, pad = pad_batch(waves, torch.device("cpu"))  # a padded batch tokenises each utterance whole
+    ids, lengths = model.tokens(source, pad)
+    for b in range(3):
+        assert ids[b, : int(lengths[b])].tolist() == labels.column(L.LABELS)[b].as_py(), f"utterance {b}"
+    words = ["one two", "three four", "five six"]
+    sets = LabelledSet([f"u{i}" for i in range(3)], waves, words)
+    scores = run_probe(model, sets, sets, cfg.probe.__class__(steps=5, head="linear", weighted_sum=True))
+    assert math.isfinite(scores["probe/dev_loss"]) and 0.0 <= scores["probe/cer"]

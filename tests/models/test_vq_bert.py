@@ -95,3 +95,37 @@ def test_no_audio_encoder_to_fine_tune() -> None:
 
     with pytest.raises(ValueError, match="reads vq-wav2vec's tokens, not audio"):
         build_ctc_model(M.vq_bert_laptop(), 30)
+
+
+def test_tokenised_bert_tokenises_each_utterance_whole_and_pads_the_rest() -> None:
+    import numpy as np
+
+    from models.vq_bert import TokenisedBert
+
+    bert = _model().encoder
+    seen: list[int] = []
+
+    def tokenise(audio: np.ndarray) -> np.ndarray:
+        # A tokeniser whose ids depend on the whole utterance (as wav2vec 1.0's per-utterance
+        # normalisation makes them): padding handed to it would change every token.
+        seen.append(len(audio))
+        frames = len(audio) // 160
+        level = int(abs(audio).sum() * 1000) % 7
+        return (np.arange(frames) + level) % bert.vocab
+
+    model = TokenisedBert(bert, tokenise).eval()
+    gen = torch.Generator().manual_seed(0)
+    long, short = torch.randn(3200, generator=gen), torch.randn(1600, generator=gen)
+    source = torch.zeros(2, 3200)
+    source[0], source[1, :1600] = long, short
+    pad = torch.zeros(2, 3200, dtype=torch.bool)
+    pad[1, 1600:] = True
+    ids, lengths = model.tokens(source, pad)
+    assert seen == [3200, 1600] and lengths.tolist() == [20, 10]
+    assert ids[1, :10].tolist() == tokenise(short.numpy()).tolist() and ids[1, 10:].eq(0).all()
+    with torch.no_grad():
+        batched = model(source, pad)
+        alone = model(short.unsqueeze(0))
+    assert torch.allclose(batched[1, :10], alone[0], atol=1e-5), "padding changed the states of the shorter one"
+    with pytest.raises(ValueError, match="outside the BERT's vocabulary"):
+        TokenisedBert(bert, lambda a: np.full(len(a) // 160, bert.vocab + 3)).tokens(source)
