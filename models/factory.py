@@ -68,7 +68,7 @@ def build_encoder(cfg: ModelConfig) -> Wav2Vec2Encoder:
     if cfg.objective == "vq_bert":
         raise ValueError(
             "model.objective=vq_bert: its BERT reads vq-wav2vec's tokens, not audio, so it has no audio encoder to "
-            "probe or fine-tune on its own; features of audio need its tokeniser in front (not built yet)"
+            "fine-tune on its own (the probe reads it through its tokeniser: jobs.bench probe)"
         )
     tr = cfg.transformer
     feature_encoder = build_frontend(cfg)
