@@ -25,7 +25,7 @@ import sys
 
 from pipeline.cluster import connect_ray
 from pipeline.config import ConfigError, load_config
-from pipeline.data.storage import StorageError
+from pipeline.data.storage import LocalDiskFullError, StorageError, failure_in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray(args.address, num_cpus=args.num_cpus, dashboard=False)
     try:
         summary = run_labelling(cfg, force=args.force, tracking_uri=args.tracking_uri)
-    except (StorageError, ValueError) as e:
+    except (StorageError, LocalDiskFullError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a task's store or disk failure arrives wrapped by Ray
+        cause = failure_in(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 1
     if args.print_summary:
         shown = {k: v for k, v in summary.items() if k != "usage"}

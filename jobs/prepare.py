@@ -22,7 +22,7 @@ import sys
 from pipeline.cluster import connect_ray
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepare import prepare
-from pipeline.data.storage import StorageError
+from pipeline.data.storage import LocalDiskFullError, StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray(args.address, num_cpus=args.num_cpus, dashboard=False)
     try:
         prepare(args.input, args.output, cfg.data, sidecar_uri=args.sidecar, force=args.force)
-    except (StorageError, ValueError) as e:
+    except (StorageError, LocalDiskFullError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -109,9 +109,12 @@ def local_instance_env() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def start_local(
-    *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False
+    *, num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False,
+    object_store_memory: int | None = None,
 ) -> str:
     """Start a Ray instance on this machine, on 127.0.0.1 only; returns its GCS address.
+
+    ``object_store_memory``: bytes of Ray's object store (None: Ray's default, 30% of memory).
 
     The GCS port is chosen here so that the address can go into every task's environment
     (``RAY_ADDRESS``): several instances may share the machine, and Ray Train's clean-up
@@ -127,7 +130,8 @@ def start_local(
         try:
             with _environment({**system_env, "RAY_GCS_SERVER_PORT": str(port)}), _local_only_mode():
                 ray.init(
-                    num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard,
+                    num_cpus=num_cpus, object_store_memory=object_store_memory, _node_ip_address="127.0.0.1",
+                    include_dashboard=dashboard,
                     dashboard_host="127.0.0.1", dashboard_port=free_port() if dashboard else None,
                     runtime_env={"env_vars": {"RAY_ADDRESS": address, **task_env, **quiet_env(verbose)}},
                     configure_logging=True, logging_level=logging.INFO if verbose else logging.WARNING,

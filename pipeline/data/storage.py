@@ -64,7 +64,8 @@ class StorageError(RuntimeError):
 
 
 class LocalDiskFullError(OSError):
-    """A local directory the job writes to (upload buffer, checkpoint staging) is full."""
+    """A local directory the job writes to (upload buffer, checkpoint staging, Ray's spilling
+    directory) is full."""
 
 
 @dataclass(frozen=True)
@@ -218,11 +219,29 @@ def failure_in(error: BaseException) -> BaseException | None:
             continue
         if isinstance(e, StorageError | LocalDiskFullError):
             return e
+        if any(c.__name__ == "OutOfDiskError" for c in type(e).__mro__) or _RAY_DISK_FULL in str(e):
+            return ray_disk_full_error()
         stack.extend([e.__cause__, e.__context__, *vars(e).values()])
         found = _STORAGE_FAILURE.search(str(e))
         if found:
             return StorageError(found.group(1).strip())
     return None
+
+
+_RAY_DISK_FULL = "The object cannot be created because the local object store is full and the local disk"
+"""What Ray's ``OutOfDiskError`` says (its text survives where the error is only a traceback)."""
+
+
+def ray_disk_full_error() -> LocalDiskFullError:
+    """Ray's ``OutOfDiskError`` said plainly: objects no longer fit in Ray's object store and the
+    disk it spills them to is over Ray's capacity threshold, so Ray refuses new objects (at
+    once, rather than the job hanging on spills that cannot be written)."""
+    return LocalDiskFullError(
+        errno.ENOSPC,
+        "Ray's object store is full and the local disk it spills objects to is full (over Ray's "
+        "local_fs_capacity_threshold, 95% by default): free space in Ray's spilling directory (ray start "
+        "--object-spilling-directory; by default under Ray's temp directory, /tmp/ray) or point it at a larger disk",
+    )
 
 
 class _RetryingS3(pafs.FileSystemHandler):

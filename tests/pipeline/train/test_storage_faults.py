@@ -230,3 +230,35 @@ def test_a_full_local_checkpoint_disk_stops_the_run_naming_it(
     assert code == 3, out.err[-3000:]
     assert f"the local disk at {full} is full" in out.err and "checkpoint of step 4" in out.err, out.err[-3000:]
     print(f"full disk: the run stopped {elapsed:.0f} s after it started, naming {full}")
+
+
+def test_a_full_spilling_directory_is_a_clear_error_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects that no longer fit in Ray's object store spill to disk; when that disk is full,
+    Ray refuses new objects at once (OutOfDiskError, past its capacity threshold) and the
+    job's error says which disk and what to do, out of Ray's wrapping."""
+    import ray
+    import ray.data
+
+    from pipeline.ray_compat import start_local
+
+    with _full_disk(tmp_path / "spill") as spill:
+        if ray.is_initialized():
+            ray.shutdown()
+        # Ray reads its system config from RAY_<name> in the environment of the processes it starts.
+        monkeypatch.setenv("RAY_object_spilling_config",
+                           json.dumps({"type": "filesystem", "params": {"directory_path": str(spill)}}))
+        start_local(num_cpus=1, dashboard=False, object_store_memory=80 << 20)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Exception) as caught:  # noqa: PT011 - Ray's wrapping varies; failure_in unwraps it
+                # 12 blocks of 10 MiB held at once: more than the 80 MiB store, so Ray must spill.
+                ray.data.range(12, override_num_blocks=12).map_batches(
+                    lambda _: {"x": np.zeros((1, 10 << 20), np.uint8)}, batch_size=1
+                ).materialize()
+            elapsed = time.monotonic() - started
+        finally:
+            ray.shutdown()
+    cause = storage.failure_in(caught.value)
+    assert isinstance(cause, storage.LocalDiskFullError), repr(caught.value)[:2000]
+    assert "spilling directory" in str(cause) and "--object-spilling-directory" in str(cause)
+    print(f"full spilling directory: the job failed {elapsed:.0f} s after it started: {cause}")
