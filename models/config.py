@@ -999,10 +999,24 @@ def wav2vec_laptop() -> ModelConfig:
 
 def vq_wav2vec_laptop() -> ModelConfig:
     """vq-wav2vec (Gumbel) at the laptop presets' width; 2 groups of 32 codewords, a
-    temperature that anneals within hundreds of updates (as ``laptop``'s)."""
+    temperature that anneals within hundreds of updates (as ``laptop``'s), and the logits
+    from one Linear with N(0, 1) weights (fairseq's default ``--vq-depth 1``, wav2vec 2.0's
+    quantizer) instead of the recipe's 2-layer MLP.
+
+    Why: the training choice is ``argmax(logits + Gumbel noise)``, whatever the temperature
+    (it only shapes the straight-through gradient), and the noise's spread is 1.28. The
+    MLP's default initialisation gives logits that vary by 0.05 between frames of the
+    log-compressed features, so at first 4% of the choices follow the input (1 in 32 by
+    chance): the targets are noise, the loss cannot leave its chance level, and within a
+    few thousand updates the codebook collapses to one codeword (perplexity 1, probe worse
+    than random weights). The recipe has 400k updates to outgrow that; the single N(0, 1)
+    Linear varies by 1.6, a quarter of the choices follow the input from the first update
+    and the loss leaves chance within 500 updates. A diversity penalty does not help: it
+    is met by flat logits, i.e. by pure noise."""
     cfg = _tiny_wav2vec(vq_wav2vec())
     cfg.vq_wav2vec.entries = 32
     cfg.vq_wav2vec.temperature.decay = 0.999
+    cfg.vq_wav2vec.proj_depth = 1
     return cfg
 
 
