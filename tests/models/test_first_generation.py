@@ -230,7 +230,7 @@ def test_vq_wav2vec_tokens(kind: str) -> None:
     pad = torch.zeros(2, 8000, dtype=torch.bool)
     pad[1, 6000:] = True
     ids, lengths = model.tokens(source, pad)  # in train mode: no Gumbel noise all the same
-    assert ids.shape == (2, 48, 2) and lengths.tolist() == [48, 35]
+    assert ids.shape == (2, 48, cfg.vq_wav2vec.groups) and lengths.tolist() == [48, 35]
     assert bool((ids[1, 35:] == -1).all()) and bool((ids[:, :35] >= 0).all() and (ids < 32).all())
     again, _ = model.tokens(source, pad)
     assert torch.equal(ids, again)
