@@ -230,7 +230,7 @@ def test_vq_wav2vec_tokens(kind: str) -> None:
     pad = torch.zeros(2, 8000, dtype=torch.bool)
     pad[1, 6000:] = True
     ids, lengths = model.tokens(source, pad)  # in train mode: no Gumbel noise all the same
-    assert ids.shape == (2, 48, 2) and lengths.tolist() == [48, 35]
+    assert ids.shape == (2, 48, cfg.vq_wav2vec.groups) and lengths.tolist() == [48, 35]
     assert bool((ids[1, 35:] == -1).all()) and bool((ids[:, :35] >= 0).all() and (ids < 32).all())
     again, _ = model.tokens(source, pad)
     assert torch.equal(ids, again)
@@ -245,6 +245,31 @@ def test_gumbel_shared_codebook_and_mlp() -> None:
     q = model.quantizer
     assert tuple(q.codevectors.shape) == (1, 320, 256)  # one codebook of 320, each group's half of 512
     assert [tuple(m.weight.shape) for m in q.weight_proj if hasattr(m, "weight")] == [(1024, 512), (640, 1024)]
+
+
+def _gumbel_choices_that_follow_the_input(cfg: M.ModelConfig, seed: int) -> float:
+    """Share of the training (Gumbel-noised) choices of a fresh model that are the noiseless argmax."""
+    torch.manual_seed(seed)
+    model = build_pretraining_model(cfg)
+    source = torch.randn(4, 16000, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        features = model.encoder.extract_features(source, None)[0]
+        best = model.quantizer.logits(features).argmax(dim=-1)  # (B, T, G)
+        noisy = model.quantizer.train()(features, generator=torch.Generator().manual_seed(seed)).codes
+    return (noisy == best).float().mean().item()
+
+
+def test_the_laptop_gumbel_choices_follow_the_input_from_the_start() -> None:
+    """The choice is argmax(logits + Gumbel noise) at any temperature: with the recipe's MLP at
+    the laptop width the logits barely vary, the choices are noise (1 in 32 by chance) and the
+    laptop run collapses; the laptop preset's N(0, 1) Linear lets a good share follow the input."""
+    laptop = M.vq_wav2vec_laptop()
+    recipe_mlp = M.vq_wav2vec_laptop()
+    recipe_mlp.vq_wav2vec.proj_depth = M.vq_wav2vec().vq_wav2vec.proj_depth
+    assert recipe_mlp.vq_wav2vec.proj_depth == 2 and laptop.vq_wav2vec.proj_depth == 1
+    for seed in range(3):
+        assert _gumbel_choices_that_follow_the_input(recipe_mlp, seed) < 0.08
+        assert _gumbel_choices_that_follow_the_input(laptop, seed) > 0.2
 
 
 @pytest.mark.parametrize("preset", LAPTOPS)

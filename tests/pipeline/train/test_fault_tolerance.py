@@ -216,7 +216,7 @@ def test_first_generation_on_two_zero2_workers_resumes(shards: str, tmp_path: Pa
             assert value == pytest.approx(2.0 * 0.999 ** (step - 1), rel=1e-6), step
         final = load_model(second.run_uri).model  # its tokens, the second stage's input
         ids, lengths = final.tokens(torch.randn(2, 16000))
-        assert ids.shape == (2, int(lengths[0]), 2) and bool((ids >= 0).all())
+        assert ids.shape == (2, int(lengths[0]), final.num_groups) and bool((ids >= 0).all())
 
 
 def _loss_log(cfg: C.Config, name: str) -> list[tuple[int, float]]:
