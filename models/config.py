@@ -1251,7 +1251,8 @@ def vq_bert() -> ModelConfig:
 
 def vq_bert_laptop() -> ModelConfig:
     """vq-wav2vec's BERT at the laptop presets' size, on the tokens of ``vq_wav2vec_laptop``
-    (2 groups of 32 codewords: at most 1,024 pairs, a vocabulary of 512 tokens)."""
+    (4 groups of 32 codewords: a vocabulary of its 511 most frequent tuples and one token
+    for the rest)."""
     cfg = _tiny_transformer(vq_bert())
     cfg.mask = MaskConfig(prob=0.5, length=5, min_masks=1)
     cfg.vq_bert.vocab = 512
