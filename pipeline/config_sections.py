@@ -431,7 +431,11 @@ class FinetuneConfig:
 
     vocab: str = ""
     """Characters of the CTC vocabulary (blank and the word boundary ``|`` are added);
-    empty: English letters and the apostrophe."""
+    empty: English letters and the apostrophe (other letters lose their accents)."""
+    vocab_from_data: bool = False
+    """Build the vocabulary from the characters of ``data.train_uri``'s transcripts (a joint
+    grapheme vocabulary over all its languages, ``pipeline.text.transcript_characters``);
+    the run's saved config holds the result in ``vocab``. Needs ``vocab`` empty."""
     freeze_encoder_steps: int = 0
     """Keep the Transformer (and the feature projection) frozen for this many updates, so
     the fresh head first learns to read the pretrained features."""
@@ -451,6 +455,11 @@ class FinetuneConfig:
             raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"finetune.freeze_encoder_steps: expected >= 0, got {self.freeze_encoder_steps}")
+        if self.vocab_from_data and self.vocab:
+            raise ValueError(
+                f"finetune.vocab_from_data: builds the vocabulary from the transcripts; finetune.vocab must be "
+                f"empty, got {self.vocab!r}"
+            )
 
 
 @dataclass(kw_only=True)
