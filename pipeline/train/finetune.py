@@ -19,7 +19,9 @@ loop divides by the global count, as it divides the contrastive loss by masked f
 
 Several languages: ``finetune.vocab_from_data`` makes the vocabulary every letter of the
 training transcripts (a joint grapheme vocabulary; the default, English letters, strips
-accents and breaks words at letters like ``ß``).
+accents and breaks words at letters like ``ß``); on a multilingual split every batch
+carries its languages and the step returns each utterance's CTC loss, which the loop logs
+as ``loss/lang/<code>`` per character.
 
 Freezing: while frozen, the projection and the Transformer run without autograd
 (forward hooks switch the grad mode around them), so no activations are stored and no
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 from models.wav2vec2 import Wav2Vec2ForCTC
 from pipeline.config import CONFIG_FILE, Config, apply_overrides, to_flat_dict
+from pipeline.data.loader import LANGUAGES
 from pipeline.text import Vocabulary, transcript_characters
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
@@ -252,6 +255,9 @@ class _TransformerFreeze:
 class FinetuneStep:
     """The CTC task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
 
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+
     def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, targets: Targets) -> None:
         self.cfg = cfg
         self.model = model
@@ -288,6 +294,7 @@ class FinetuneStep:
             "targets": to_device(np.concatenate(labels), device),  # (sum U,)
             "target_lengths": to_device(target_lengths, device),  # (B,)
             "generator": seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device),
+            "per_row": LANGUAGES in batch,
         }
         count = torch.tensor(float(target_lengths.sum()), device=device)
         return Prepared(inputs=inputs, count=count, num_samples=int(lengths.sum()))
@@ -305,10 +312,19 @@ class FinetuneStep:
         finally:
             torch.set_grad_enabled(grad_mode)  # restored even if the forward failed while frozen
         log_probs = F.log_softmax(out.logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
-        loss_sum = F.ctc_loss(
-            log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
-            reduction="sum", zero_infinity=True,
-        )
+        row_loss = row_count = None
+        if inp.get("per_row"):  # a multilingual batch: each utterance's loss for loss/lang/<code>
+            per_utterance = F.ctc_loss(
+                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+                reduction="none", zero_infinity=True,
+            )  # (B,)
+            loss_sum = per_utterance.sum()
+            row_loss, row_count = per_utterance.detach(), inp["target_lengths"].float()
+        else:
+            loss_sum = F.ctc_loss(
+                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+                reduction="sum", zero_infinity=True,
+            )
         too_short = (out.output_lengths < inp["target_lengths"]).float().sum()
         metrics = {
             "ctc/loss_sum": loss_sum.detach(),
@@ -318,7 +334,8 @@ class FinetuneStep:
             "ctc/too_short": too_short,
             "ctc/frozen": torch.tensor(float(self._freeze.active), device=prepared.count.device),
         }
-        return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics)
+        return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics, row_loss=row_loss,
+                          row_count=row_count)
 
     def health(self) -> None:
         """CTC has no chance level to watch: its loss falls from any start."""

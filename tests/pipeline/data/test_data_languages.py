@@ -258,3 +258,38 @@ def test_alpha_one_reads_the_data_as_it_is(multilingual: dict) -> None:
     language = {m[S.ID]: m[S.LANGUAGE] for m in multilingual["manifest"]}
     assert all(b["languages"] == [language[u] for u in b["ids"]] for b in batches), "unbalanced, still carried"
 
+
+# --- end to end: a pretraining run on the three languages ------------------------------------------
+
+
+def test_pretraining_on_three_languages_logs_each_languages_loss_to_mlflow(multilingual: dict, tmp_path) -> None:
+    """Ray Train + DeepSpeed on the prepared data, one worker, 2 updates logged each: MLflow has
+    ``loss/lang/<code>`` and ``lang_share/<code>`` for aa, bb and cc at every logged step, and
+    the shares weight the languages' losses back into ``loss/contrastive``."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import apply_overrides
+    from pipeline.train.trainer import run_pretraining
+
+    cfg = apply_overrides(tiny(), [
+        f"data.train_uri={multilingual['out']}", f"checkpoint.storage_path={tmp_path / 'runs'}",
+        "checkpoint.run_name=langs", "train.max_steps=2", "train.log_every=1", "checkpoint.every_steps=2",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.decode_cpus=0.5",
+        "data.max_samples_per_batch=64000", "data.max_sample_size=32000", "schedule.warmup_steps=0",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
+    result = run_pretraining(cfg)
+    assert result.step == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = {key: {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, key)}
+               for key in ("loss/contrastive", *(f"{k}/{lang}" for k in ("loss/lang", "lang_share")
+                                                  for lang in ("aa", "bb", "cc")))}
+    for step in (1, 2):
+        shares = {lang: metrics[f"lang_share/{lang}"][step] for lang in ("aa", "bb", "cc")}
+        assert sum(shares.values()) == pytest.approx(1.0)
+        seen = [lang for lang, share in shares.items() if share > 0]
+        assert seen, step
+        weighted = sum(shares[lang] * metrics[f"loss/lang/{lang}"][step] for lang in seen)
+        assert weighted == pytest.approx(metrics["loss/contrastive"][step], rel=1e-4)
+    assert all(np.isfinite(metrics[f"loss/lang/{lang}"][s]) for lang in ("aa", "bb", "cc") for s in (1, 2)
+               if metrics[f"lang_share/{lang}"][s] > 0)
