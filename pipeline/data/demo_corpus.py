@@ -118,7 +118,7 @@ PHRASES: dict[str, Phrases] = {
             "abre la ventana", "lee un libro antiguo", "lleva una cesta pesada", "prepara una sopa caliente",
             "pinta el puente del río", "saluda a los huéspedes", "cuenta las manzanas del jardín",
             "cierra la puerta de la cocina", "escucha los pájaros", "busca la llave perdida",
-            "cruza la montaña", "alimenta al gato", "construye un barco pequeño", "escribe una carta larga",
+            "cruza la montaña", "canta una canción", "construye un barco pequeño", "escribe una carta larga",
         ),
         times=("por la mañana", "cada noche", "en otoño", "después de la cena", "al mediodía",
                "durante el verano", "antes de la fiesta", "el miércoles"),
