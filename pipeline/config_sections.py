@@ -435,7 +435,8 @@ class FinetuneConfig:
     vocab_from_data: bool = False
     """Build the vocabulary from the characters of ``data.train_uri``'s transcripts (a joint
     grapheme vocabulary over all its languages, ``pipeline.text.transcript_characters``);
-    the run's saved config holds the result in ``vocab``. Needs ``vocab`` empty."""
+    the run's saved config holds the result in ``vocab``, replacing what ``vocab`` said (with
+    a warning: a fine-tuning config may name English letters)."""
     freeze_encoder_steps: int = 0
     """Keep the Transformer (and the feature projection) frozen for this many updates, so
     the fresh head first learns to read the pretrained features."""
@@ -455,11 +456,6 @@ class FinetuneConfig:
             raise ValueError(f"finetune.n_mels: expected >= 1, got {self.n_mels}")
         if self.freeze_encoder_steps < 0:
             raise ValueError(f"finetune.freeze_encoder_steps: expected >= 0, got {self.freeze_encoder_steps}")
-        if self.vocab_from_data and self.vocab:
-            raise ValueError(
-                f"finetune.vocab_from_data: builds the vocabulary from the transcripts; finetune.vocab must be "
-                f"empty, got {self.vocab!r}"
-            )
 
 
 @dataclass(kw_only=True)

@@ -86,6 +86,12 @@ def resolve_config(cfg: Config) -> Config:
         characters = transcript_characters(read_transcripts(cfg))
         if not characters:
             raise ValueError(f"finetune.vocab_from_data: {cfg.data.train_uri}'s transcripts have no letters")
+        if cfg.finetune.vocab and cfg.finetune.vocab != characters:
+            warnings.warn(
+                f"finetune.vocab = {cfg.finetune.vocab!r} is replaced by the characters of the transcripts "
+                f"(finetune.vocab_from_data): {characters!r}",
+                stacklevel=2,
+            )
         log.info("finetune.vocab from the transcripts of %s: %s", cfg.data.train_uri, characters)
         cfg = apply_overrides(cfg, {"finetune.vocab": characters, "finetune.vocab_from_data": False})
     vocab = Vocabulary.from_characters(cfg.finetune.vocab)

@@ -318,8 +318,8 @@ def test_a_multilingual_set_gets_a_joint_vocabulary_and_per_language_error_rates
     chars = resolved.finetune.vocab
     assert {"ä", "ü", "é", "è", "ñ", "á"} <= set(chars) and " " not in chars
     vocab = Vocabulary.from_characters(chars)
-    with pytest.raises(ValueError, match="finetune.vocab must be empty"):
-        C.apply_overrides(cfg, ["finetune.vocab=abc"])
+    with pytest.warns(UserWarning, match="finetune.vocab = 'abc' is replaced by the characters of the transcripts"):
+        assert FT.resolve_config(C.apply_overrides(cfg, ["finetune.vocab=abc"])).finetune.vocab == chars
 
     torch.manual_seed(0)
     model = FT.build_model(resolved, len(vocab))
