@@ -263,9 +263,10 @@ def test_alpha_one_reads_the_data_as_it_is(multilingual: dict) -> None:
 
 
 def test_pretraining_on_three_languages_logs_each_languages_loss_to_mlflow(multilingual: dict, tmp_path) -> None:
-    """Ray Train + DeepSpeed on the prepared data, one worker, 2 updates logged each: MLflow has
-    ``loss/lang/<code>`` and ``lang_share/<code>`` for aa, bb and cc at every logged step, and
-    the shares weight the languages' losses back into ``loss/contrastive``."""
+    """Ray Train + DeepSpeed (2 workers, ZeRO-2) on the prepared data, 2 updates logged each:
+    MLflow has ``loss/lang/<code>`` and ``lang_share/<code>`` for aa, bb and cc at every logged
+    step, reduced over both ranks, and the shares weight the languages' losses back into
+    ``loss/contrastive``."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import apply_overrides
@@ -274,7 +275,7 @@ def test_pretraining_on_three_languages_logs_each_languages_loss_to_mlflow(multi
     cfg = apply_overrides(tiny(), [
         f"data.train_uri={multilingual['out']}", f"checkpoint.storage_path={tmp_path / 'runs'}",
         "checkpoint.run_name=langs", "train.max_steps=2", "train.log_every=1", "checkpoint.every_steps=2",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.decode_cpus=0.5",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "deepspeed.zero_stage=2", "data.decode_cpus=0.5",
         "data.max_samples_per_batch=64000", "data.max_sample_size=32000", "schedule.warmup_steps=0",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ])
