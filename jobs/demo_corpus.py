@@ -1,10 +1,13 @@
-"""Synthesise the demo corpus: English speech from espeak-ng and flite, no downloads.
+"""Synthesise the demo corpus: speech from espeak-ng and flite, no downloads.
 
     python -m jobs.demo_corpus --output demo_data/corpus --minutes 15
+    python -m jobs.demo_corpus --output demo_data/multi --minutes 15 --languages en,de,fr,es,it
     python -m jobs.prepare --input demo_data/corpus --output demo_data/shards --preset tiny data.shard_size_mb=2
 
-Writes wav files, ``transcripts.tsv`` (id, path, transcript, speaker; ``jobs.prepare``
-reads it by itself) and ``speakers.tsv`` (which voices are held out). Details in
+Writes wav files, ``transcripts.tsv`` (id, path, transcript, speaker, and with
+``--languages`` language; ``jobs.prepare`` reads it by itself) and ``speakers.tsv``
+(which voices are held out). English by default; ``--languages`` adds German, French,
+Spanish and Italian (espeak-ng voices, built-in sentences). Details in
 ``pipeline/data/demo_corpus.py``.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.data.demo_corpus import make_corpus
+from pipeline.data.demo_corpus import LANGUAGES, make_corpus, parse_languages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory to write the corpus into")
     parser.add_argument("--minutes", type=float, default=15.0, help="minutes of speech (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sentences, voices and rates (default: %(default)s)")
+    parser.add_argument("--languages", default="",
+                        help=f"comma-separated languages of {','.join(LANGUAGES)} for a multilingual corpus "
+                             "(default: English only, without a language column)")
     args = parser.parse_args(argv)
     try:
-        stats = make_corpus(args.output, minutes=args.minutes, seed=args.seed)
+        languages = parse_languages(args.languages) if args.languages else None
+        stats = make_corpus(args.output, minutes=args.minutes, seed=args.seed, languages=languages)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"demo corpus: {stats['utterances']} utterances, {stats['minutes']:.1f} min, "
-          f"{stats['speakers']} speakers in {args.output}")
+          f"{stats['speakers']} speakers, {stats['languages']} languages in {args.output}")
     return 0
 
 

@@ -14,6 +14,13 @@ Parquet or TSV (by the extension of ``--output``), prints the corpus CER and WER
 edits over total reference characters / words, references normalised like the training
 targets), and logs both with the table to an MLflow run (``--tracking-uri``; default: the
 store of the fine-tuning run, or a sqlite store under ``runs/``).
+
+On a dataset whose utterances have languages (``jobs.prepare`` gives them from a sidecar,
+a folder or ``data.prepare_language``), the table gains a ``language`` column and the
+CER and WER are also reported per language, each over that language's utterances
+(``eval/cer/lang/<code>``, ``eval/wer/lang/<code>``, ``eval/num_utterances/lang/<code>``;
+``none`` for utterances without one): a multilingual model's overall rate hides which
+languages it fails on.
 """
 
 from __future__ import annotations
@@ -32,6 +39,30 @@ import numpy as np
 class Evaluation:
     summary: dict[str, float]
     rows: list[dict[str, Any]]
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages reported one by one (metric-name form), in the summary's order."""
+        prefix = "cer/lang/"
+        return [k[len(prefix):] for k in self.summary if k.startswith(prefix)]
+
+
+def per_language(languages: list[str], errors: list[Any]) -> dict[str, float]:
+    """``cer/lang/<code>``, ``wer/lang/<code>``, ``num_utterances/lang/<code>`` and
+    ``num_chars/lang/<code>`` of each language (sorted; "" named ``none``), each corpus
+    rate over that language's utterances alone; empty when no utterance names a language."""
+    from pipeline.text import summarize_errors
+    from pipeline.train.metrics import language_metric_name
+
+    if not any(languages):
+        return {}
+    out: dict[str, float] = {}
+    for lang in sorted(set(languages)):
+        s = summarize_errors([e for e, x in zip(errors, languages, strict=True) if x == lang])
+        name = language_metric_name(lang)
+        for key in ("cer", "wer", "num_utterances", "num_chars"):
+            out[f"{key}/lang/{name}"] = s[key]
+    return out
 
 
 def transcribe(model: Any, audio: list[np.ndarray], vocab: Any, *, normalize: bool = False,
@@ -90,17 +121,20 @@ def evaluate(
     torch.manual_seed(0)
     hyps = transcribe(model, labelled.audio, vocab, normalize=trained.normalize)
     rows, per = [], []
-    for utt, speaker, ref_raw, hyp, audio in zip(labelled.ids, labelled.speakers, labelled.transcripts, hyps,
-                                                  labelled.audio, strict=True):
+    named = any(labelled.languages)
+    for utt, speaker, lang, ref_raw, hyp, audio in zip(labelled.ids, labelled.speakers, labelled.languages,
+                                                        labelled.transcripts, hyps, labelled.audio, strict=True):
         ref = vocab.normalize(ref_raw)
         e = utterance_errors(ref, hyp)
         per.append(e)
         rows.append({
-            "id": utt, "speaker": speaker, "seconds": len(audio) / labelled.sample_rate, "reference": ref,
+            "id": utt, "speaker": speaker, **({"language": lang} if named else {}),
+            "seconds": len(audio) / labelled.sample_rate, "reference": ref,
             "hypothesis": hyp, "char_edits": e.char_edits, "num_chars": e.num_chars, "word_edits": e.word_edits,
             "num_words": e.num_words, "cer": e.cer, "wer": e.wer,
         })
     summary = summarize_errors(per)
+    summary.update(per_language(labelled.languages, per))
     summary["minutes"] = labelled.minutes
     summary["seconds"] = time.perf_counter() - t0
     return Evaluation(summary=summary, rows=rows), cfg
@@ -194,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     s = ev.summary
     print(f"[wavray] {int(s['num_utterances'])} utterances ({s['minutes']:.1f} min) of {args.data} [{args.split}]: "
           f"CER {100 * s['cer']:.2f}%  WER {100 * s['wer']:.2f}%  ({s['seconds']:.0f} s)")
+    for lang in ev.languages:
+        print(f"[wavray]   {lang}: {int(s[f'num_utterances/lang/{lang}'])} utterances  "
+              f"CER {100 * s[f'cer/lang/{lang}']:.2f}%  WER {100 * s[f'wer/lang/{lang}']:.2f}%")
     print(f"[wavray] per-utterance table: {table}")
     if not args.no_mlflow:
         name = args.run_name or f"eval-{_short_name(args.checkpoint)}-{time.strftime('%Y%m%d-%H%M%S')}"

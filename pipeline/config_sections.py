@@ -431,7 +431,12 @@ class FinetuneConfig:
 
     vocab: str = ""
     """Characters of the CTC vocabulary (blank and the word boundary ``|`` are added);
-    empty: English letters and the apostrophe."""
+    empty: English letters and the apostrophe (other letters lose their accents)."""
+    vocab_from_data: bool = False
+    """Build the vocabulary from the characters of ``data.train_uri``'s transcripts (a joint
+    grapheme vocabulary over all its languages, ``pipeline.text.transcript_characters``);
+    the run's saved config holds the result in ``vocab``, replacing what ``vocab`` said (with
+    a warning: a fine-tuning config may name English letters)."""
     freeze_encoder_steps: int = 0
     """Keep the Transformer (and the feature projection) frozen for this many updates, so
     the fresh head first learns to read the pretrained features."""

@@ -52,6 +52,8 @@ class LabelledSet:
     transcripts: list[str]
     speakers: list[str] = field(default_factory=list)
     sample_rate: int = 16000
+    languages: list[str] = field(default_factory=list)
+    """Each utterance's language ("" where none was named), for per-language error rates."""
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -61,6 +63,10 @@ class LabelledSet:
             )
         if not self.speakers:
             self.speakers = [""] * n
+        if not self.languages:
+            self.languages = [""] * n
+        if len(self.speakers) != n or len(self.languages) != n:
+            raise ValueError(f"LabelledSet: {n} ids, {len(self.speakers)} speakers, {len(self.languages)} languages")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,7 +80,7 @@ class LabelledSet:
         return LabelledSet(
             ids=[self.ids[i] for i in idx], audio=[self.audio[i] for i in idx],
             transcripts=[self.transcripts[i] for i in idx], speakers=[self.speakers[i] for i in idx],
-            sample_rate=self.sample_rate,
+            sample_rate=self.sample_rate, languages=[self.languages[i] for i in idx],
         )
 
     def take_minutes(self, minutes: float, seed: int = 0) -> LabelledSet:
@@ -118,12 +124,14 @@ def load_labelled_set(
     keep_speakers = set(speakers) if speakers else None
     drop_speakers = set(exclude_speakers or ())
     out = LabelledSet(ids=[], audio=[], transcripts=[], speakers=[], sample_rate=info.sample_rate)
+    # A dataset prepared before the language column has none in its shards (nor its summary).
+    named = [S.LANGUAGE] if any("languages" in info.summary.get("splits", {}).get(sp, {}) for sp in S.SPLITS) else []
     unlabelled = 0
     for shard in shards:
         table = storage.read_table(
-            info.uri(shard), columns=[S.ID, S.AUDIO, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER], storage_=store
+            info.uri(shard), columns=[S.ID, S.AUDIO, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER, *named], storage_=store
         )
-        cols = {c: table.column(c).to_pylist() for c in (S.ID, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER)}
+        cols = {c: table.column(c).to_pylist() for c in (S.ID, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER, *named)}
         audio = table.column(S.AUDIO)
         for i, utt in enumerate(cols[S.ID]):
             speaker = cols[S.SPEAKER][i] or ""
@@ -137,6 +145,7 @@ def load_labelled_set(
             out.audio.append(decode_segment(audio[i].as_buffer(), 0, int(cols[S.NUM_SAMPLES][i])))
             out.transcripts.append(text)
             out.speakers.append(speaker)
+            out.languages.append((cols[S.LANGUAGE][i] or "") if named else "")
     if not out.ids:
         raise ValueError(
             f"{uri}: no transcribed utterances in split {split!r}"

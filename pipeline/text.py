@@ -187,6 +187,19 @@ class Vocabulary:
         return _SPACE_RE.sub(" ", "".join(out)).strip()
 
 
+def transcript_characters(texts: Iterable[str]) -> str:
+    """The characters a joint grapheme vocabulary needs for ``texts``: every letter (any
+    script, accents kept: ``é`` is not ``e``), digit and apostrophe that normalisation keeps
+    (NFKC, lower case, apostrophe variants unified), sorted by code point. What
+    ``finetune.vocab_from_data`` builds the vocabulary from, so a multilingual dataset's
+    German ``ß`` or French ``œ`` get tokens instead of becoming word breaks."""
+    seen: set[str] = set()
+    for text in texts:
+        if text:
+            seen.update(unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower())
+    return "".join(sorted(c for c in seen if c == "'" or unicodedata.category(c)[0] in "LN"))
+
+
 def ctc_collapse(ids: Sequence[int] | np.ndarray, blank: int = 0) -> list[int]:
     """Best path -> labels: merge repeated ids, then drop blanks (``a a - a`` -> ``a a``)."""
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)  # (T,)

@@ -5,7 +5,7 @@ Modules, in the order data flows through them:
 * ``storage``      local paths and s3:// behind one pyarrow filesystem; fail-fast checks at
   start, retries while a running job's store is away, writes that appear whole
 * ``objectstore``  a local S3 server (SeaweedFS) for the demo and the tests
-* ``demo_corpus``  synthesised English speech with transcripts, made on this machine
+* ``demo_corpus``  synthesised speech with transcripts (English, or several languages), made here
 * ``listing``      every audio path under the input once, with ids; links, odd names
 * ``sidecar``      transcripts, speakers and languages from a TSV as spreadsheets write it
 * ``decode``       the samples of a file: libsndfile, helped over what it misreads, then ffmpeg

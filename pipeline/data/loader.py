@@ -20,12 +20,15 @@ Stages, each with the rows it produces:
 
        source (float32 bytes, B x S) | width S | num_samples list (B) | ids list (B)
        | epoch | shard | batch_index | num_batches | num_shards | plan
+       [| languages list (B): on a split of two languages or more]
 
 4. split (Ray Train): ``streaming_split(n, equal=True)`` hands each worker the same
    number of ready batches; collective ops hang otherwise.
 5. worker (:func:`iter_train_batches`): rows -> dicts of numpy arrays
    ``source (B, S) float32``, ``padding_mask (B, S) bool``, ``num_samples (B,) int64``,
-   plus ``ids`` and the position keys that :class:`DataPosition` records.
+   plus ``ids`` and the position keys that :class:`DataPosition` records, and on a
+   multilingual split ``languages`` (B,) str (each utterance's, "" for none), which the
+   loop turns into per-language losses.
 
 With a label set (HuBERT, ``labels=``), stage 3 also reads each shard's labels, starts
 every crop on a label frame, and adds ``target_ids`` (B, T) at the model's frame rate
@@ -96,6 +99,7 @@ WIDTH = "width"
 IDS = "ids"
 NUM_SAMPLES = S.NUM_SAMPLES
 PADDING_MASK = "padding_mask"
+LANGUAGES = "languages"
 
 
 # --- the prepared dataset ------------------------------------------------------------------
@@ -173,6 +177,8 @@ class _Settings:
     """HuBERT's labels joined with every batch; None: audio only."""
     language_ratios: tuple[tuple[str, float], ...] = ()
     """Copies per utterance of each language ("" for none), empty when not balancing."""
+    languages: bool = False
+    """Carry each utterance's language in the batches (a split of two languages or more)."""
 
     def plan_hash(self) -> str:
         keyed: dict[str, Any] = {
@@ -180,7 +186,7 @@ class _Settings:
         }
         if self.language_ratios:  # absent when not balancing: plans made before it existed stay valid
             keyed["language_ratios"] = [[lang, round(r, 9)] for lang, r in self.language_ratios]
-        # normalize and seed change content, not which batch has which key
+        # normalize, seed and languages change content, not which batch has which key
         return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -359,6 +365,14 @@ def _has_languages(info: DatasetInfo, split: str, store: storage.Storage | None)
     return S.LANGUAGE in pq.read_schema(path, filesystem=fs).names
 
 
+def dataset_languages(info: DatasetInfo, split: str = "train") -> tuple[str, ...]:
+    """The languages of ``split`` as its summary counts them ("" for utterances nothing named
+    one), sorted; empty unless there are two or more: one language has nothing to compare,
+    and a monolingual run's batches then carry no language at all."""
+    named = info.summary.get("splits", {}).get(split, {}).get("languages") or {}
+    return tuple(sorted(named)) if len(named) >= 2 else ()
+
+
 def balance_languages(
     cfg: DataConfig, info: DatasetInfo, split: str, store: storage.Storage | None,
 ) -> dict[str, float]:
@@ -502,6 +516,7 @@ def build_train_dataset(
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
         seed=seed, num_splits=num_splits, labels=labels, language_ratios=tuple(ratios.items()),
+        languages=bool(dataset_languages(info, split)),
     )
     if labels is not None:
         if labels.dataset_version != info.version:
@@ -649,7 +664,7 @@ def unit_batches(
     """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
     fs, path = storage.resolve(uri, store)
     balancing = bool(settings.language_ratios)
-    columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * balancing
+    columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * (balancing or settings.languages)
     table = pq.read_table(path, filesystem=fs, columns=columns)
     spec = settings.labels
     shard_labels = None if spec is None else L.read_shard_labels(spec, _shard_path(uri), store)
@@ -660,6 +675,7 @@ def unit_batches(
         raise ValueError(f"shard {uri}: sample rates {sorted(set(rates.tolist()))}, expected {settings.sample_rate}")
     num_samples = table.column(S.NUM_SAMPLES).to_numpy()  # (N,)
     ids = table.column(S.ID).to_pylist()
+    languages = pc.fill_null(table.column(S.LANGUAGE), "").to_pylist() if settings.languages else None
     audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
     ratios = row_ratios(table.column(S.LANGUAGE), dict(settings.language_ratios)) if balancing else None
     rows = unit_rows(ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
@@ -690,6 +706,9 @@ def unit_batches(
             source, planned.lengths, batch_ids,
             epoch=epoch, shard=shard, index=index, num_batches=len(batches), num_shards=num_shards, plan=plan,
         )
+        if languages is not None:
+            row = row.append_column(LANGUAGES, pa.array([[languages[r] for r in members.tolist()]],
+                                                        pa.list_(pa.string())))
         if shard_labels is not None:
             targets = L.batch_targets(shard_labels, batch_ids, offsets, planned.lengths, spec)
             for name, column in L.encode_targets(targets).items():
@@ -754,6 +773,7 @@ def batches_from_block(block: pa.Table) -> Iterator[dict[str, Any]]:
             NUM_SHARDS: np.int64(cols[NUM_SHARDS][i].as_py()),
             PLAN: str(cols[PLAN][i].as_py()),
             **({L.TARGET_IDS: L.decode_targets(block, i, len(lengths))} if L.TARGET_IDS in cols else {}),
+            **({LANGUAGES: np.asarray(cols[LANGUAGES][i].as_py(), dtype=str)} if LANGUAGES in cols else {}),
         }
 
 
@@ -763,7 +783,8 @@ def iter_train_batches(
     """Ready batches of this worker's part of the stream (``ray.train.get_dataset_shard``).
 
     Each batch: ``source`` float32 (B, S), ``padding_mask`` bool (B, S) True at padding
-    (all False in crop mode), ``num_samples`` int64 (B,); metadata: ``ids`` (B,) str and
+    (all False in crop mode), ``num_samples`` int64 (B,); metadata: ``ids`` (B,) str,
+    ``languages`` (B,) str on a multilingual split (:func:`dataset_languages`), and
     the position keys (``epoch``, ``shard``, ``batch_index``, ``num_batches``,
     ``num_shards``, ``plan``) for :meth:`DataPosition.update`.
 

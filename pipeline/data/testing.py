@@ -118,8 +118,9 @@ def drain(shard: Any, cfg: Any, *, max_batches: int | None = None, position: dic
     """Consume a training-input shard the way a Ray Train worker does, and report it.
 
     Runs inside a Ray task in tests and benchmarks (``ray.remote(drain)``). Per batch:
-    its key, ids, lengths, width, whether it had padding, and per-item sums of the
-    delivered samples (to compare content with the shards). Stops after
+    its key, ids, lengths, width, whether it had padding, per-item sums of the
+    delivered samples (to compare content with the shards), and the languages it carried
+    (None on a monolingual split). Stops after
     ``max_batches`` like a run reaching its step limit.
     """
     from pipeline.data.loader import iter_train_batches
@@ -140,5 +141,6 @@ def drain(shard: Any, cfg: Any, *, max_batches: int | None = None, position: dic
             "padded": bool(batch["padding_mask"].any()),
             "mask_ok": bool((batch["padding_mask"].sum(axis=1) == batch["source"].shape[1] - n).all()),
             "sums": [float(batch["source"][i, : n[i]].sum(dtype=np.float64)) for i in range(len(n))],
+            "languages": batch["languages"].tolist() if "languages" in batch else None,
         })
     return {"batches": records, "position": pos.state_dict()}

@@ -17,6 +17,12 @@ Loss: CTC summed over the batch (``zero_infinity``: an utterance too short for i
 transcript contributes nothing instead of infinity), counted in target characters; the
 loop divides by the global count, as it divides the contrastive loss by masked frames.
 
+Several languages: ``finetune.vocab_from_data`` makes the vocabulary every letter of the
+training transcripts (a joint grapheme vocabulary; the default, English letters, strips
+accents and breaks words at letters like ``ß``); on a multilingual split every batch
+carries its languages and the step returns each utterance's CTC loss, which the loop logs
+as ``loss/lang/<code>`` per character.
+
 Freezing: while frozen, the projection and the Transformer run without autograd
 (forward hooks switch the grad mode around them), so no activations are stored and no
 gradient reaches them. DeepSpeed then gives their parameters zero gradients; with
@@ -38,7 +44,8 @@ import torch.nn.functional as F
 
 from models.wav2vec2 import Wav2Vec2ForCTC
 from pipeline.config import CONFIG_FILE, Config, apply_overrides, to_flat_dict
-from pipeline.text import Vocabulary
+from pipeline.data.loader import LANGUAGES
+from pipeline.text import Vocabulary, transcript_characters
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import ratio
@@ -62,8 +69,9 @@ _REGULARISERS = (
 def resolve_config(cfg: Config) -> Config:
     """The fine-tuning config as it will run, saved with every checkpoint.
 
-    - ``finetune.vocab``: written out (the default characters when empty), so a
-      checkpoint decodes the same way whatever the code's default becomes.
+    - ``finetune.vocab``: written out (the default characters when empty; the characters of
+      the training transcripts with ``finetune.vocab_from_data``, which is then cleared), so
+      a checkpoint decodes the same way whatever the code's default or the data become.
     - ``train.init_from``: pinned (:func:`pipeline.model_io.pin`: an MLflow alias becomes
       its version, a local path absolute); the model's architecture comes from the source
       (its ``config.yaml`` or ``config.json``), the regularisers (masking, dropouts,
@@ -74,6 +82,18 @@ def resolve_config(cfg: Config) -> Config:
     from pipeline.tracking import default_tracking_uri
     from pipeline.train.trainer import storage_for
 
+    if cfg.finetune.vocab_from_data:
+        characters = transcript_characters(read_transcripts(cfg))
+        if not characters:
+            raise ValueError(f"finetune.vocab_from_data: {cfg.data.train_uri}'s transcripts have no letters")
+        if cfg.finetune.vocab and cfg.finetune.vocab != characters:
+            warnings.warn(
+                f"finetune.vocab = {cfg.finetune.vocab!r} is replaced by the characters of the transcripts "
+                f"(finetune.vocab_from_data): {characters!r}",
+                stacklevel=2,
+            )
+        log.info("finetune.vocab from the transcripts of %s: %s", cfg.data.train_uri, characters)
+        cfg = apply_overrides(cfg, {"finetune.vocab": characters, "finetune.vocab_from_data": False})
     vocab = Vocabulary.from_characters(cfg.finetune.vocab)
     if cfg.data.batch_mode != "pad":
         raise ValueError(
@@ -133,6 +153,19 @@ def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
 # --- transcripts ------------------------------------------------------------------------------
 
 
+def read_transcripts(cfg: Config, *, split: str = "train") -> list[str]:
+    """The transcripts of ``split`` in ``data.train_uri``'s manifest (the empty ones left out)."""
+    from pipeline.data import schema as S
+    from pipeline.data import storage
+
+    store = storage.Storage.for_data(cfg.data)
+    uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
+    if not cfg.data.train_uri or not storage.exists(uri, store):
+        raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")
+    rows = storage.read_table(uri, [S.SPLIT, S.TRANSCRIPT], store).to_pydict()
+    return [t for sp, t in zip(rows[S.SPLIT], rows[S.TRANSCRIPT], strict=True) if sp == split and t]
+
+
 @dataclass
 class Targets:
     """Transcripts of a prepared dataset as token ids, keyed by utterance id."""
@@ -185,6 +218,11 @@ class Targets:
                 f"samples and would be cropped away from its transcript; set data.max_sample_size >= {longest} "
                 f"(and data.max_samples_per_batch >= it)"
             )
+        outside = sorted(set(transcript_characters(t for t in rows[S.TRANSCRIPT] if t)) - set(vocab.characters))
+        if outside:
+            log.warning("characters of the transcripts outside finetune.vocab %r lose their accents or become word "
+                        "breaks: %s; set finetune.vocab_from_data=true for a vocabulary of the data's characters",
+                        vocab.characters, "".join(outside))
         short = sum(1 for n in lengths.values() if n < cfg.data.min_sample_size)
         if short:
             log.warning("%d of %d utterances are shorter than data.min_sample_size = %d and are skipped",
@@ -223,6 +261,9 @@ class _TransformerFreeze:
 class FinetuneStep:
     """The CTC task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
 
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+
     def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, targets: Targets) -> None:
         self.cfg = cfg
         self.model = model
@@ -259,6 +300,7 @@ class FinetuneStep:
             "targets": to_device(np.concatenate(labels), device),  # (sum U,)
             "target_lengths": to_device(target_lengths, device),  # (B,)
             "generator": seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device),
+            "per_row": LANGUAGES in batch,
         }
         count = torch.tensor(float(target_lengths.sum()), device=device)
         return Prepared(inputs=inputs, count=count, num_samples=int(lengths.sum()))
@@ -276,10 +318,19 @@ class FinetuneStep:
         finally:
             torch.set_grad_enabled(grad_mode)  # restored even if the forward failed while frozen
         log_probs = F.log_softmax(out.logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
-        loss_sum = F.ctc_loss(
-            log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
-            reduction="sum", zero_infinity=True,
-        )
+        row_loss = row_count = None
+        if inp.get("per_row"):  # a multilingual batch: each utterance's loss for loss/lang/<code>
+            per_utterance = F.ctc_loss(
+                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+                reduction="none", zero_infinity=True,
+            )  # (B,)
+            loss_sum = per_utterance.sum()
+            row_loss, row_count = per_utterance.detach(), inp["target_lengths"].float()
+        else:
+            loss_sum = F.ctc_loss(
+                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+                reduction="sum", zero_infinity=True,
+            )
         too_short = (out.output_lengths < inp["target_lengths"]).float().sum()
         metrics = {
             "ctc/loss_sum": loss_sum.detach(),
@@ -289,7 +340,8 @@ class FinetuneStep:
             "ctc/too_short": too_short,
             "ctc/frozen": torch.tensor(float(self._freeze.active), device=prepared.count.device),
         }
-        return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics)
+        return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics, row_loss=row_loss,
+                          row_count=row_count)
 
     def health(self) -> None:
         """CTC has no chance level to watch: its loss falls from any start."""

@@ -20,7 +20,13 @@ sums, and the loop does the rest, on any number of ranks:
    reduced across ranks with one all-reduce and one host sync, and handed to the hooks;
 6. a task whose model has state the optimizer does not own (data2vec's EMA teacher)
    updates it in ``end_update(eng, step, skipped)`` right after the optimizer step,
-   with the skip flag as a device tensor (the update must not look at it on the host).
+   with the skip flag as a device tensor (the update must not look at it on the host);
+7. on a multilingual dataset (``languages``: the split's languages, the same list on
+   every rank) and a task that reports each utterance's loss (``row_losses``, then
+   ``StepOutput.row_loss``: wav2vec 2.0, the masked-prediction objectives, CTC),
+   each language's loss sum and count are added per update (one ``index_add`` on the
+   device) and logged as ``loss/lang/<code>`` (its loss per counted unit) and
+   ``lang_share/<code>`` (its share of the counted units); a monolingual run does none of it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.train import engine as E
 from pipeline.train import seeding
-from pipeline.train.metrics import Alarm, AlarmState, Health, MetricWindow, check_health, ratio
+from pipeline.train.metrics import (
+    Alarm,
+    AlarmState,
+    Health,
+    MetricWindow,
+    check_health,
+    language_metric_name,
+    ratio,
+)
 from pipeline.train.schedule import lr_multiplier
 
 log = logging.getLogger("wavray.train")
@@ -80,6 +94,11 @@ class StepOutput:
     """() the same count as ``Prepared.count``."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """0-dim *sums* (or per-micro-batch values to be averaged over ``num_micro``)."""
+    row_loss: torch.Tensor | None = None
+    """(B,) each utterance's loss summed over its counted units (detached), for the
+    per-language losses; None when the batch carries no languages or the task has none."""
+    row_count: torch.Tensor | None = None
+    """(B,) each utterance's counted units (its share of ``count``)."""
 
 
 class TrainStep(Protocol):
@@ -150,6 +169,7 @@ class TrainLoop:
         hooks: LoopHooks | None = None,
         skipped_steps: int = 0,
         train_seconds: float = 0.0,
+        languages: tuple[str, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.eng = eng
@@ -176,6 +196,26 @@ class TrainLoop:
             clock = "wall" if self.device.type == "cuda" else "cpu"
         self._now = time.perf_counter if clock == "wall" else time.process_time
         self._clock: float | None = None
+        self.languages = tuple(languages)
+        """The dataset's languages (the same on every rank): per-language losses when two or more."""
+        self._language_index = {lang: i for i, lang in enumerate(self.languages)}
+        self._language_names = [language_metric_name(lang) for lang in self.languages]
+        self._languages_key = ""
+        if len(self.languages) >= 2:
+            from pipeline.data.loader import LANGUAGES  # Ray Data's side: only a multilingual run needs it
+
+            self._languages_key = LANGUAGES
+
+    def _language_codes(self, batch: Batch) -> torch.Tensor | None:
+        """(B,) index of each utterance's language in ``self.languages``, on the device;
+        None on a monolingual run or a batch without languages."""
+        if not self._languages_key or self._languages_key not in batch:
+            return None
+        try:
+            codes = [self._language_index[str(lang)] for lang in batch[self._languages_key]]
+        except KeyError as e:
+            raise ValueError(f"batch: language {e.args[0]!r} is not one of the dataset's {list(self.languages)}") from None
+        return to_device(np.asarray(codes, dtype=np.int64), self.device)
 
     # -- one update ------------------------------------------------------------------
 
@@ -211,6 +251,7 @@ class TrainLoop:
             self.task.prepare(b, step=step, micro=m, rank=self.rank, device=self.device)
             for m, b in enumerate(host_batches)
         ]
+        codes = [self._language_codes(b) for b in host_batches]
         local_count = torch.stack([p.count.float() for p in prepared]).sum()
         global_count = self._all_reduce(local_count.clone())
         # DeepSpeed divides the summed gradients by W; scale so the result is sum / N.
@@ -221,6 +262,11 @@ class TrainLoop:
         loss_total = torch.zeros((), device=self.device)
         num_samples = 0
         step_metrics: dict[str, torch.Tensor] = {}
+        # (2, L) loss sums and counts by language. Whether a run has them depends only on the
+        # dataset and the task, never on a batch, so every rank reduces the same metric names.
+        by_language = None
+        if self._languages_key and getattr(self.task, "row_losses", False):
+            by_language = torch.zeros((2, len(self.languages)), device=self.device)
         last = len(prepared) - 1
         for m, p in enumerate(prepared):
             with eng.autocast_context():
@@ -231,6 +277,10 @@ class TrainLoop:
             num_samples += p.num_samples
             for k, v in out.metrics.items():
                 step_metrics[k] = step_metrics[k] + v if k in step_metrics else v
+            if by_language is not None and codes[m] is not None and out.row_loss is not None \
+                    and out.row_count is not None:
+                rows = torch.stack([out.row_loss.detach().float(), out.row_count.detach().float()])  # (2, B)
+                by_language.index_add_(1, codes[m], rows)
             if m == last:
                 measured = E.clip_and_measure(eng)
                 bad = (~torch.isfinite(loss_total)).float()
@@ -253,6 +303,11 @@ class TrainLoop:
         def kept(v: torch.Tensor) -> torch.Tensor:  # a skipped update contributes nothing (NaN * 0 is NaN)
             v = v.detach().float()
             return torch.where(skip, torch.zeros_like(v), v)
+
+        if by_language is not None:
+            for i, name in enumerate(self._language_names):
+                step_metrics[f"lang/{name}/loss_sum"] = by_language[0, i]
+                step_metrics[f"lang/{name}/count"] = by_language[1, i]
 
         self.window.add({
             **{k: kept(v) for k, v in step_metrics.items()},
@@ -286,6 +341,12 @@ class TrainLoop:
         skipped = round(sums.get("skipped", 0.0) / W)
         self.skipped_steps += skipped
         metrics = self.task.summarize(sums)
+        counted = sum(sums.get(f"lang/{name}/count", 0.0) for name in self._language_names)
+        for name in self._language_names:
+            if f"lang/{name}/count" in sums:
+                n = sums[f"lang/{name}/count"]
+                metrics[f"loss/lang/{name}"] = ratio(sums[f"lang/{name}/loss_sum"], n)
+                metrics[f"lang_share/{name}"] = ratio(n, counted)
         metrics.update({
             "loss": ratio(sums.get("loss_sum", 0.0), sums.get("count", 0.0)),
             "lr": self.cfg.optim.lr * self.lr_at(max(self.step - 1, 0)),

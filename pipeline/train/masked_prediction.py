@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.masked_prediction import MaskedPredictionModel
 from pipeline.config import Config
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import Health, ratio
@@ -46,8 +48,25 @@ def _num_samples(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.full(len(source), source.shape[1]) if pad is None else (~np.asarray(pad, dtype=bool)).sum(axis=1)
 
 
+def row_cross_entropy(
+    logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), masked frames (B,)) of each utterance: the cross-entropy over codebooks
+    summed over its masked frames, as the model sums it over the batch (``loss/masked_ce``),
+    for the per-language losses of a multilingual batch."""
+    with torch.no_grad():
+        batch, time, groups, size = logits.shape  # (B, T, G, V)
+        ce = F.cross_entropy(logits.reshape(-1, size).float(), target_ids.reshape(-1), reduction="none")
+        ce = ce.view(batch, time, groups).mean(dim=-1)  # (B, T)
+        weights = mask.to(ce.dtype)
+        return (ce * weights).sum(dim=1), weights.sum(dim=1)
+
+
 class MaskedPredictionStep:
     """Masked prediction of discrete targets in the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
+
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
 
     def __init__(self, cfg: Config, model: MaskedPredictionModel) -> None:
         self.cfg = cfg
@@ -104,6 +123,7 @@ class MaskedPredictionStep:
         self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
     ) -> Prepared:
         mixed_share = None
+        per_row = LANGUAGES in batch  # asked before mixing, which builds a new batch
         if self.mixing.prob > 0:
             batch, mixed_share = self.mix(batch, step=step, micro=micro, rank=rank)
         audio = audio_inputs(batch, self.model.encoder.feature_encoder, device)
@@ -115,6 +135,7 @@ class MaskedPredictionStep:
             mask = self.model.sample_masks(audio.source.shape[0], audio.frames, audio.lengths, gen)
         inputs: dict[str, Any] = {
             "source": audio.source, "padding_mask": audio.padding_mask, "mask_time_indices": mask, "generator": gen,
+            "per_row": per_row,
         }
         if self.model.given_targets:
             inputs["target_ids"] = self.given_targets(batch, audio, device)
@@ -147,7 +168,11 @@ class MaskedPredictionStep:
         for g in range(self.codebooks):
             metrics[f"mp/target_ppl_{g}"] = target_ppl[g]
             metrics[f"mp/pred_ppl_{g}"] = pred_ppl[g]
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+        row_loss = row_count = None
+        if inp.get("per_row"):
+            row_loss, row_count = row_cross_entropy(out.logits, out.target_ids, out.mask_time_indices)
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics, row_loss=row_loss,
+                          row_count=row_count)
 
     def health(self) -> Health:
         size = self.model.codebook_size

@@ -14,6 +14,7 @@ data2vec) names floors instead: metrics whose values below them mean collapse.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -78,6 +79,12 @@ class MetricWindow:
         self._dev.clear()
         self._host.clear()
         return dict(zip(names, both[:n], strict=True)), dict(zip(names, both[n:], strict=True))
+
+
+def language_metric_name(language: str) -> str:
+    """A language code as part of an MLflow metric name (``loss/lang/<code>``); "" (no
+    language named) is ``none``, characters MLflow refuses in a name become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", language) if language else "none"
 
 
 def ratio(num: float, den: float) -> float:

@@ -11,6 +11,12 @@ from its seed alone. A batch may carry precomputed ``mask_time_indices`` (B, T) 
 Loss parts are logged per masked frame. The diversity loss and the feature penalty are
 batch statistics (fairseq's form: each micro-batch contributes ``num_masked * value``),
 so their logged value is the masked-frame-weighted mean over micro-batches and ranks.
+
+A batch that carries languages (a multilingual dataset) also gets each utterance's
+contrastive loss and masked frames (:func:`row_contrastive`, from the logits the model
+returns), from which the loop logs ``loss/lang/<code>``: the per-language part of
+``loss/contrastive`` (their masked-frame-weighted mean is it). The diversity loss and
+the feature penalty are batch statistics with no per-utterance part.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from models.wav2vec2 import Wav2Vec2ForPretraining
 from pipeline.config import Config
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import Health, contrastive_health, ratio
@@ -66,8 +73,22 @@ def audio_inputs(batch: Mapping[str, np.ndarray], frontend: torch.nn.Module, dev
                        num_samples=num_samples)
 
 
+def row_contrastive(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), masked frames (B,)) of each utterance: InfoNCE summed over its masked
+    frames, from the model's contrastive ``logits`` (B, T, K + 1), target first, exactly
+    as :func:`models.losses.contrastive_loss` sums it over the batch."""
+    with torch.no_grad():
+        per_frame = torch.logsumexp(logits.float(), dim=-1) - logits[..., 0].float()  # (B, T)
+        mask = mask.bool()
+        loss = torch.where(mask, per_frame, torch.zeros_like(per_frame)).sum(dim=1)  # (B,)
+        return loss, mask.sum(dim=1).float()
+
+
 class PretrainStep:
     """The pretraining task of the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
+
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
 
     def __init__(self, cfg: Config, model: Wav2Vec2ForPretraining) -> None:
         self.cfg = cfg
@@ -98,6 +119,7 @@ class PretrainStep:
             "mask_time_indices": mask,
             "negative_indices": negatives,
             "generator": gen,
+            "per_row": LANGUAGES in batch,
         }
         return Prepared(inputs=inputs, count=mask.sum(), num_samples=audio.num_samples)
 
@@ -126,7 +148,11 @@ class PretrainStep:
         for g in range(self.groups):
             metrics[f"pt/code_ppl_{g}"] = code_ppl[g]
             metrics[f"pt/prob_ppl_{g}"] = prob_ppl[g]
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+        row_loss = row_count = None
+        if inp.get("per_row"):
+            row_loss, row_count = row_contrastive(out.logits, out.mask_time_indices)
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics, row_loss=row_loss,
+                          row_count=row_count)
 
     def health(self) -> Health:
         return contrastive_health(self.cfg.model.loss.num_negatives)

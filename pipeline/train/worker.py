@@ -308,7 +308,7 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
     """
     import ray.train
 
-    from pipeline.data.loader import iter_train_batches
+    from pipeline.data.loader import dataset_languages, iter_train_batches, read_dataset_info
     from pipeline.data.position import DataPosition
     from pipeline.tracking import install_log_redaction
 
@@ -355,8 +355,10 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
         if rank == 0:
             say(f"[wavray] nothing to do: the run spent {seconds:.0f} s of train.max_seconds = {cfg.train.max_seconds:g}")
         return
+    # Every rank reads the same summary, so all log the same per-language metric names.
+    languages = dataset_languages(read_dataset_info(cfg.data.train_uri, storage.Storage.for_data(cfg.data), wait=True))
     loop = TrainLoop(cfg, eng, task.build_step(cfg, model), start_step=start_step, hooks=hooks,
-                     skipped_steps=skipped, train_seconds=seconds)
+                     skipped_steps=skipped, train_seconds=seconds, languages=languages)
     try:
         result = loop.run(batches)
     except NonFiniteLossError as e:

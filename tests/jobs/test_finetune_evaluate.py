@@ -280,3 +280,70 @@ def test_a_first_generation_checkpoint_is_probed_fine_tuned_and_evaluated(tmp_pa
     with open(out) as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     assert len(rows) >= 8 and all(r["reference"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def multilingual(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """About 20 s of German, French and Spanish demo speech with transcripts, prepared."""
+    from jobs.prepare import main as prepare_main
+    from pipeline.data.demo_corpus import OTHER_VOICES, make_corpus
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed (infra/setup.sh installs it)")
+    base = tmp_path_factory.mktemp("multilingual")
+    voices = [v for v in OTHER_VOICES if v.name in ("de-espeak-m1", "fr-espeak-f2", "es-espeak-m3")]
+    make_corpus(base / "corpus", minutes=0.3, seed=4, voices=voices, workers=2, progress=lambda _: None)
+    assert prepare_main(["--input", str(base / "corpus"), "--output", str(base / "data"), "--preset", "tiny",
+                         "data.valid_fraction=0.0"]) == 0
+    return base / "data"
+
+
+def test_a_multilingual_set_gets_a_joint_vocabulary_and_per_language_error_rates(
+    tmp_path: Path, multilingual: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``finetune.vocab_from_data`` gives every letter of the German, French and Spanish
+    transcripts a token (written out in the resolved config), so the references keep their
+    accents; ``jobs.evaluate`` of a CTC model with that vocabulary reports each language's
+    CER and WER over its own utterances (printed and in MLflow), beside the overall ones."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main as evaluate_main
+    from pipeline.train import finetune as FT
+
+    torch.set_num_threads(1)
+    cfg = C.apply_overrides(C.tiny(), [f"data.train_uri={multilingual}", "data.batch_mode=pad",
+                                       "finetune.vocab_from_data=true"])
+    resolved = FT.resolve_config(cfg)
+    assert not resolved.finetune.vocab_from_data and FT.resolve_config(resolved) == resolved
+    chars = resolved.finetune.vocab
+    assert {"ä", "ü", "é", "è", "ñ", "á"} <= set(chars) and " " not in chars
+    vocab = Vocabulary.from_characters(chars)
+    with pytest.warns(UserWarning, match="finetune.vocab = 'abc' is replaced by the characters of the transcripts"):
+        assert FT.resolve_config(C.apply_overrides(cfg, ["finetune.vocab=abc"])).finetune.vocab == chars
+
+    torch.manual_seed(0)
+    model = FT.build_model(resolved, len(vocab))
+    save_weights(model, tmp_path / "ctc")
+    C.save_config(resolved, tmp_path / "ctc" / "config.yaml")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    table = tmp_path / "eval.tsv"
+    assert evaluate_main(["--checkpoint", str(tmp_path / "ctc"), "--data", str(multilingual), "--output", str(table),
+                          "--tracking-uri", db, "--experiment", "wavray-eval", "--run-name", "multi"]) == 0
+    printed = capsys.readouterr().out
+    with open(table, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert {r["language"] for r in rows} == {"de", "fr", "es"}
+    assert any(set(r["reference"]) & set("äüéèñá") for r in rows), "references keep their accents"
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("wavray-eval").experiment_id],
+                                filter_string="tags.`wavray.run_name` = 'multi'")
+    got = run.data.metrics
+    for lang in ("de", "fr", "es"):
+        mine = [r for r in rows if r["language"] == lang]
+        edits, num = sum(int(r["char_edits"]) for r in mine), sum(int(r["num_chars"]) for r in mine)
+        assert got[f"eval/cer/lang/{lang}"] == pytest.approx(edits / num)
+        assert got[f"eval/num_utterances/lang/{lang}"] == len(mine)
+        assert f"{lang}: {len(mine)} utterances  CER {100 * edits / num:.2f}%" in printed
+    total = sum(got[f"eval/num_chars/lang/{lang}"] for lang in ("de", "fr", "es"))
+    overall = sum(got[f"eval/cer/lang/{lang}"] * got[f"eval/num_chars/lang/{lang}"] for lang in ("de", "fr", "es"))
+    assert got["eval/cer"] == pytest.approx(overall / total), "the overall CER is the languages' pooled edits"

@@ -15,6 +15,7 @@ from pipeline.text import (
     ctc_collapse,
     error_rates,
     greedy_decode,
+    transcript_characters,
     utterance_errors,
 )
 
@@ -37,6 +38,25 @@ def test_normalisation() -> None:
     assert V.normalize("cäb-bad") == "cab bad"  # accent stripped, hyphen splits words
     assert V.normalize("xyz") == ""
     assert V.encode("Bad, CAB.") == [3, 2, 5, 1, 4, 2, 3]
+
+
+def test_a_joint_vocabulary_of_several_languages_keeps_their_letters() -> None:
+    """The characters of German, French and Spanish transcripts (capitals, NFD accents, a
+    typographic apostrophe, punctuation) give one vocabulary in which every letter keeps its
+    own token, so normalising a transcript loses nothing, where English's default strips
+    the accents and breaks words at ß and œ."""
+    texts = ["Die Straße, über Äpfel!", "la sœur d\u2019école a\u0300 midi", "el niño y la señora"]
+    chars = transcript_characters(texts)
+    assert chars == "".join(sorted(set(chars)))  # sorted, each once
+    assert {"ß", "ü", "ä", "œ", "é", "à", "ñ", "'"} <= set(chars)
+    assert not set(chars) & set(" ,!\u2019ÄA")  # word breaks, capitals and apostrophe variants normalised
+    joint = Vocabulary.from_characters(chars)
+    assert joint.normalize(texts[0]) == "die straße über äpfel"
+    assert joint.normalize(texts[1]) == "la sœur d'école à midi"  # NFD a + grave is NFKC à
+    assert joint.decode(joint.encode(texts[2])) == "el niño y la señora"
+    english = Vocabulary.from_characters()
+    assert english.normalize(texts[0]) == "die stra e uber apfel"
+    assert english.normalize(texts[1]) == "la s ur d'ecole a midi"
 
 
 def test_bad_vocabularies_are_refused() -> None:

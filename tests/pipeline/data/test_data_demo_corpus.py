@@ -1,22 +1,110 @@
-"""The demo corpus: synthesised speech with transcripts, made here, ready for prepare."""
+"""The demo corpus: synthesised speech with transcripts, made here, ready for prepare;
+English by default, several languages with ``--languages``."""
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
+import unicodedata
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from jobs.demo_corpus import main
-from pipeline.data.demo_corpus import VOICES, sentences
+from pipeline.data import schema as S
+from pipeline.data.demo_corpus import (
+    OTHER_VOICES,
+    PHRASES,
+    VOICES,
+    espeak_voice_names,
+    parse_languages,
+    sentences,
+)
+
+needs_espeak = pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed")
 
 
 def test_sentences_are_distinct_plain_text_and_reproducible() -> None:
     a = sentences(300, seed=1)
     assert len(set(a)) == 300 and a == sentences(300, seed=1) and a != sentences(300, seed=2)
     assert all(s == s.lower() and set(s) <= set("abcdefghijklmnopqrstuvwxyz ") for s in a)
+
+
+# The letters each language's sentences must use (its accents: the joint vocabulary's reason).
+ACCENTS = {"de": "äöüß", "fr": "éèàçêœ", "es": "ñáéíóú", "it": "àèìù"}
+
+
+def test_each_languages_sentences_are_distinct_reproducible_and_use_its_accents() -> None:
+    for language, letters in ACCENTS.items():
+        a = sentences(300, seed=1, language=language)
+        assert len(set(a)) == 300 and a == sentences(300, seed=1, language=language), language
+        assert a != sentences(300, seed=2, language=language)
+        text = " ".join(a)
+        assert text == text.lower() and all(c == " " or c == "'" or unicodedata.category(c) == "Ll" for c in text)
+        assert set(letters) <= set(text), (language, set(letters) - set(text))
+    assert not set(" ".join(sentences(300, seed=1))) - set("abcdefghijklmnopqrstuvwxyz "), "English stays a-z"
+    with pytest.raises(ValueError, match="'de' has 1764 distinct sentences"):
+        sentences(PHRASES["de"].num_sentences + 1, language="de")
+    with pytest.raises(ValueError, match="no built-in sentences for 'xx'"):
+        sentences(3, language="xx")
+
+
+def test_languages_are_checked_by_name() -> None:
+    assert parse_languages(" en, de ,fr") == ["en", "de", "fr"]
+    for bad, message in (("en,xx", r"\['xx'\]"), ("de,de", "twice"), (" , ", "expected")):
+        with pytest.raises(ValueError, match=message):
+            parse_languages(bad)
+    assert main(["--output", "/nonexistent/never", "--languages", "en,zz"]) == 1
+    # Every language has speakers to train on and exactly one held out.
+    for language in ACCENTS:
+        held = [v.heldout for v in OTHER_VOICES if v.language == language]
+        assert held.count(True) == 1 and len(held) >= 3, language
+
+
+@needs_espeak
+def test_a_language_espeak_ng_has_no_voice_for_is_named() -> None:
+    assert {"de"} <= espeak_voice_names("de") and {"fr-fr", "fr-be", "fr-ch"} <= espeak_voice_names("fr")
+    with pytest.raises(ValueError, match="espeak-ng has no voice for 'qq'"):
+        espeak_voice_names("qq")
+
+
+@needs_espeak
+def test_multilingual_corpus_prepares_with_each_rows_language(tmp_path: Path, ray_local: None) -> None:
+    """``--languages de,fr,es``: every language speaks its own sentences with its own
+    voices, one held out each; the sidecar's language column reaches every prepared row,
+    the transcripts arrive with their accents, and the summary counts each language."""
+    from jobs.prepare import main as prepare_main
+
+    corpus = tmp_path / "corpus"
+    assert main(["--output", str(corpus), "--minutes", "0.4", "--languages", "de,fr,es"]) == 0
+    with open(corpus / "transcripts.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    with open(corpus / "speakers.tsv", encoding="utf-8") as f:
+        speakers = {s["speaker"]: s for s in csv.DictReader(f, delimiter="\t")}
+    per_language = [sum(r["language"] == lang for r in rows) for lang in ("de", "fr", "es")]
+    assert min(per_language) > 0 and max(per_language) - min(per_language) <= 1, "round-robin over languages"
+    own = {lang: set(sentences(400, seed=0, language=lang)) for lang in ("de", "fr", "es")}
+    for r in rows:
+        assert r["transcript"] in own[r["language"]], r
+        assert speakers[r["speaker"]]["language"] == r["language"]
+    for lang in ("de", "fr", "es"):
+        mine = [s for s in speakers.values() if s["language"] == lang]
+        assert [s["heldout"] for s in mine].count("true") == 1 and len(mine) >= 3, lang
+        assert all(s["engine"] == "espeak-ng" for s in mine)
+
+    out = tmp_path / "shards"
+    assert prepare_main(["--input", str(corpus), "--output", str(out), "--preset", "tiny",
+                         "data.valid_fraction=0"]) == 0
+    manifest = {m[S.ID]: m for m in pq.read_table(out / S.MANIFEST_FILE).to_pylist()}
+    assert len(manifest) == len(rows)
+    for r in rows:
+        m = manifest[r["id"]]
+        assert (m[S.LANGUAGE], m[S.TRANSCRIPT], m[S.SPEAKER]) == (r["language"], r["transcript"], r["speaker"])
+    summary = json.loads((out / S.SUMMARY_FILE).read_text())
+    assert set(summary["splits"]["train"]["languages"]) == {"de", "fr", "es"}
 
 
 @pytest.mark.skipif(not (shutil.which("espeak-ng") or shutil.which("flite")), reason="no TTS engine installed")
@@ -37,4 +125,5 @@ def test_corpus_has_files_transcripts_and_held_out_voices(tmp_path: Path) -> Non
         speakers = list(csv.DictReader(f, delimiter="\t"))
     assert any(s["heldout"] == "true" for s in speakers) and any(s["heldout"] == "false" for s in speakers)
     assert {s["speaker"] for s in speakers} <= {v.name for v in VOICES}
+    assert "language" not in rows[0] and "language" not in speakers[0], "the English corpus is as it always was"
     assert main(["--output", str(tmp_path / "x"), "--minutes", "0"]) == 1

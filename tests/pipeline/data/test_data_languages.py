@@ -25,10 +25,12 @@ from pipeline.data import storage
 from pipeline.data import testing as T
 from pipeline.data.batching import language_ratios, resample_rows
 from pipeline.data.loader import (
+    DatasetInfo,
     _PlannedCounts,
     _spec,
     balance_languages,
     build_train_dataset,
+    dataset_languages,
     plan_units,
     read_dataset_info,
     row_ratios,
@@ -73,6 +75,17 @@ def test_a_sidecar_may_carry_only_a_language_column_and_empty_cells_name_none() 
     assert car.labels["sw/u1.wav"].transcript is None
     with pytest.raises(ValueError, match="'language'"):
         parse_sidecar(b"path\tnotes\nu.wav\tx\n", "s.tsv")
+
+
+def test_only_a_split_of_two_languages_or_more_has_languages_to_carry() -> None:
+    def info(**splits: dict) -> DatasetInfo:
+        return DatasetInfo(root="x", version="v", sample_rate=16000, shards=(),
+                           summary={"splits": {k: {"languages": v} for k, v in splits.items()}})
+
+    assert dataset_languages(info(train={"sw": {}, "": {}, "en": {}})) == ("", "en", "sw")
+    assert dataset_languages(info(train={"sw": {}}, valid={"sw": {}, "en": {}})) == ()
+    assert dataset_languages(info(train={"sw": {}}, valid={"sw": {}, "en": {}}), "valid") == ("en", "sw")
+    assert dataset_languages(DatasetInfo(root="x", version="v", sample_rate=16000, shards=(), summary={})) == ()
 
 
 def test_data_language_alpha_is_checked() -> None:
@@ -201,6 +214,8 @@ def test_the_stream_balances_languages_to_hours_to_the_alpha_and_resumes_exactly
         assert seconds[lang] / total == pytest.approx(target, abs=0.04), (lang, seconds[lang] / total, target)
     assert total == pytest.approx(EPOCHS * 72, rel=0.05)  # an epoch keeps the data's hours
     assert {b["key"][0] for b in whole} == set(range(EPOCHS))
+    # Every batch carries each utterance's language to the step (the per-language losses).
+    assert all(b["languages"] == [language[u] for u in b["ids"]] for b in whole)
 
     first = _stream(cfg, max_batches=3)
     position = DataPosition.merge([r["position"] for r in first])
@@ -237,5 +252,45 @@ def test_a_balanced_run_counts_only_the_epochs_it_will_read(multilingual: dict) 
 
 def test_alpha_one_reads_the_data_as_it_is(multilingual: dict) -> None:
     cfg = replace(multilingual["cfg"], language_alpha=1.0, max_epochs=1)
-    seen = Counter(i for r in _stream(cfg) for b in r["batches"] for i in b["ids"])
+    batches = [b for r in _stream(cfg) for b in r["batches"]]
+    seen = Counter(i for b in batches for i in b["ids"])
     assert seen == Counter(m[S.ID] for m in multilingual["manifest"])
+    language = {m[S.ID]: m[S.LANGUAGE] for m in multilingual["manifest"]}
+    assert all(b["languages"] == [language[u] for u in b["ids"]] for b in batches), "unbalanced, still carried"
+
+
+# --- end to end: a pretraining run on the three languages ------------------------------------------
+
+
+def test_pretraining_on_three_languages_logs_each_languages_loss_to_mlflow(multilingual: dict, tmp_path) -> None:
+    """Ray Train + DeepSpeed (2 workers, ZeRO-2) on the prepared data, 2 updates logged each:
+    MLflow has ``loss/lang/<code>`` and ``lang_share/<code>`` for aa, bb and cc at every logged
+    step, reduced over both ranks, and the shares weight the languages' losses back into
+    ``loss/contrastive``."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import apply_overrides
+    from pipeline.train.trainer import run_pretraining
+
+    cfg = apply_overrides(tiny(), [
+        f"data.train_uri={multilingual['out']}", f"checkpoint.storage_path={tmp_path / 'runs'}",
+        "checkpoint.run_name=langs", "train.max_steps=2", "train.log_every=1", "checkpoint.every_steps=2",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "deepspeed.zero_stage=2", "data.decode_cpus=0.5",
+        "data.max_samples_per_batch=64000", "data.max_sample_size=32000", "schedule.warmup_steps=0",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
+    result = run_pretraining(cfg)
+    assert result.step == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = {key: {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, key)}
+               for key in ("loss/contrastive", *(f"{k}/{lang}" for k in ("loss/lang", "lang_share")
+                                                  for lang in ("aa", "bb", "cc")))}
+    for step in (1, 2):
+        shares = {lang: metrics[f"lang_share/{lang}"][step] for lang in ("aa", "bb", "cc")}
+        assert sum(shares.values()) == pytest.approx(1.0)
+        seen = [lang for lang, share in shares.items() if share > 0]
+        assert seen, step
+        weighted = sum(shares[lang] * metrics[f"loss/lang/{lang}"][step] for lang in seen)
+        assert weighted == pytest.approx(metrics["loss/contrastive"][step], rel=1e-4)
+    assert all(np.isfinite(metrics[f"loss/lang/{lang}"][s]) for lang in ("aa", "bb", "cc") for s in (1, 2)
+               if metrics[f"lang_share/{lang}"][s] > 0)

@@ -128,6 +128,7 @@ def test_two_workers_see_the_train_split_once_per_epoch_with_true_samples(prepar
             decoded[row[S.ID]] = sf.read(io.BytesIO(row[S.AUDIO]), dtype="float32")[0]
     for b in batches:
         assert b["mask_ok"] and b["width"] == max(b["num_samples"]) and len(b["ids"]) * b["width"] <= 128_000
+        assert b["languages"] is None, "a monolingual split carries no languages"
         for utt, n, total in zip(b["ids"], b["num_samples"], b["sums"], strict=True):
             assert n == train[utt][S.NUM_SAMPLES] == len(decoded[utt])
             assert total == pytest.approx(float(decoded[utt].sum(dtype=np.float64)), abs=1e-6)

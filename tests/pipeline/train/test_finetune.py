@@ -101,6 +101,32 @@ def test_frozen_transformer_then_training_and_the_loss_falls() -> None:
     assert rec.logs[30]["loss"] == pytest.approx(last)
 
 
+def test_a_multilingual_fine_tuning_logs_each_languages_ctc_loss() -> None:
+    """Batches that carry languages: each language's CTC loss per character, weighted by its
+    share of the characters, is ``loss/ctc``, and the total is the one the same batches
+    without languages give (the per-utterance losses sum to what CTC's sum gives)."""
+    cfg = FT.resolve_config(finetune_cfg("train.max_steps=2", "train.log_every=2"))
+    targets = toy_targets()
+    logs = {}
+    for languages in ((), ("aa", "bb")):
+        torch.manual_seed(cfg.train.seed)
+        model = FT.build_model(cfg, len(VOCAB))
+        rec = Snapshots(model)
+
+        def tagged() -> Iterator[dict]:
+            for batch in batches(targets):
+                yield {**batch, "languages": np.asarray(["aa", "bb", "aa"][: len(batch["ids"])])}
+
+        TrainLoop(cfg, E.build_engine(cfg, model), FT.FinetuneStep(cfg, model, targets), hooks=rec,
+                  languages=languages).run(tagged() if languages else batches(targets))
+        logs[languages] = rec.logs[2]
+    m = logs[("aa", "bb")]
+    weighted = m["lang_share/aa"] * m["loss/lang/aa"] + m["lang_share/bb"] * m["loss/lang/bb"]
+    assert weighted == pytest.approx(m["loss/ctc"], rel=1e-5)
+    assert m["loss/ctc"] == pytest.approx(logs[()]["loss/ctc"], rel=1e-5)
+    assert "loss/lang/aa" not in logs[()]
+
+
 def test_a_cropped_or_unknown_utterance_is_refused() -> None:
     cfg = FT.resolve_config(finetune_cfg())
     torch.manual_seed(0)

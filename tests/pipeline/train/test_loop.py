@@ -155,3 +155,40 @@ def test_incomplete_checkpoint_is_refused_and_skipped(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="incomplete: missing"):
         ckpt.validate(good)
     assert ckpt.latest_complete(tmp_path) is None
+
+
+def _with_languages(batches: Iterator[dict], languages: list[str]) -> Iterator[dict]:
+    for batch in batches:
+        yield {**batch, "languages": np.asarray(languages, dtype=str)}
+
+
+def test_a_multilingual_run_logs_each_languages_loss_and_share() -> None:
+    """Batches of two German utterances and one French (the dataset also has Italian, which
+    never comes): each language's loss is its utterances' contrastive loss per masked frame,
+    so the languages' losses weighted by their shares of the masked frames give back
+    ``loss/contrastive``; Italian has no frames (share 0, loss NaN). Over 2 updates of 2
+    micro-batches, as the sums add up across micro-batches and updates."""
+    cfg = C.apply_overrides(C.tiny(), ["train.max_steps=2", "train.log_every=2", "train.grad_accum=2",
+                                       "schedule.warmup_steps=0"])
+    eng, task = make(cfg)
+    rec = Record()
+    loop = TrainLoop(cfg, eng, task, hooks=rec, languages=("de", "fr", "it"))
+    loop.run(_with_languages(synthetic(), ["de", "fr", "de"]))
+    ((step, m),) = rec.logs
+    assert step == 2
+    assert m["lang_share/de"] + m["lang_share/fr"] == pytest.approx(1.0) and m["lang_share/it"] == 0.0
+    assert 0.3 < m["lang_share/fr"] < 0.4  # one utterance of three, all of one length
+    assert np.isnan(m["loss/lang/it"]) and np.isfinite(m["loss/lang/de"]) and np.isfinite(m["loss/lang/fr"])
+    assert m["loss/lang/de"] != m["loss/lang/fr"]
+    weighted = m["lang_share/de"] * m["loss/lang/de"] + m["lang_share/fr"] * m["loss/lang/fr"]
+    assert weighted == pytest.approx(m["loss/contrastive"], rel=1e-5)
+
+    # The same run without languages logs none of it; a language the dataset lacks is an error.
+    eng, task = make(cfg)
+    rec = Record()
+    TrainLoop(cfg, eng, task, hooks=rec).run(_with_languages(synthetic(), ["de", "fr", "de"]))
+    assert not [k for k in rec.logs[0][1] if "lang" in k]
+    assert rec.logs[0][1]["loss/contrastive"] == pytest.approx(m["loss/contrastive"], rel=1e-6), "same numbers"
+    eng, task = make(cfg)
+    with pytest.raises(ValueError, match="language 'xx' is not one of the dataset's"):
+        TrainLoop(cfg, eng, task, languages=("de", "fr")).run(_with_languages(synthetic(), ["de", "xx", "de"]))

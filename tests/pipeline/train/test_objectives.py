@@ -167,3 +167,24 @@ def test_a_best_rq_checkpoint_fine_tunes_with_ctc(tmp_path: Path) -> None:
     assert out.logits.shape[:2] == (2, 24) and out.output_lengths.tolist() == [24, 13]
     out.logits.sum().backward()
     assert model.head.weight.grad is not None
+
+
+def test_best_rq_logs_each_languages_masked_cross_entropy() -> None:
+    """The masked-prediction objectives give each utterance's cross-entropy on a multilingual
+    batch: the languages' losses weighted by their shares of the masked frames are
+    ``loss/masked_ce``."""
+    cfg = _best_rq("train.max_steps=2", "train.log_every=2")
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model)
+    rec = Record()
+
+    def tagged() -> Iterator[dict]:
+        for batch in speechlike():
+            yield {**batch, "languages": np.asarray(["sw", "yo", "yo"])}
+
+    TrainLoop(cfg, E.build_engine(cfg, model), MaskedPredictionStep(cfg, model), hooks=rec,
+              languages=("sw", "yo")).run(tagged())
+    ((_, m),) = rec.logs
+    assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
+    weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
+    assert weighted == pytest.approx(m["loss/masked_ce"], rel=1e-5)
