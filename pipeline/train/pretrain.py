@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.wav2vec2 import Wav2Vec2ForPretraining
+from models.wav2vec2 import PretrainOutput, Wav2Vec2ForPretraining
 from pipeline.config import Config
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
@@ -106,12 +106,20 @@ class PretrainStep:
         self._layerdrop_gen = seeding.layerdrop_generator(self.cfg.train.seed, step)
 
     def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        out = self.run(model, prepared)
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=self.metrics(out))
+
+    def run(self, model: Callable[..., Any], prepared: Prepared) -> Any:
+        """The model's output for a prepared micro-batch (w2v-BERT's step reads more of it)."""
         inp = prepared.inputs
-        out = model(
+        return model(
             inp["source"], inp["padding_mask"],
             mask_time_indices=inp["mask_time_indices"], negative_indices=inp["negative_indices"],
             generator=inp["generator"], layerdrop_generator=self._layerdrop_gen,
         )
+
+    def metrics(self, out: PretrainOutput) -> dict[str, torch.Tensor]:
+        """The contrastive loss's metric sums of one micro-batch (what :meth:`summarize` reads)."""
         num_masked = out.num_masked.float()
         metrics: dict[str, torch.Tensor] = {
             "pt/contrastive_sum": out.contrastive_sum.detach().float(),
@@ -126,7 +134,7 @@ class PretrainStep:
         for g in range(self.groups):
             metrics[f"pt/code_ppl_{g}"] = code_ppl[g]
             metrics[f"pt/prob_ppl_{g}"] = prob_ppl[g]
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+        return metrics
 
     def health(self) -> Health:
         return contrastive_health(self.cfg.model.loss.num_negatives)
