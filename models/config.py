@@ -492,6 +492,37 @@ class HubertConfig:
 
 
 @dataclass(kw_only=True)
+class W2vBertConfig:
+    """w2v-BERT (FAMILY.md section 6; ``models.w2v_bert``): wav2vec 2.0's contrastive loss (and
+    its diversity loss) on the output of the first ``contrastive_layers`` Conformer blocks
+    (the contrastive module), and a masked-LM loss on the output of the remaining blocks
+    (the masked-LM module): at every masked frame, a linear head predicts the id the
+    quantizer (``model.quantizer``) gives the unmasked frame, cross-entropy averaged over
+    the quantizer's groups. Total loss per masked frame: ``contrastive_weight`` x (contrastive
+    + ``model.loss.diversity_weight`` x diversity + ``model.loss.feature_penalty_weight`` x
+    penalty) + ``mlm_weight`` x masked-LM."""
+
+    contrastive_layers: int = 0
+    """N, the Conformer blocks of the contrastive module; the other ``model.transformer.num_layers``
+    - N form the masked-LM module. 0: a third of the blocks (at least 1), fairseq2's split
+    (8 + 16 of 24 in its 600m, 4 + 8 of 12 in its 300m)."""
+    contrastive_weight: float = 1.0
+    """Weight of the wav2vec 2.0 loss (fairseq2's ``w2v2_loss_weight`` 1)."""
+    mlm_weight: float = 1.0
+    """Weight of the masked-LM cross-entropy (fairseq2's ``bert_loss_weight`` 1)."""
+
+    def __post_init__(self) -> None:
+        if self.contrastive_layers < 0:
+            raise ValueError(f"model.w2v_bert.contrastive_layers: expected >= 0 (0: a third), got "
+                             f"{self.contrastive_layers}")
+        for name in ("contrastive_weight", "mlm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.w2v_bert.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.contrastive_weight == 0 and self.mlm_weight == 0:
+            raise ValueError("model.w2v_bert: contrastive_weight and mlm_weight are both 0: nothing to learn")
+
+
+@dataclass(kw_only=True)
 class MixingConfig:
     """WavLM's denoising (FAMILY.md section 2, UniSpeech-SAT's ``mixing_collated_audios``):
     with probability ``prob`` an utterance of the batch gets an overlay: a segment of another
@@ -683,6 +714,7 @@ class VqBertConfig:
 
 OBJECTIVES = (
     "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert",
+    "w2v_bert",
 )
 """What a pretraining model learns to do (``model.objective``)."""
 FUTURE_OBJECTIVES = ("wav2vec", "vq_wav2vec", "apc")
@@ -707,17 +739,21 @@ class ModelConfig:
     of altered log-mel frames, Mockingjay and TERA: ``mask``, ``tera``), ``data2vec`` /
     ``data2vec2`` (regression to an EMA teacher: ``data2vec``), ``vq_bert`` (vq-wav2vec's
     second stage: a BERT on the tokens ``jobs.label`` made with a vq-wav2vec model,
-    ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``).
+    ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``), ``w2v_bert``
+    (wav2vec 2.0's loss on the first Conformer blocks, masked prediction of its quantizer's
+    ids on the last: ``w2v_bert``, ``quantizer``, ``loss``).
     """
 
     objective: Literal[
-        "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert"
+        "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert",
+        "w2v_bert",
     ] = "wav2vec2"
     """The pretraining objective. wav2vec2, best_rq and hubert train with any front end and context
     network; wav2vec, vq_wav2vec and apc predict the future, so they need a causal context
     network (``transformer.kind`` causal_conv or gru); apc and tera reconstruct log-mel
     frames, so they need the log-mel front end; data2vec and data2vec2 regress a teacher's
-    Transformer layers, so they need ``transformer.kind`` transformer."""
+    Transformer layers, so they need ``transformer.kind`` transformer; w2v_bert splits a
+    Conformer into its two modules, so it needs ``transformer.kind`` conformer of 2 blocks or more."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -733,6 +769,7 @@ class ModelConfig:
     tera: TeraConfig = field(default_factory=TeraConfig)
     data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
     vq_bert: VqBertConfig = field(default_factory=VqBertConfig)
+    w2v_bert: W2vBertConfig = field(default_factory=W2vBertConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
     dropout_input: float = 0.1
@@ -779,6 +816,8 @@ class ModelConfig:
             )
         if self.objective in ("data2vec", "data2vec2"):
             self._check_data2vec()
+        if self.objective == "w2v_bert":
+            self._check_w2v_bert()
         cv = self.quantizer.codevector_dim or self.final_dim
         if cv % self.quantizer.groups:
             raise ValueError(
@@ -803,6 +842,22 @@ class ModelConfig:
                              "relative bias (model.transformer.relative_bias='gated') does not place; use alibi")
         if self.objective == "data2vec" and d2v.clones != 1:
             raise ValueError(f"model.data2vec.clones: data2vec 1.0 has none (data2vec2 does), got {d2v.clones}")
+
+    def _check_w2v_bert(self) -> None:
+        tr = self.transformer
+        if tr.kind != "conformer":
+            raise ValueError("model.objective=w2v_bert: its contrastive and masked-LM modules are the first and the "
+                             f"last blocks of a Conformer; expected model.transformer.kind 'conformer', got {tr.kind!r}")
+        if not 1 <= self.w2v_bert_contrastive_layers < tr.num_layers:
+            raise ValueError(
+                f"model.w2v_bert.contrastive_layers (resolved to {self.w2v_bert_contrastive_layers}) must take at least "
+                f"one of model.transformer.num_layers ({tr.num_layers}) blocks and leave the masked-LM module one"
+            )
+
+    @property
+    def w2v_bert_contrastive_layers(self) -> int:
+        """w2v-BERT's resolved contrastive module depth (``model.w2v_bert.contrastive_layers``; 0: a third)."""
+        return self.w2v_bert.contrastive_layers or max(1, round(self.transformer.num_layers / 3))
 
     @property
     def codevector_dim(self) -> int:
@@ -1259,6 +1314,54 @@ def vq_bert_laptop() -> ModelConfig:
     return cfg
 
 
+def w2v_bert() -> ModelConfig:
+    """w2v-BERT as fairseq2's ``600m`` architecture (FAMILY.md section 6): 80 normalised log-mel
+    channels stacked x 2 (160 values per 20 ms frame; Google's paper subsamples with convs
+    instead), 24 Conformer blocks of 1024 with 16 heads, FFN 4096, depthwise kernel 31,
+    relative positions, post-norm, no dropout or LayerDrop; the first 8 blocks are the
+    contrastive module, the last 16 the masked-LM module; spans of 10 at mask_prob 0.65
+    (at least 2), a Gumbel quantizer of 1 codebook x 1024 entries of 1024 dims, temperature
+    2 -> 0.1 (x 0.999995), 100 distractors at logit temperature 0.1, final_dim 768; both
+    losses weighted 1. The log-mel front end has no weights, so no feature penalty."""
+    return ModelConfig(
+        objective="w2v_bert",
+        frontend=FrontendConfig(kind="logmel", n_mels=80, hop=160, window=400, stack=2, normalize=True),
+        encoder=FeatureEncoderConfig(grad_mult=1.0),
+        transformer=TransformerConfig(
+            kind="conformer", num_layers=24, dim=1024, ffn_dim=4096, num_heads=16, layer_norm_first=False,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, conv_kernel=31,
+            position="relative",
+        ),
+        mask=MaskConfig(prob=0.65, length=10, min_masks=2),
+        quantizer=QuantizerConfig(groups=1, entries=1024, codevector_dim=1024,
+                                  temperature=TemperatureConfig(start=2.0, end=0.1, decay=0.999995)),
+        loss=LossConfig(num_negatives=100, logit_temp=0.1, diversity_weight=0.1, feature_penalty_weight=0.0),
+        w2v_bert=W2vBertConfig(contrastive_layers=8, contrastive_weight=1.0, mlm_weight=1.0),
+        final_dim=768, dropout_input=0.0, dropout_features=0.0,
+    )
+
+
+def w2v_bert_laptop() -> ModelConfig:
+    """w2v-BERT at ``best_rq_laptop``'s size: log-mel 80 x 4 (40 ms frames), 2 post-norm Conformer
+    blocks of 64 (one per module), 1 codebook of 64 entries in a 32-wide space, 20
+    distractors, spans of 3 frames (120 ms) at mask_prob 0.5, and a temperature that anneals
+    within hundreds of updates (as ``laptop``'s)."""
+    cfg = w2v_bert()
+    cfg.frontend.stack = 4
+    cfg.transformer = TransformerConfig(
+        kind="conformer", num_layers=2, dim=64, ffn_dim=128, num_heads=4, layer_norm_first=False,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, conv_kernel=15,
+        position="relative",
+    )
+    cfg.mask = MaskConfig(prob=0.5, length=3, min_masks=2)
+    cfg.quantizer = QuantizerConfig(groups=1, entries=64, codevector_dim=32,
+                                    temperature=TemperatureConfig(start=2.0, end=0.5, decay=0.999))
+    cfg.loss.num_negatives = 20
+    cfg.w2v_bert.contrastive_layers = 1
+    cfg.final_dim = 32
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -1269,5 +1372,5 @@ PRESETS = {
     "mockingjay": mockingjay, "mockingjay_laptop": mockingjay_laptop, "tera": tera, "tera_laptop": tera_laptop,
     "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
     "data2vec2_laptop": data2vec2_laptop,
-    "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
+    "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop, "w2v_bert": w2v_bert, "w2v_bert_laptop": w2v_bert_laptop,
 }

@@ -290,6 +290,26 @@ class ConformerEncoder(nn.Module):
         *,
         layerdrop_generator: torch.Generator | None = None,
     ) -> Tensor:
+        return self.forward_split(x, padding_mask, split=len(self.layers), layerdrop_generator=layerdrop_generator)[1]
+
+    def forward_split(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        split: int,
+        layerdrop_generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(output of the first ``split`` blocks, output of the stack), both (B, T, D), in one pass.
+
+        w2v-BERT reads both: its contrastive module is the first blocks, its masked-LM module
+        the rest (:mod:`models.w2v_bert`). Each block ends with its own LayerNorm, so the
+        first output is normalised whatever the stack's LayerNorm placement; that LayerNorm
+        itself (``layer_norm_first``) ends the stack only. A dropped layer (LayerDrop) is
+        skipped on either side of the split.
+        """
+        if not 0 <= split <= len(self.layers):
+            raise ValueError(f"split: expected 0..{len(self.layers)} layers, got {split}")
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         if not self.layer_norm_first:
@@ -297,12 +317,17 @@ class ConformerEncoder(nn.Module):
         x = self.dropout(x)
         positions = self.positions(x)
         recompute = self.checkpoint_activations and torch.is_grad_enabled()
-        for layer, keep in zip(self.layers, self.kept_layers(layerdrop_generator), strict=True):
+        first = x
+        for i, (layer, keep) in enumerate(zip(self.layers, self.kept_layers(layerdrop_generator), strict=True)):
+            if i == split:
+                first = x
             if keep and recompute:
                 # Non-reentrant: the RNG is restored for the recomputation, so dropout matches.
                 x = checkpoint(layer, x, padding_mask, positions, use_reentrant=False)
             elif keep:
                 x = layer(x, padding_mask, positions)
+        if split == len(self.layers):
+            first = x
         if self.layer_norm_first:
             x = self.norm(x)
-        return x
+        return first, x

@@ -21,12 +21,13 @@ from models.reconstruction import ApcModel, MaskedReconstructionModel
 from models.transformer import TransformerEncoder
 from models.vq import KmeansVectorQuantizer, QuantizedProjection
 from models.vq_bert import TokenEncoder, VqBertModel
+from models.w2v_bert import W2vBertModel
 from models.wav2vec1 import Wav2VecModel
 from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretraining
 
 PretrainingModel = (
     Wav2Vec2ForPretraining | MaskedPredictionModel | Wav2VecModel | ApcModel | MaskedReconstructionModel
-    | Data2VecModel | Data2Vec2Model | VqBertModel
+    | Data2VecModel | Data2Vec2Model | VqBertModel | W2vBertModel
 )
 
 
@@ -112,23 +113,42 @@ def build_pretraining_model(cfg: ModelConfig) -> PretrainingModel:
         "best_rq": build_best_rq_model, "hubert": build_hubert_model, "wav2vec": build_wav2vec_model,
         "vq_wav2vec": build_wav2vec_model, "apc": build_apc_model, "tera": build_tera_model,
         "data2vec": build_data2vec_model, "data2vec2": build_data2vec_model, "vq_bert": build_vq_bert_model,
+        "w2v_bert": build_w2v_bert_model,
     }
     return builders.get(cfg.objective, build_wav2vec2_model)(cfg)
 
 
-def build_wav2vec2_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining:
-    """wav2vec 2.0's contrastive model (fairseq's initialisation)."""
-    encoder = build_encoder(cfg)
+def build_gumbel_quantizer(cfg: ModelConfig) -> GumbelVectorQuantizer:
+    """wav2vec 2.0's quantizer of the front end's frames (``model.quantizer``), also w2v-BERT's."""
     q = cfg.quantizer
-    quantizer = GumbelVectorQuantizer(
+    return GumbelVectorQuantizer(
         cfg.frontend_dim, groups=q.groups, entries=q.entries, codevector_dim=cfg.codevector_dim,
         temperature=(q.temperature.start, q.temperature.end, q.temperature.decay),
     )
-    return Wav2Vec2ForPretraining(
-        encoder, quantizer, final_dim=cfg.final_dim, dropout_features=cfg.dropout_features,
+
+
+def _contrastive_args(cfg: ModelConfig) -> dict[str, float | int]:
+    """The settings of wav2vec 2.0's masking and loss, shared by w2v-BERT's contrastive module."""
+    return dict(
+        final_dim=cfg.final_dim, dropout_features=cfg.dropout_features,
         mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
         num_negatives=cfg.loss.num_negatives, logit_temp=cfg.loss.logit_temp,
         diversity_weight=cfg.loss.diversity_weight, feature_penalty_weight=cfg.loss.feature_penalty_weight,
+    )
+
+
+def build_wav2vec2_model(cfg: ModelConfig) -> Wav2Vec2ForPretraining:
+    """wav2vec 2.0's contrastive model (fairseq's initialisation)."""
+    return Wav2Vec2ForPretraining(build_encoder(cfg), build_gumbel_quantizer(cfg), **_contrastive_args(cfg))
+
+
+def build_w2v_bert_model(cfg: ModelConfig) -> W2vBertModel:
+    """w2v-BERT: wav2vec 2.0's model on the first ``model.w2v_bert.contrastive_layers`` Conformer
+    blocks, and a head predicting its quantizer's ids from the last block's output."""
+    w = cfg.w2v_bert
+    return W2vBertModel(
+        build_encoder(cfg), build_gumbel_quantizer(cfg), contrastive_layers=cfg.w2v_bert_contrastive_layers,
+        contrastive_weight=w.contrastive_weight, mlm_weight=w.mlm_weight, **_contrastive_args(cfg),
     )
 
 

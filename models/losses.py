@@ -64,6 +64,26 @@ def contrastive_loss(
     return loss_sum, num_correct, logits
 
 
+def masked_cross_entropy(logits: Tensor, target_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of ``G`` codebooks' ids at masked frames; returns (sum, number correct).
+
+    ``logits`` (B, T, G, V) score every frame's ids, ``target_ids`` (B, T, G) are the right
+    ones, ``mask`` (B, T) the frames that count. Each frame contributes its cross-entropy
+    (and its right guesses) averaged over the codebooks, so the sum is over masked frames
+    like every other loss here and its chance level is ln(V) per frame. Every frame is
+    scored and the mask then weights them: boolean indexing would size a tensor by a
+    device value (a host sync).
+    """
+    batch, time, groups, size = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(-1, size), target_ids.reshape(-1), reduction="none")
+    ce = ce.view(batch, time, groups).mean(dim=-1)  # (B, T)
+    weights = mask.to(ce.dtype)
+    with torch.no_grad():
+        right = (logits.argmax(dim=-1) == target_ids).to(ce.dtype).mean(dim=-1)  # (B, T)
+        num_correct = (right * weights).sum()
+    return (ce * weights).sum(), num_correct
+
+
 def diversity_loss(prob_perplexity: Tensor, num_codevectors: int) -> Tensor:
     """``(G*V - sum_g exp(H_g)) / (G*V)``: 0 when every codeword is used equally."""
     return (num_codevectors - prob_perplexity.sum()) / num_codevectors

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from models.best_rq import RandomProjectionQuantizer
 from models.frontends import LogMelFrontend
-from models.losses import feature_penalty
+from models.losses import feature_penalty, masked_cross_entropy
 from models.masking import compute_span_mask
 from models.quantizer import perplexity
 from models.wav2vec2 import Wav2Vec2Encoder, check_shape
@@ -187,23 +187,17 @@ class MaskedPredictionModel(nn.Module):
         hidden = self.encoder.transformer(x, frame_pad, layerdrop_generator=layerdrop_generator)  # (B, T, D)
         logits = self.prediction_head(hidden).float().view(batch, time, self.codebooks, self.codebook_size)
 
-        # Every frame is scored (no boolean indexing: its size would need a host sync); the
-        # mask then keeps the masked ones.
-        ce = F.cross_entropy(logits.reshape(-1, self.codebook_size), target_ids.reshape(-1), reduction="none")
-        ce = ce.view(batch, time, self.codebooks).mean(dim=-1)  # (B, T)
-        weights = mask.to(ce.dtype)
-        ce_sum = (ce * weights).sum()
+        ce_sum, num_correct = masked_cross_entropy(logits, target_ids, mask)
+        weights = mask.to(ce_sum.dtype)
         loss_sum = ce_sum
         penalty = ce_sum.new_zeros(())
         if self.feature_penalty_weight > 0:
             penalty = feature_penalty(features, frame_pad)
             loss_sum = ce_sum + weights.sum() * self.feature_penalty_weight * penalty
         with torch.no_grad():
-            right = (logits.argmax(dim=-1) == target_ids).to(ce.dtype).mean(dim=-1)  # (B, T)
-            num_correct = (right * weights).sum()
             count = weights.sum().clamp(min=1.0)
             w = weights.view(batch, time, 1, 1)
-            onehot = F.one_hot(target_ids, self.codebook_size).to(ce.dtype)  # (B, T, G, V)
+            onehot = F.one_hot(target_ids, self.codebook_size).to(weights.dtype)  # (B, T, G, V)
             target_ppl = perplexity((onehot * w).sum(dim=(0, 1)) / count)  # (G,)
             pred_ppl = perplexity((logits.softmax(dim=-1) * w).sum(dim=(0, 1)) / count)  # (G,)
         return MaskedPredictionOutput(

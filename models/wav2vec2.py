@@ -168,6 +168,26 @@ class PretrainOutput(NamedTuple):
     """(B, T) bool frame padding (True = padded), None without padding."""
     logits: Tensor
     """(B, T, K + 1) float32: contrastive logits (target first); only masked frames count."""
+    target_codes: Tensor
+    """(B, T, G) long: the codeword of each group behind ``projected_quantized`` (the Gumbel
+    choice in training, the argmax in evaluation); w2v-BERT's masked-LM targets."""
+
+
+class MaskedInputs(NamedTuple):
+    """A batch ready for the context network, and what the contrastive loss needs of it."""
+
+    x: Tensor
+    """(B, T, D): the projected features, masked frames replaced by the mask embedding."""
+    unmasked: Tensor
+    """(B, T, C): the normalised features before masking (after ``dropout_features``): the quantizer's input."""
+    mask: Tensor
+    """(B, T) bool: the masked frames (never padding)."""
+    negative_indices: Tensor
+    """(B, T, K) long: per-utterance distractor frames."""
+    padding_mask: Tensor | None
+    """(B, T) bool frame padding (True = padded), None without padding."""
+    feature_penalty: Tensor
+    """() float32: mean square of the front end's features."""
 
 
 class Wav2Vec2ForPretraining(nn.Module):
@@ -237,6 +257,21 @@ class Wav2Vec2ForPretraining(nn.Module):
         ``negative_indices`` holds per-utterance frame indices (0..T-1). LayerDrop draws
         come from ``layerdrop_generator`` (CPU).
         """
+        inputs = self.masked_inputs(source, padding_mask, mask_time_indices=mask_time_indices,
+                                    negative_indices=negative_indices, generator=generator)
+        hidden = self.encoder.transformer(inputs.x, inputs.padding_mask, layerdrop_generator=layerdrop_generator)
+        return self.contrast(inputs, hidden, generator=generator)
+
+    def masked_inputs(
+        self,
+        source: Tensor,
+        padding_mask: Tensor | None,
+        *,
+        mask_time_indices: Tensor | None,
+        negative_indices: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> MaskedInputs:
+        """The front end, the projection and the masking of a pass (:meth:`forward`'s first half)."""
         features, frame_pad, lengths = self.encoder.extract_features(source, padding_mask)
         batch, time, _ = features.shape
         penalty = feature_penalty(features, frame_pad)
@@ -258,16 +293,20 @@ class Wav2Vec2ForPretraining(nn.Module):
         else:
             check_shape("negative_indices", negative_indices, (batch, time, negative_indices.shape[-1]))
             negative_indices = negative_indices.to(device=x.device, dtype=torch.long)
+        return MaskedInputs(x=self.encoder.apply_time_mask(x, mask), unmasked=unmasked, mask=mask,
+                            negative_indices=negative_indices, padding_mask=frame_pad, feature_penalty=penalty)
 
-        x = self.encoder.apply_time_mask(x, mask)
-        hidden = self.encoder.transformer(x, frame_pad, layerdrop_generator=layerdrop_generator)  # (B, T, D)
+    def contrast(self, inputs: MaskedInputs, hidden: Tensor, *, generator: torch.Generator | None) -> PretrainOutput:
+        """wav2vec 2.0's loss of the context ``hidden`` (B, T, D) against the quantized unmasked
+        features (:meth:`forward`'s second half; w2v-BERT passes its contrastive module's output)."""
+        mask, penalty = inputs.mask, inputs.feature_penalty
         context = self.final_proj(hidden)  # (B, T, F)
 
-        quantized = self.quantizer(unmasked, mask, generator=generator)
+        quantized = self.quantizer(inputs.unmasked, mask, generator=generator)
         targets = self.project_q(quantized.vectors.to(self.project_q.weight.dtype))  # (B, T, F)
 
         contrastive_sum, num_correct, logits = contrastive_loss(
-            context, targets, quantized.codes, mask, negative_indices, logit_temp=self.logit_temp
+            context, targets, quantized.codes, mask, inputs.negative_indices, logit_temp=self.logit_temp
         )
         num_masked = mask.long().sum()
         diversity = diversity_loss(quantized.prob_perplexity, self.quantizer.num_codevectors)
@@ -287,9 +326,10 @@ class Wav2Vec2ForPretraining(nn.Module):
             projected_context=context,
             projected_quantized=targets,
             mask_time_indices=mask,
-            negative_indices=negative_indices,
-            padding_mask=frame_pad,
+            negative_indices=inputs.negative_indices,
+            padding_mask=inputs.padding_mask,
             logits=logits,
+            target_codes=quantized.codes,
         )
 
 

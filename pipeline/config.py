@@ -51,6 +51,7 @@ __all__ = [
     "wav2vec", "wav2vec_laptop", "vq_wav2vec", "vq_wav2vec_laptop",
     "vq_wav2vec_kmeans", "vq_wav2vec_kmeans_laptop", "apc", "apc_laptop", "mockingjay", "mockingjay_laptop", "tera",
     "data2vec", "data2vec2", "data2vec2_laptop", "data2vec_laptop", "vq_bert", "vq_bert_laptop",
+    "w2v_bert", "w2v_bert_laptop",
     "tera_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
@@ -431,6 +432,26 @@ def vq_bert_laptop() -> Config:
     return cfg
 
 
+def w2v_bert() -> Config:
+    """w2v-BERT as fairseq2's ``600m`` architecture (``models.config.w2v_bert``). FAMILY.md gives
+    no optimisation for it (fairseq2 ships none), so the run is wav2vec 2.0 LARGE's (SPEC.md):
+    lr 3e-4, about 1.2M samples per GPU, 600k updates."""
+    cfg = large()
+    cfg.preset = "w2v_bert"
+    cfg.model = model_config.w2v_bert()
+    return cfg
+
+
+def w2v_bert_laptop() -> Config:
+    """w2v-BERT at ``best_rq_laptop``'s size and with the laptop data settings
+    (``models.config.w2v_bert_laptop``): what the objectives benchmark compares."""
+    cfg = laptop()
+    cfg.preset = "w2v_bert_laptop"
+    cfg.model = model_config.w2v_bert_laptop()
+    cfg.optim.clip_grad_norm = 10.0
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -442,6 +463,7 @@ PRESETS = {
     "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
     "data2vec2_laptop": data2vec2_laptop,
     "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
+    "w2v_bert": w2v_bert, "w2v_bert_laptop": w2v_bert_laptop,
 }
 
 

@@ -9,10 +9,10 @@
 2. Each objective (a preset: ``laptop`` is wav2vec 2.0, ``best_rq_laptop`` BEST-RQ,
    ``hubert_laptop`` / ``wavlm_laptop`` HuBERT / WavLM, ``wav2vec_laptop`` wav2vec 1.0,
    ``vq_wav2vec_laptop`` vq-wav2vec, ``apc_laptop`` APC, ``tera_laptop`` TERA,
-   ``data2vec_laptop`` / ``data2vec2_laptop`` data2vec 1.0 / 2.0; encoders of the same
-   width) pretrains for the same **CPU-seconds of training** (``train.max_seconds``,
-   counted by ``train.budget_clock``: the training process's CPU time on CPU, so other load
-   on the machine moves nothing), on one worker: an objective that costs more per update
+   ``data2vec_laptop`` / ``data2vec2_laptop`` data2vec 1.0 / 2.0, ``w2v_bert_laptop``
+   w2v-BERT; encoders of the same width) pretrains for the same **CPU-seconds of training**
+   (``train.max_seconds``, counted by ``train.budget_clock``: the training process's CPU time
+   on CPU, so other load on the machine moves nothing), on one worker: an objective that costs more per update
    reaches fewer updates, which is what it costs. The table shows the updates each reached
    and its audio seconds per second. HuBERT and WavLM first label the corpus
    (``jobs.label``: MFCC, 100 clusters), and that labelling's CPU-seconds (its workers' and
@@ -47,14 +47,14 @@ from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain,
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "hubert": "HuBERT", "wav2vec": "wav2vec",
                    "vq_wav2vec": "vq-wav2vec", "apc": "APC", "tera": "TERA"}
-OBJECTIVE_NAMES.update(data2vec="data2vec", data2vec2="data2vec 2.0")
+OBJECTIVE_NAMES.update(data2vec="data2vec", data2vec2="data2vec 2.0", w2v_bert="w2v-BERT")
 FIRST_ITERATION_SHARE = 0.4
 """Of a two-iteration HuBERT row's budget, the first iteration's (HuBERT BASE: 250k of 650k updates)."""
 SECOND_ITERATION = ["model.hubert.clusters=500", "label.features=model", "label.layer=1"]
 """The laptop model's second iteration (``jobs/configs/pretrain/hubert_laptop_it2.yaml``)."""
 DEFAULT_OBJECTIVES = (
     "laptop,best_rq_laptop,hubert_laptop:2,wavlm_laptop,wav2vec_laptop,vq_wav2vec_laptop,apc_laptop,tera_laptop,"
-    "data2vec_laptop,data2vec2_laptop"
+    "data2vec_laptop,data2vec2_laptop,w2v_bert_laptop"
 )
 
 
@@ -65,7 +65,10 @@ def _describe(cfg: Any) -> str:
         front = "wav2vec conv" + (" + vq" if m.objective == "vq_wav2vec" else "")  # the quantizer is in the encoder
     gated = " + gated bias" if m.transformer.relative_bias == "gated" else ""
     gated += " + ALiBi" if m.transformer.alibi else ""  # data2vec 2.0's attention bias
-    return f"{front} + {m.transformer.kind}{gated} {m.transformer.num_layers}x{m.transformer.dim}"
+    layers = str(m.transformer.num_layers)
+    if m.objective == "w2v_bert":  # contrastive + masked-LM blocks
+        layers = f"{m.w2v_bert_contrastive_layers}+{m.transformer.num_layers - m.w2v_bert_contrastive_layers}"
+    return f"{front} + {m.transformer.kind}{gated} {layers}x{m.transformer.dim}"
 
 
 def _name(cfg: Any) -> str:

@@ -17,13 +17,14 @@ from pipeline.train.masked_prediction import MaskedPredictionStep
 from pipeline.train.pretrain import PretrainStep
 from pipeline.train.reconstruction import ApcStep, TeraStep
 from pipeline.train.vq_bert import VqBertStep
+from pipeline.train.w2v_bert import W2vBertStep
 from pipeline.train.wav2vec1 import FuturePredictionStep
 
 STEPS: dict[str, type] = {"wav2vec2": PretrainStep, "best_rq": MaskedPredictionStep,
                           "hubert": MaskedPredictionStep}
 STEPS.update({"wav2vec": FuturePredictionStep, "vq_wav2vec": FuturePredictionStep, "apc": ApcStep, "tera": TeraStep,
               "vq_bert": VqBertStep})
-STEPS.update(data2vec=Data2VecStep, data2vec2=Data2VecStep)
+STEPS.update(data2vec=Data2VecStep, data2vec2=Data2VecStep, w2v_bert=W2vBertStep)
 
 
 def pretraining_step(cfg: Config, model: torch.nn.Module) -> Any:

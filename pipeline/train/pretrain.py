@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.wav2vec2 import Wav2Vec2ForPretraining
+from models.wav2vec2 import PretrainOutput, Wav2Vec2ForPretraining
 from pipeline.config import Config
 from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
@@ -128,12 +128,30 @@ class PretrainStep:
         self._layerdrop_gen = seeding.layerdrop_generator(self.cfg.train.seed, step)
 
     def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        out = self.run(model, prepared)
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=self.metrics(out),
+                          **self.row_losses_of(out, prepared))
+
+    @staticmethod
+    def row_losses_of(out: PretrainOutput, prepared: Prepared) -> dict[str, torch.Tensor | None]:
+        """Each utterance's contrastive loss sum and masked frames (``row_loss``, ``row_count``)
+        on a multilingual batch, for ``loss/lang/<code>``; nothing otherwise."""
+        if not prepared.inputs.get("per_row"):
+            return {}
+        row_loss, row_count = row_contrastive(out.logits, out.mask_time_indices)
+        return {"row_loss": row_loss, "row_count": row_count}
+
+    def run(self, model: Callable[..., Any], prepared: Prepared) -> Any:
+        """The model's output for a prepared micro-batch (w2v-BERT's step reads more of it)."""
         inp = prepared.inputs
-        out = model(
+        return model(
             inp["source"], inp["padding_mask"],
             mask_time_indices=inp["mask_time_indices"], negative_indices=inp["negative_indices"],
             generator=inp["generator"], layerdrop_generator=self._layerdrop_gen,
         )
+
+    def metrics(self, out: PretrainOutput) -> dict[str, torch.Tensor]:
+        """The contrastive loss's metric sums of one micro-batch (what :meth:`summarize` reads)."""
         num_masked = out.num_masked.float()
         metrics: dict[str, torch.Tensor] = {
             "pt/contrastive_sum": out.contrastive_sum.detach().float(),
@@ -148,11 +166,7 @@ class PretrainStep:
         for g in range(self.groups):
             metrics[f"pt/code_ppl_{g}"] = code_ppl[g]
             metrics[f"pt/prob_ppl_{g}"] = prob_ppl[g]
-        row_loss = row_count = None
-        if inp.get("per_row"):
-            row_loss, row_count = row_contrastive(out.logits, out.mask_time_indices)
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics, row_loss=row_loss,
-                          row_count=row_count)
+        return metrics
 
     def health(self) -> Health:
         return contrastive_health(self.cfg.model.loss.num_negatives)

@@ -355,3 +355,14 @@ def test_a_sweep_over_labelling_settings_lists_each_label_set_once() -> None:
         f"layer{layer}-k{k}" for layer in (1, 2) for k in (50, 100, 200)}
     # A sweep of other objectives labels nothing.
     assert label_configs(load_sweep(SWEEP_DIR / "tiny_demo.yaml")) == []
+
+
+def test_w2v_bert_is_a_value_of_the_objective_dimension() -> None:
+    """On the objectives demo's Conformer, w2v-BERT is one more grid value (its split: a third
+    of the blocks, here 1 + 1); on a Transformer base it is refused before any trial starts."""
+    spec = load_sweep(SWEEP_DIR / "objectives_demo.yaml",
+                      ["space.model.objective={grid: [wav2vec2, best_rq, w2v_bert]}"])
+    cfg = apply_overrides(spec.config, {"model.objective": "w2v_bert"})
+    assert cfg.model.transformer.num_layers == 2 and cfg.model.w2v_bert_contrastive_layers == 1
+    with pytest.raises(SweepError, match="conformer"):
+        load_sweep(SWEEP_DIR / "tiny_demo.yaml", ["space.model.objective={grid: [wav2vec2, w2v_bert]}"])

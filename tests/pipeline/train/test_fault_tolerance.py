@@ -173,9 +173,9 @@ def test_best_rq_on_two_zero2_workers_resumes_with_its_targets_unchanged(shards:
     assert {"model/config.yaml", "model/model.safetensors"} <= artifacts
 
 
-FIRST_GENERATION = {  # preset -> the loss part it logs
+FIRST_GENERATION = {  # preset -> the loss part it logs (and w2v-BERT on log-mel frames: no Hugging Face class either)
     "wav2vec_laptop": "loss/binary_contrastive", "vq_wav2vec_laptop": "loss/binary_contrastive",
-    "apc_laptop": "loss/l1", "tera_laptop": "loss/l1",
+    "apc_laptop": "loss/l1", "tera_laptop": "loss/l1", "w2v_bert_laptop": "loss/mlm",
 }
 
 

@@ -141,13 +141,15 @@ def test_a_time_budget_ends_the_run_and_survives_a_resume(tmp_path: Path) -> Non
     assert again.step == result.step + 1
 
 
-def test_a_best_rq_checkpoint_fine_tunes_with_ctc(tmp_path: Path) -> None:
-    """jobs.finetune's model from a BEST-RQ checkpoint: the source's architecture (log-mel
-    front end, Conformer), its encoder weights, a fresh CTC head that trains on padded batches."""
+@pytest.mark.parametrize("preset", ["best_rq_laptop", "w2v_bert_laptop"])
+def test_a_log_mel_conformer_checkpoint_fine_tunes_with_ctc(tmp_path: Path, preset: str) -> None:
+    """jobs.finetune's model from a BEST-RQ or w2v-BERT checkpoint: the source's architecture
+    (log-mel front end, Conformer), its encoder weights, a fresh CTC head that trains on
+    padded batches."""
     from models.checkpoint import save_weights
     from pipeline.train import finetune as FT
 
-    pre_cfg = C.best_rq_laptop()
+    pre_cfg = C.preset_config(preset)
     torch.manual_seed(0)
     pre = build_pretraining_model(pre_cfg.model)
     save_weights(pre, tmp_path / "pre")
@@ -188,3 +190,46 @@ def test_best_rq_logs_each_languages_masked_cross_entropy() -> None:
     assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
     weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
     assert weighted == pytest.approx(m["loss/masked_ce"], rel=1e-5)
+
+
+def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> None:
+    """w2v-BERT's step in the loop under ZeRO-2: the logged loss is the weighted sum of the parts
+    it logs (contrastive, diversity, masked-LM), the masked-LM starts at chance ln(entries),
+    and a resume from a checkpoint repeats every later update's loss (masks, distractors,
+    Gumbel noise and temperature included)."""
+    from pipeline.train.w2v_bert import W2vBertStep
+
+    cfg = C.apply_overrides(C.w2v_bert_laptop(), [
+        "train.log_every=1", "schedule.warmup_steps=2", "train.max_steps=6", "deepspeed.zero_stage=2",
+        "model.w2v_bert.mlm_weight=0.5",
+    ])
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model)
+    step = pretraining_step(cfg, model)
+    assert isinstance(step, W2vBertStep)
+    eng = E.build_engine(cfg, model)
+    rec = Record(cfg, tmp_path, save_at=3)
+    rec.eng = eng
+    TrainLoop(cfg, eng, step, hooks=rec).run(speechlike())
+    full = dict(rec.logs)
+    for s, m in full.items():
+        parts = m["loss/contrastive"] + cfg.model.loss.diversity_weight * m["loss/diversity"] + 0.5 * m["loss/mlm"]
+        assert m["loss"] == pytest.approx(parts, rel=1e-5), f"update {s}"
+    assert full[1]["loss/mlm"] == pytest.approx(math.log(cfg.model.quantizer.entries), abs=0.7)
+    last = full[6]
+    assert 0.0 <= last["accuracy/mlm"] <= 1.0 and 0.0 <= last["accuracy"] <= 1.0
+    assert last["perplexity/code_0"] > 2.0 and last["temperature"] < full[1]["temperature"]
+
+    torch.manual_seed(99)
+    model2 = build_pretraining_model(cfg.model)
+    eng2 = E.build_engine(cfg, model2)
+    state = ckpt.load(tmp_path / ckpt.checkpoint_dir_name(3), engine=eng2.engine, cfg=cfg)
+    data = speechlike()
+    for _ in range(3):
+        next(data)
+    rec2 = Record()
+    TrainLoop(cfg, eng2, pretraining_step(cfg, model2), start_step=state.step, hooks=rec2).run(data)
+    assert [s for s, _ in rec2.logs] == [4, 5, 6]
+    for s, m in rec2.logs:
+        for key in ("loss", "loss/mlm", "loss/contrastive", "temperature"):
+            assert m[key] == pytest.approx(full[s][key], abs=1e-5), f"update {s}: {key}"

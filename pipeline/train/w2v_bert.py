@@ -1,0 +1,42 @@
+"""The w2v-BERT pretraining step: wav2vec 2.0's step (:class:`pipeline.train.pretrain.PretrainStep`:
+the same masks, distractors, Gumbel temperature schedule and contrastive metrics) plus the
+masked-LM loss of :class:`models.w2v_bert.W2vBertModel`.
+
+Logged per masked frame, unweighted: ``loss/contrastive``, ``loss/diversity`` and
+``loss/feature_penalty`` (the contrastive module's, as wav2vec 2.0 logs them; ``accuracy``
+is its contrastive accuracy), ``loss/mlm`` (the masked-LM cross-entropy, chance
+ln(entries)) and ``accuracy/mlm``; per quantizer group the code and softmax perplexities
+(the MLM's targets are those codes: a codebook that collapses leaves the MLM nothing to
+predict). ``loss`` is the weighted total. On a multilingual batch ``loss/lang/<code>`` is
+the contrastive module's loss per language. The health alarms are wav2vec 2.0's: the
+contrastive loss at chance or a collapsed codebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pipeline.train.loop import Prepared, StepOutput
+from pipeline.train.metrics import ratio
+from pipeline.train.pretrain import PretrainStep
+
+
+class W2vBertStep(PretrainStep):
+    """w2v-BERT (:class:`models.w2v_bert.W2vBertModel`) in the generic loop
+    (:class:`pipeline.train.loop.TrainStep`)."""
+
+    def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
+        out = self.run(model, prepared)
+        metrics = self.metrics(out.contrastive)
+        metrics["w2v/mlm_sum"] = out.mlm_sum.detach().float()
+        metrics["w2v/mlm_correct"] = out.mlm_correct.detach().float()
+        return StepOutput(loss_sum=out.loss_sum, count=out.contrastive.num_masked, metrics=metrics,
+                          **self.row_losses_of(out.contrastive, prepared))
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        out = super().summarize(sums)
+        n = sums.get("pt/num_masked", 0.0)
+        out["loss/mlm"] = ratio(sums.get("w2v/mlm_sum", 0.0), n)
+        out["accuracy/mlm"] = ratio(sums.get("w2v/mlm_correct", 0.0), n)
+        return out
