@@ -233,3 +233,23 @@ def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> Non
     for s, m in rec2.logs:
         for key in ("loss", "loss/mlm", "loss/contrastive", "temperature"):
             assert m[key] == pytest.approx(full[s][key], abs=1e-5), f"update {s}: {key}"
+
+
+def test_w2v_bert_logs_each_languages_contrastive_loss() -> None:
+    """On a multilingual batch w2v-BERT gives each utterance's contrastive loss: the languages'
+    losses weighted by their shares of the masked frames are ``loss/contrastive``."""
+    cfg = C.apply_overrides(C.w2v_bert_laptop(), ["train.max_steps=2", "train.log_every=2", "schedule.warmup_steps=1"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model)
+    rec = Record()
+
+    def tagged() -> Iterator[dict]:
+        for batch in speechlike():
+            yield {**batch, "languages": np.asarray(["sw", "yo", "yo"])}
+
+    TrainLoop(cfg, E.build_engine(cfg, model), pretraining_step(cfg, model), hooks=rec,
+              languages=("sw", "yo")).run(tagged())
+    ((_, m),) = rec.logs
+    assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
+    weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
+    assert weighted == pytest.approx(m["loss/contrastive"], rel=1e-5)
