@@ -171,11 +171,14 @@ def test_a_log_mel_conformer_checkpoint_fine_tunes_with_ctc(tmp_path: Path, pres
     assert model.head.weight.grad is not None
 
 
-def test_best_rq_logs_each_languages_masked_cross_entropy() -> None:
-    """The masked-prediction objectives give each utterance's cross-entropy on a multilingual
-    batch: the languages' losses weighted by their shares of the masked frames are
-    ``loss/masked_ce``."""
-    cfg = _best_rq("train.max_steps=2", "train.log_every=2")
+@pytest.mark.parametrize(("preset", "total"), [("best_rq_laptop", "loss/masked_ce"),
+                                               ("w2v_bert_laptop", "loss/contrastive")])
+def test_each_languages_loss_pools_back_into_the_total(preset: str, total: str) -> None:
+    """On a multilingual batch the step gives each utterance's loss (BEST-RQ's masked
+    cross-entropy; w2v-BERT's contrastive module's): the languages' losses weighted by their
+    shares of the masked frames are the logged total."""
+    cfg = C.apply_overrides(C.preset_config(preset), ["train.max_steps=2", "train.log_every=2",
+                                                      "schedule.warmup_steps=1"])
     torch.manual_seed(cfg.train.seed)
     model = build_pretraining_model(cfg.model)
     rec = Record()
@@ -184,12 +187,12 @@ def test_best_rq_logs_each_languages_masked_cross_entropy() -> None:
         for batch in speechlike():
             yield {**batch, "languages": np.asarray(["sw", "yo", "yo"])}
 
-    TrainLoop(cfg, E.build_engine(cfg, model), MaskedPredictionStep(cfg, model), hooks=rec,
+    TrainLoop(cfg, E.build_engine(cfg, model), pretraining_step(cfg, model), hooks=rec,
               languages=("sw", "yo")).run(tagged())
     ((_, m),) = rec.logs
     assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
     weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
-    assert weighted == pytest.approx(m["loss/masked_ce"], rel=1e-5)
+    assert weighted == pytest.approx(m[total], rel=1e-5)
 
 
 def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> None:
@@ -234,22 +237,3 @@ def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> Non
         for key in ("loss", "loss/mlm", "loss/contrastive", "temperature"):
             assert m[key] == pytest.approx(full[s][key], abs=1e-5), f"update {s}: {key}"
 
-
-def test_w2v_bert_logs_each_languages_contrastive_loss() -> None:
-    """On a multilingual batch w2v-BERT gives each utterance's contrastive loss: the languages'
-    losses weighted by their shares of the masked frames are ``loss/contrastive``."""
-    cfg = C.apply_overrides(C.w2v_bert_laptop(), ["train.max_steps=2", "train.log_every=2", "schedule.warmup_steps=1"])
-    torch.manual_seed(cfg.train.seed)
-    model = build_pretraining_model(cfg.model)
-    rec = Record()
-
-    def tagged() -> Iterator[dict]:
-        for batch in speechlike():
-            yield {**batch, "languages": np.asarray(["sw", "yo", "yo"])}
-
-    TrainLoop(cfg, E.build_engine(cfg, model), pretraining_step(cfg, model), hooks=rec,
-              languages=("sw", "yo")).run(tagged())
-    ((_, m),) = rec.logs
-    assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
-    weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
-    assert weighted == pytest.approx(m["loss/contrastive"], rel=1e-5)
