@@ -51,7 +51,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,9 @@ class Resolved:
     dataset: Any
     stride: int
     window: int
+    extractor: Any = field(default=None, repr=False, compare=False)
+    """The feature extractor ``resolve`` loaded to describe the features (the driver's; the
+    workers make their own from the plan)."""
 
 
 def resolve(cfg: Config, *, store: storage.Storage | None = None, tracking_uri: str = "") -> Resolved:
@@ -227,7 +230,7 @@ def resolve(cfg: Config, *, store: storage.Storage | None = None, tracking_uri: 
     plan = Plan(**{**plan.__dict__, "version_uri": storage.join(uri, version)})
     return Resolved(plan=plan, name=name, set_uri=uri, version=version,
                     settings={**settings, "teacher": teacher, "layer": lab.layer if lab.features == "model" else None},
-                    dataset=info, stride=int(extractor.stride), window=int(extractor.window))
+                    dataset=info, stride=int(extractor.stride), window=int(extractor.window), extractor=extractor)
 
 
 def label_command(cfg: Config) -> str:

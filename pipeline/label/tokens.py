@@ -146,7 +146,7 @@ def audio_model(trained: Any, *, store: Any = None, tracking_uri: str = "") -> t
     if trained.config is None:
         raise ValueError(f"{trained.path}: a vq_bert model without its run config: its tokeniser cannot be found")
     from pipeline.data import storage
-    from pipeline.label.job import make_extractor, open_npz, resolve
+    from pipeline.label.job import open_npz, resolve
 
     cfg = trained.config
     r = resolve(cfg, store=store, tracking_uri=tracking_uri)
@@ -156,7 +156,7 @@ def audio_model(trained: Any, *, store: Any = None, tracking_uri: str = "") -> t
             f"vq_bert: the token vocabulary of the label set it trained on is not at {uri} (label.teacher="
             f"{cfg.label.teacher}, data.train_uri={cfg.data.train_uri}): its features of audio need that tokeniser"
         )
-    features = make_extractor(r.plan)
+    features = r.extractor  # the teacher resolve loaded, with its input normalisation
     to_ids = TokenMap(np.load(open_npz(uri, r.plan.store))["pairs"], r.plan.clusters, features.entries)
     if to_ids.size != model.encoder.vocab:
         raise ValueError(f"vq_bert: the label set at {uri} has {to_ids.size} tokens, the model {model.encoder.vocab}")
