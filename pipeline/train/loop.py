@@ -23,10 +23,21 @@ sums, and the loop does the rest, on any number of ranks:
    with the skip flag as a device tensor (the update must not look at it on the host);
 7. on a multilingual dataset (``languages``: the split's languages, the same list on
    every rank) and a task that reports each utterance's loss (``row_losses``, then
-   ``StepOutput.row_loss``: wav2vec 2.0, the masked-prediction objectives, CTC),
-   each language's loss sum and count are added per update (one ``index_add`` on the
-   device) and logged as ``loss/lang/<code>`` (its loss per counted unit) and
-   ``lang_share/<code>`` (its share of the counted units); a monolingual run does none of it.
+   ``StepOutput.row_loss``: every pretraining objective but vq-wav2vec's BERT stage
+   reports its main part, and CTC fine-tuning), each language's loss sum and count are
+   added per update (one ``index_add`` on the device) and logged as ``loss/lang/<code>``
+   (its loss per counted unit) and ``lang_share/<code>`` (its share of the counted units);
+   a monolingual run does none of it. The task also names its loss parts
+   (``row_part_names``: ``contrastive`` and ``mlm`` for w2v-BERT, those and ``ctc`` for
+   JUST, one part, the main one, for the others) and returns each utterance's sum and
+   count of every part (``StepOutput.row_parts``, detached); they are added the same way
+   (one more ``index_add`` per micro-batch for all the parts together, no host sync) and
+   logged as ``loss/<part>/lang/<code>``: the part's loss per unit *it* counts (characters
+   for ``ctc``, masked frames, true pairs or values for the others) among that language's
+   utterances, NaN where the language had none (a language without any transcribed
+   utterance, for JUST's ``ctc``). The names of these metrics depend on the run's
+   languages and the task's part names alone, never on a batch, so every rank reduces the
+   same ones.
 """
 
 from __future__ import annotations
@@ -99,10 +110,20 @@ class StepOutput:
     per-language losses; None when the batch carries no languages or the task has none."""
     row_count: torch.Tensor | None = None
     """(B,) each utterance's counted units (its share of ``count``)."""
+    row_parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Loss part -> ((B,) each utterance's sum of that part (detached), (B,) the units the part
+    counts in it), for ``loss/<part>/lang/<code>``; the parts are among the task's
+    ``row_part_names`` (one a micro-batch leaves out adds nothing). Empty when the batch
+    carries no languages."""
 
 
 class TrainStep(Protocol):
-    """A task: pretraining (:class:`pipeline.train.pretrain.PretrainStep`), CTC, ..."""
+    """A task: pretraining (:class:`pipeline.train.pretrain.PretrainStep`), CTC, ...
+
+    Optional class attributes the loop reads on a multilingual run (module doc, point 7):
+    ``row_losses`` (True: ``StepOutput.row_loss`` is given) and ``row_part_names`` (the
+    loss parts of ``StepOutput.row_parts``, the same on every rank).
+    """
 
     def prepare(self, batch: Batch, *, step: int, micro: int, rank: int, device: torch.device) -> Prepared:
         """Move a host batch to the device and draw its random inputs (no host sync)."""
@@ -205,6 +226,12 @@ class TrainLoop:
             from pipeline.data.loader import LANGUAGES  # Ray Data's side: only a multilingual run needs it
 
             self._languages_key = LANGUAGES
+        self._part_names: tuple[str, ...] = ()
+        """The task's loss parts logged per language (none on a monolingual run)."""
+        if self._languages_key:
+            self._part_names = tuple(getattr(task, "row_part_names", ()))
+            if len(set(self._part_names)) != len(self._part_names):
+                raise ValueError(f"row_part_names: each part once, got {list(self._part_names)}")
 
     def _language_codes(self, batch: Batch) -> torch.Tensor | None:
         """(B,) index of each utterance's language in ``self.languages``, on the device;
@@ -216,6 +243,22 @@ class TrainLoop:
         except KeyError as e:
             raise ValueError(f"batch: language {e.args[0]!r} is not one of the dataset's {list(self.languages)}") from None
         return to_device(np.asarray(codes, dtype=np.int64), self.device)
+
+    def _part_rows(self, parts: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rows: int) -> torch.Tensor:
+        """(2 P, B): each part's per-utterance sums and counts, in ``self._part_names``'
+        order (zeros for a part the micro-batch left out), for one ``index_add_``."""
+        unknown = set(parts) - set(self._part_names)
+        if unknown:  # a part the loop would drop without a word: the task's names are wrong
+            raise ValueError(f"StepOutput.row_parts: {sorted(unknown)} not among the task's row_part_names "
+                             f"{list(self._part_names)}")
+        out = []
+        for name in self._part_names:
+            if name in parts:
+                loss, count = parts[name]
+                out += [loss.detach().float(), count.detach().float()]
+            else:
+                out += [torch.zeros(rows, device=self.device)] * 2
+        return torch.stack(out)
 
     # -- one update ------------------------------------------------------------------
 
@@ -267,6 +310,10 @@ class TrainLoop:
         by_language = None
         if self._languages_key and getattr(self.task, "row_losses", False):
             by_language = torch.zeros((2, len(self.languages)), device=self.device)
+        # (2 P, L): the same for each of the task's loss parts (sums, counts interleaved).
+        by_part = None
+        if self._part_names:
+            by_part = torch.zeros((2 * len(self._part_names), len(self.languages)), device=self.device)
         last = len(prepared) - 1
         for m, p in enumerate(prepared):
             with eng.autocast_context():
@@ -281,6 +328,8 @@ class TrainLoop:
                     and out.row_count is not None:
                 rows = torch.stack([out.row_loss.detach().float(), out.row_count.detach().float()])  # (2, B)
                 by_language.index_add_(1, codes[m], rows)
+            if by_part is not None and codes[m] is not None and out.row_parts:
+                by_part.index_add_(1, codes[m], self._part_rows(out.row_parts, codes[m].shape[0]))
             if m == last:
                 measured = E.clip_and_measure(eng)
                 bad = (~torch.isfinite(loss_total)).float()
@@ -308,6 +357,11 @@ class TrainLoop:
             for i, name in enumerate(self._language_names):
                 step_metrics[f"lang/{name}/loss_sum"] = by_language[0, i]
                 step_metrics[f"lang/{name}/count"] = by_language[1, i]
+        if by_part is not None:
+            for p, part in enumerate(self._part_names):
+                for i, name in enumerate(self._language_names):
+                    step_metrics[f"langpart/{part}/{name}/loss_sum"] = by_part[2 * p, i]
+                    step_metrics[f"langpart/{part}/{name}/count"] = by_part[2 * p + 1, i]
 
         self.window.add({
             **{k: kept(v) for k, v in step_metrics.items()},
@@ -347,6 +401,11 @@ class TrainLoop:
                 n = sums[f"lang/{name}/count"]
                 metrics[f"loss/lang/{name}"] = ratio(sums[f"lang/{name}/loss_sum"], n)
                 metrics[f"lang_share/{name}"] = ratio(n, counted)
+        for part in self._part_names:
+            for name in self._language_names:
+                key = f"langpart/{part}/{name}"
+                if f"{key}/count" in sums:
+                    metrics[f"loss/{part}/lang/{name}"] = ratio(sums[f"{key}/loss_sum"], sums[f"{key}/count"])
         metrics.update({
             "loss": ratio(sums.get("loss_sum", 0.0), sums.get("count", 0.0)),
             "lr": self.cfg.optim.lr * self.lr_at(max(self.step - 1, 0)),

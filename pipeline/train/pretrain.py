@@ -14,9 +14,10 @@ so their logged value is the masked-frame-weighted mean over micro-batches and r
 
 A batch that carries languages (a multilingual dataset) also gets each utterance's
 contrastive loss and masked frames (:func:`row_contrastive`, from the logits the model
-returns), from which the loop logs ``loss/lang/<code>``: the per-language part of
-``loss/contrastive`` (their masked-frame-weighted mean is it). The diversity loss and
-the feature penalty are batch statistics with no per-utterance part.
+returns), from which the loop logs ``loss/lang/<code>``, and the same as the loss part
+``contrastive`` (``loss/contrastive/lang/<code>``, the name every objective's parts follow):
+the per-language part of ``loss/contrastive`` (their masked-frame-weighted mean is it).
+The diversity loss and the feature penalty are batch statistics with no per-utterance part.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class PretrainStep:
 
     row_losses = True
     """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("contrastive",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
 
     def __init__(self, cfg: Config, model: Wav2Vec2ForPretraining) -> None:
         self.cfg = cfg
@@ -133,13 +136,14 @@ class PretrainStep:
                           **self.row_losses_of(out, prepared))
 
     @staticmethod
-    def row_losses_of(out: PretrainOutput, prepared: Prepared) -> dict[str, torch.Tensor | None]:
-        """Each utterance's contrastive loss sum and masked frames (``row_loss``, ``row_count``)
-        on a multilingual batch, for ``loss/lang/<code>``; nothing otherwise."""
+    def row_losses_of(out: PretrainOutput, prepared: Prepared) -> dict[str, Any]:
+        """Each utterance's contrastive loss sum and masked frames (``row_loss``, ``row_count``,
+        and the part ``contrastive`` of ``row_parts``) on a multilingual batch, for
+        ``loss/lang/<code>``; nothing otherwise."""
         if not prepared.inputs.get("per_row"):
             return {}
         row_loss, row_count = row_contrastive(out.logits, out.mask_time_indices)
-        return {"row_loss": row_loss, "row_count": row_count}
+        return {"row_loss": row_loss, "row_count": row_count, "row_parts": {"contrastive": (row_loss, row_count)}}
 
     def run(self, model: Callable[..., Any], prepared: Prepared) -> Any:
         """The model's output for a prepared micro-batch (w2v-BERT's step reads more of it)."""

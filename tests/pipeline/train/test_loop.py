@@ -182,6 +182,9 @@ def test_a_multilingual_run_logs_each_languages_loss_and_share() -> None:
     assert m["loss/lang/de"] != m["loss/lang/fr"]
     weighted = m["lang_share/de"] * m["loss/lang/de"] + m["lang_share/fr"] * m["loss/lang/fr"]
     assert weighted == pytest.approx(m["loss/contrastive"], rel=1e-5)
+    # The step's loss part "contrastive" is the same loss, summed the same way.
+    assert [m[f"loss/contrastive/lang/{lang}"] == m[f"loss/lang/{lang}"] for lang in ("de", "fr")] == [True, True]
+    assert np.isnan(m["loss/contrastive/lang/it"])
 
     # The same run without languages logs none of it; a language the dataset lacks is an error.
     eng, task = make(cfg)
@@ -192,3 +195,51 @@ def test_a_multilingual_run_logs_each_languages_loss_and_share() -> None:
     eng, task = make(cfg)
     with pytest.raises(ValueError, match="language 'xx' is not one of the dataset's"):
         TrainLoop(cfg, eng, task, languages=("de", "fr")).run(_with_languages(synthetic(), ["de", "xx", "de"]))
+
+
+class _LatePart(PretrainStep):
+    """wav2vec 2.0's step with a second loss part, ``per_frame`` (1 per masked frame), that
+    only the micro-batches of updates from ``first`` on give; ``extra`` names a part it
+    gives without declaring it."""
+
+    row_part_names = ("contrastive", "per_frame")
+
+    def __init__(self, cfg: C.Config, model: torch.nn.Module, *, first: int = 1, extra: str = "") -> None:
+        super().__init__(cfg, model)
+        self.first, self.extra = first, extra
+
+    def forward(self, model, prepared, *, step):
+        out = super().forward(model, prepared, step=step)
+        if out.row_parts and step >= self.first:
+            out.row_parts["per_frame"] = (out.row_count, out.row_count)
+        if out.row_parts and self.extra:
+            out.row_parts[self.extra] = (out.row_count, out.row_count)
+        return out
+
+
+def test_every_loss_part_has_its_per_language_loss_under_names_no_batch_changes() -> None:
+    """A part that no micro-batch of a log interval gave still has its names (NaN: nothing
+    counted), so every rank reduces the same metrics whatever its batches held; once given,
+    its per-language loss is its own (here exactly 1 per masked frame, over 2 micro-batches).
+    A part the task gives without declaring it stops the run: the loop would drop it."""
+    cfg = C.apply_overrides(C.tiny(), ["train.max_steps=2", "train.log_every=1", "train.grad_accum=2",
+                                       "schedule.warmup_steps=0"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model)
+    rec = Record()
+    TrainLoop(cfg, E.build_engine(cfg, model), _LatePart(cfg, model), hooks=rec,
+              languages=("de", "fr")).run(_with_languages(synthetic(), ["de", "fr", "de"]))
+    (_, first), (_, second) = rec.logs
+    names = sorted(k for k in first if "lang" in k)
+    assert names == sorted(k for k in second if "lang" in k) == sorted(
+        f"{key}/{lang}" for key in ("loss/lang", "lang_share", "loss/contrastive/lang", "loss/per_frame/lang")
+        for lang in ("de", "fr"))
+    assert np.isnan(first["loss/per_frame/lang/de"]) and np.isnan(first["loss/per_frame/lang/fr"])
+    assert second["loss/per_frame/lang/de"] == 1.0 and second["loss/per_frame/lang/fr"] == 1.0
+    assert second["loss/contrastive/lang/de"] == second["loss/lang/de"] != second["loss/lang/fr"]
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model)
+    with pytest.raises(ValueError, match=r"\['typo'\] not among the task's row_part_names"):
+        TrainLoop(cfg, E.build_engine(cfg, model), _LatePart(cfg, model, extra="typo"),
+                  languages=("de", "fr")).run(_with_languages(synthetic(), ["de", "fr", "de"]))
