@@ -21,7 +21,7 @@ Several languages: ``finetune.vocab_from_data`` makes the vocabulary every lette
 training transcripts (a joint grapheme vocabulary; the default, English letters, strips
 accents and breaks words at letters like ``ß``); on a multilingual split every batch
 carries its languages and the step returns each utterance's CTC loss, which the loop logs
-as ``loss/lang/<code>`` per character.
+as ``loss/lang/<code>`` per character (and under its part name, ``loss/ctc/lang/<code>``).
 
 Freezing: while frozen, the projection and the Transformer run without autograd
 (forward hooks switch the grad mode around them), so no activations are stored and no
@@ -165,6 +165,8 @@ class FinetuneStep:
 
     row_losses = True
     """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("ctc",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
 
     def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, targets: Targets) -> None:
         self.cfg = cfg
@@ -242,8 +244,9 @@ class FinetuneStep:
             "ctc/too_short": too_short,
             "ctc/frozen": torch.tensor(float(self._freeze.active), device=prepared.count.device),
         }
+        row_parts = {} if row_loss is None or row_count is None else {"ctc": (row_loss, row_count)}
         return StepOutput(loss_sum=loss_sum, count=prepared.count, metrics=metrics, row_loss=row_loss,
-                          row_count=row_count)
+                          row_count=row_count, row_parts=row_parts)
 
     def health(self) -> None:
         """CTC has no chance level to watch: its loss falls from any start."""

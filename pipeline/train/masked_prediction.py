@@ -14,7 +14,9 @@ before it goes to the device; the targets stay the primary utterance's. A batch 
 
 Logged per masked frame: the cross-entropy (``loss/masked_ce``, chance ln(codebook_size)),
 the accuracy, and per codebook the perplexity of the target ids (how many codewords the
-data uses: near 1, the targets say nothing) and of the averaged prediction.
+data uses: near 1, the targets say nothing) and of the averaged prediction. On a
+multilingual batch each language's cross-entropy: ``loss/lang/<code>`` and, under its part
+name, ``loss/masked_ce/lang/<code>`` (the same values).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class MaskedPredictionStep:
 
     row_losses = True
     """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("masked_ce",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
 
     def __init__(self, cfg: Config, model: MaskedPredictionModel) -> None:
         self.cfg = cfg
@@ -169,10 +173,12 @@ class MaskedPredictionStep:
             metrics[f"mp/target_ppl_{g}"] = target_ppl[g]
             metrics[f"mp/pred_ppl_{g}"] = pred_ppl[g]
         row_loss = row_count = None
+        row_parts = {}
         if inp.get("per_row"):
             row_loss, row_count = row_cross_entropy(out.logits, out.target_ids, out.mask_time_indices)
+            row_parts["masked_ce"] = (row_loss, row_count)
         return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics, row_loss=row_loss,
-                          row_count=row_count)
+                          row_count=row_count, row_parts=row_parts)
 
     def health(self) -> Health:
         size = self.model.codebook_size
