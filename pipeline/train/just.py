@@ -18,7 +18,11 @@ Logged: w2v-BERT's metrics (``loss/contrastive``, ``loss/mlm``, ``accuracy``, ..
 ``loss/ctc`` (per character of the labelled rows, the fine-tuning runs' unit),
 ``labelled_share`` (labelled rows among all rows) and ``frames_per_token`` of the labelled
 rows (CTC needs at least one frame per character). On a multilingual batch,
-``loss/lang/<code>`` is the contrastive module's per-language loss, as w2v-BERT's.
+``loss/lang/<code>`` is the contrastive module's per-language loss, as w2v-BERT's, and each
+part has its own: ``loss/contrastive/lang/<code>`` and ``loss/mlm/lang/<code>`` per masked
+frame, ``loss/ctc/lang/<code>`` per character of that language's labelled utterances (an
+unlabelled row adds neither loss nor characters, so a language none of whose utterances
+has a transcript logs NaN there: no characters were counted, not a loss of 0).
 
 Resolution before a run (:func:`resolve_config`): ``finetune.vocab`` is written out as for
 fine-tuning (``finetune.vocab_from_data``: the characters of the transcripts, a joint
@@ -63,6 +67,8 @@ def resolve_config(cfg: Config) -> Config:
 
 class JustStep(W2vBertStep):
     """JUST (:class:`models.just.JustModel`) in the generic loop (module doc)."""
+
+    row_part_names: tuple[str, ...] = ("contrastive", "mlm", "ctc")
 
     def __init__(self, cfg: Config, model: Any, targets: Targets | None = None) -> None:
         """``targets``: the transcripts by utterance id; by default read from ``data.train_uri``."""
@@ -114,12 +120,23 @@ class JustStep(W2vBertStep):
         num_tokens = ctc["num_tokens"]
         zero = torch.zeros((), device=device)
         ctc_sum, num_frames, too_short = zero, zero, zero
+        per_row = self.w2v_bert_rows(w2v, prepared)
         if num_tokens:
             rows = ctc["rows"]
             log_probs = F.log_softmax(out.ctc_logits[rows], dim=-1).transpose(0, 1)  # (T, L, V)
             frames = out.output_lengths[rows]  # (L,)
-            ctc_sum = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"], blank=self.vocab.blank_id,
-                                 reduction="sum", zero_infinity=True)
+            if per_row:  # a multilingual batch: each labelled utterance's loss, for loss/ctc/lang/<code>
+                per_utterance = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
+                                           blank=self.vocab.blank_id, reduction="none", zero_infinity=True)  # (L,)
+                ctc_sum = per_utterance.sum()  # what reduction="sum" adds up
+                # Unlabelled rows: no loss, no characters. A batch without labelled rows
+                # gives no ctc part at all, which the loop counts the same.
+                zeros = torch.zeros(out.ctc_logits.shape[0], device=device)  # (B,)
+                per_row["row_parts"]["ctc"] = (zeros.index_copy(0, rows, per_utterance.detach().float()),
+                                                 zeros.index_copy(0, rows, ctc["target_lengths"].float()))
+            else:
+                ctc_sum = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
+                                     blank=self.vocab.blank_id, reduction="sum", zero_infinity=True)
             # Per character of this batch, in units of its masked frames (module doc).
             loss_sum = loss_sum + self.ctc_weight * ctc_sum * (w2v.contrastive.num_masked.float() / num_tokens)
             num_frames = frames.float().sum()
@@ -131,8 +148,7 @@ class JustStep(W2vBertStep):
         metrics["ctc/num_tokens"] = torch.tensor(float(num_tokens), device=device)
         metrics["ctc/labelled_rows"] = torch.tensor(float(len(ctc["target_lengths"])), device=device)
         metrics["ctc/rows"] = torch.tensor(float(ctc["num_rows"]), device=device)
-        return StepOutput(loss_sum=loss_sum, count=w2v.contrastive.num_masked, metrics=metrics,
-                          **self.row_losses_of(w2v.contrastive, prepared))
+        return StepOutput(loss_sum=loss_sum, count=w2v.contrastive.num_masked, metrics=metrics, **per_row)
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
         out = super().summarize(sums)

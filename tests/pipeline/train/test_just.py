@@ -93,8 +93,19 @@ def test_the_ctc_loss_reads_only_the_labelled_utterances() -> None:
         log_probs = torch.log_softmax(out.ctc_logits[rows], -1).transpose(0, 1)
         targets = [torch.as_tensor(VOCAB.encode(LABELLED[u])) for u in ("u0", "u2")]
         by_hand = torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), out.output_lengths[rows],
-                                               torch.tensor([len(t) for t in targets]), reduction="sum")
-    assert ref == pytest.approx(float(by_hand), rel=1e-5)
+                                               torch.tensor([len(t) for t in targets]), reduction="none")
+    assert ref == pytest.approx(float(by_hand.sum()), rel=1e-5)
+    # A batch with languages gives each utterance's CTC loss and characters: the labelled
+    # rows' by hand, 0 and 0 for the unlabelled ones; the total is the same.
+    with torch.no_grad():
+        tagged = {**base, "languages": np.asarray(["aa", "aa", "bb", "cc"])}
+        stepped = step.forward(model, step.prepare(tagged, step=1, micro=0, rank=0, device=torch.device("cpu")),
+                               step=1)
+    loss, chars = stepped.row_parts["ctc"]
+    assert loss.tolist() == pytest.approx([float(by_hand[0]), 0.0, float(by_hand[1]), 0.0], rel=1e-5)
+    assert chars.tolist() == [len(targets[0]), 0, len(targets[1]), 0]
+    assert float(stepped.metrics["ctc/loss_sum"]) == pytest.approx(ref, rel=1e-6)
+    assert sorted(stepped.row_parts) == ["contrastive", "ctc", "mlm"]
     # No transcript in the batch: nothing supervised.
     assert _ctc_sum(step, model, _batch(0, ("u1", "u3"))) == 0.0
 
@@ -129,6 +140,42 @@ def test_the_loop_logs_three_losses_whose_weighted_sum_is_the_loss() -> None:
         assert m["labelled_share"] == 0.5 and m["loss/ctc"] > 0 and m["frames_per_token"] > 1
         frames = model.encoder.feature_encoder.output_lengths(torch.tensor([LENGTHS["u0"], LENGTHS["u2"]])).sum()
         assert m["frames_per_token"] == pytest.approx(float(frames) / chars)  # the labelled rows' alone
+
+
+def test_each_part_pools_back_per_language_and_an_unlabelled_language_has_no_ctc() -> None:
+    """Languages aa (u0 labelled, u1 not), bb (u2 labelled) and cc (u3, never labelled):
+    the contrastive and masked-LM losses of each language, weighted by its share of the
+    masked frames, pool back into ``loss/contrastive`` and ``loss/mlm``; the CTC loss of
+    each, weighted by its share of the labelled characters, into ``loss/ctc``. cc counted
+    no character: its ``loss/ctc/lang/cc`` is NaN (there, as every name is on every rank),
+    while its self-supervised losses are finite."""
+    cfg = _cfg("train.max_steps=2", "train.log_every=2")
+    model = _model(cfg)
+    languages = {"u0": "aa", "u1": "aa", "u2": "bb", "u3": "cc"}
+
+    def batches() -> Iterator[dict]:
+        seed = 0
+        while True:
+            batch = _batch(seed)
+            yield {**batch, "languages": np.asarray([languages[str(u)] for u in batch["ids"]])}
+            seed += 1
+
+    rec = Record()
+    TrainLoop(cfg, E.build_engine(cfg, model), JustStep(cfg, model, _targets()), hooks=rec,
+              languages=("aa", "bb", "cc")).run(batches())
+    m = rec.logs[2]
+    share = {lang: m[f"lang_share/{lang}"] for lang in ("aa", "bb", "cc")}
+    assert sum(share.values()) == pytest.approx(1.0) and min(share.values()) > 0
+    for part in ("contrastive", "mlm"):
+        per = {lang: m[f"loss/{part}/lang/{lang}"] for lang in share}
+        assert all(np.isfinite(v) for v in per.values()) and len(set(per.values())) == 3, part
+        assert sum(share[lang] * per[lang] for lang in share) == pytest.approx(m[f"loss/{part}"], rel=1e-5), part
+    assert np.isnan(m["loss/ctc/lang/cc"])
+    chars = {"aa": len(VOCAB.encode(LABELLED["u0"])), "bb": len(VOCAB.encode(LABELLED["u2"]))}
+    ctc = {lang: m[f"loss/ctc/lang/{lang}"] for lang in chars}
+    assert np.isfinite(ctc["aa"]) and np.isfinite(ctc["bb"]) and ctc["aa"] != ctc["bb"]
+    pooled = sum(chars[lang] * ctc[lang] for lang in chars) / sum(chars.values())
+    assert pooled == pytest.approx(m["loss/ctc"], rel=1e-5)
 
 
 def test_a_run_is_refused_before_it_starts_without_transcripts_or_with_crops(tmp_path) -> None:
