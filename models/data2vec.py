@@ -81,6 +81,9 @@ class RegressionOutput(NamedTuple):
     """(B', T) bool: the masked frames."""
     padding_mask: Tensor | None
     """(B', T) bool frame padding (True = padded), None without padding."""
+    row_loss_sum: Tensor
+    """(B',) float32, detached: each row's part of ``loss_sum`` (its masked frames' errors),
+    for the per-language losses."""
 
 
 def ema_decay(updates: int, *, start: float, end: float, anneal_steps: int) -> float:
@@ -243,13 +246,15 @@ class Data2VecBase(nn.Module):
         # mask then keeps the masked ones.
         err = (predictions.float() - targets).square().sum(dim=-1) * self.loss_scale  # (B', T)
         weights = mask.to(err.dtype)
+        masked_err = err * weights  # (B', T)
         with torch.no_grad():
             target_std = masked_std(targets, weights)
             prediction_std = masked_std(predictions.detach(), weights)
+            row_loss_sum = masked_err.sum(dim=1)  # (B',)
         return RegressionOutput(
-            loss_sum=(err * weights).sum(), num_masked=mask.long().sum(), target_std=target_std,
+            loss_sum=masked_err.sum(), num_masked=mask.long().sum(), target_std=target_std,
             prediction_std=prediction_std, predictions=predictions, targets=targets, last_hidden_state=hidden,
-            mask_time_indices=mask, padding_mask=padding,
+            mask_time_indices=mask, padding_mask=padding, row_loss_sum=row_loss_sum,
         )
 
 

@@ -17,7 +17,11 @@ was; the skip flag is read on the device. The teacher is part of the model's sta
 DeepSpeed's checkpoint saves and restores it (each rank's partition under ZeRO-3).
 
 Logged: the loss per masked frame (``loss/regression``), the teacher's decay, and the
-std over masked frames (mean over channels) of the targets and of the predictions.
+std over masked frames (mean over channels) of the targets and of the predictions. On a
+multilingual batch each utterance's regression loss and masked frames go to the loop's
+per-language losses (``loss/lang/<code>``, ``loss/regression/lang/<code>``: the same); with
+data2vec 2.0's clones an utterance's are those of all its clones, which share its
+language.
 Regression has no chance level; the health alarm watches those stds instead, against
 fairseq's floors (``model.data2vec.min_target_std``, ``min_prediction_std``): targets
 that stop varying mean the teacher collapsed, predictions that stop varying mean the
@@ -32,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data2vec import Data2Vec2Model, Data2VecBase, ema_update_, num_kept_frames
+from models.data2vec import Data2Vec2Model, Data2VecBase, RegressionOutput, ema_update_, num_kept_frames
 from pipeline.config import Config
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.deepspeed_compat import local_tensors
 from pipeline.train.engine import Engine
@@ -45,6 +50,11 @@ from pipeline.train.pretrain import audio_inputs
 class Data2VecStep:
     """data2vec 1.0 / 2.0 in the generic loop (:class:`pipeline.train.loop.TrainStep`), with
     the teacher's update after each optimizer step (``end_update``)."""
+
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("regression",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
 
     def __init__(self, cfg: Config, model: Data2VecBase) -> None:
         self.cfg = cfg
@@ -70,6 +80,7 @@ class Data2VecStep:
             mask = self.model.sample_masks(rows, audio.frames, lengths, gen)
         inputs: dict[str, Any] = {
             "source": audio.source, "padding_mask": audio.padding_mask, "mask_time_indices": mask, "generator": gen,
+            "per_row": LANGUAGES in batch,
         }
         if isinstance(self.model, Data2Vec2Model):
             inputs["num_kept"] = num_kept_frames(self._host_lengths(batch, audio.frames), self.model.mask_prob)
@@ -100,7 +111,18 @@ class Data2VecStep:
             "d2v/target_std": out.target_std.float(),
             "d2v/prediction_std": out.prediction_std.float(),
         }
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics)
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_masked, metrics=metrics, **self.row_losses_of(out, inp))
+
+    def row_losses_of(self, out: RegressionOutput, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Each utterance's regression loss sum and masked frames (``row_loss``, ``row_count``
+        and the part ``regression``) on a multilingual batch; nothing otherwise. The clones of
+        an utterance (rows ``b * M .. b * M + M - 1``) add up into it."""
+        if not inputs.get("per_row"):
+            return {}
+        mask = out.mask_time_indices
+        row_loss = out.row_loss_sum.float().view(-1, self.clones).sum(dim=1)  # (B,)
+        row_count = mask.view(-1, self.clones, mask.shape[-1]).float().sum(dim=(1, 2))  # (B,)
+        return {"row_loss": row_loss, "row_count": row_count, "row_parts": {"regression": (row_loss, row_count)}}
 
     def end_update(self, eng: Engine, step: int, skipped: torch.Tensor) -> None:
         """After the optimizer step of update ``step`` (0-based): the teacher's EMA step with

@@ -140,6 +140,9 @@ def test_loss_is_the_scaled_squared_error_at_masked_frames_and_the_teacher_gets_
     p, t = out.predictions.detach().double().numpy(), out.targets.double().numpy()
     by_hand = sum(((p[b, i] - t[b, i]) ** 2).sum() for b, i in mask.nonzero().tolist()) / math.sqrt(64)
     assert float(out.loss_sum.detach()) == pytest.approx(by_hand, rel=1e-5) and int(out.num_masked) == 5
+    per_row = [sum(((p[b, i] - t[b, i]) ** 2).sum() for i in mask[b].nonzero().flatten().tolist()) / math.sqrt(64)
+               for b in range(2)]  # each utterance's part, for the per-language losses
+    assert out.row_loss_sum.tolist() == pytest.approx(per_row, rel=1e-5) and not out.row_loss_sum.requires_grad
     # std over the masked frames per channel (unbiased), mean over channels
     rows = np.stack([t[b, i] for b, i in mask.nonzero().tolist()])
     assert float(out.target_std) == pytest.approx(np.sqrt(rows.var(axis=0, ddof=1) + 1e-6).mean(), rel=1e-5)
