@@ -46,10 +46,26 @@ def binary_chance(num_negatives: int) -> float:
     return math.log(k + 1) + k * math.log((k + 1) / k)
 
 
+class PairLosses(NamedTuple):
+    """:func:`future_prediction_loss` over the batch, and per utterance for the per-language losses."""
+
+    loss_sum: Tensor
+    """() float32: the binary cross-entropy summed over true and distractor pairs."""
+    count: Tensor
+    """() long: true pairs."""
+    correct: Tensor
+    """() long: true pairs whose target scored above all K others."""
+    row_loss_sum: Tensor
+    """(B,) float32, detached: each utterance's part of ``loss_sum``."""
+    row_count: Tensor
+    """(B,) long: each utterance's true pairs."""
+
+
 def future_prediction_loss(
     predictions: Tensor, targets: Tensor, negative_indices: Tensor, lengths: Tensor, *, offset: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss sum, true pairs, pairs whose true target scored above all K others) (module doc).
+) -> PairLosses:
+    """The binary contrastive loss (module doc): its sum, true pairs and right guesses, also
+    per utterance (:class:`PairLosses`).
 
     ``predictions`` (B, T, S, C): step s of frame t predicts frame t + offset + s;
     ``targets`` (B, T, C); ``negative_indices`` (B, T, K) distractor frames of each target
@@ -63,6 +79,8 @@ def future_prediction_loss(
     loss_sum = predictions.new_zeros((), dtype=torch.float32)
     count = torch.zeros((), dtype=torch.long, device=predictions.device)
     correct = torch.zeros((), dtype=torch.long, device=predictions.device)
+    row_loss = predictions.new_zeros(batch, dtype=torch.float32)  # (B,)
+    row_count = torch.zeros(batch, dtype=torch.long, device=predictions.device)  # (B,)
     for s in range(steps):
         shift = offset + s
         if shift >= time:
@@ -71,12 +89,15 @@ def future_prediction_loss(
         logits = torch.einsum("btc,btkc->btk", p, candidates[:, shift:])  # (B, T-shift, K+1): targets t + shift
         valid = (torch.arange(time - shift, device=p.device) + shift).unsqueeze(0) < lengths.unsqueeze(1)
         bce = F.softplus(-logits[..., 0]) + F.softplus(logits[..., 1:]).sum(dim=-1)  # labels 1, 0 .. 0
-        loss_sum = loss_sum + torch.where(valid, bce, torch.zeros_like(bce)).sum()
+        pair_loss = torch.where(valid, bce, torch.zeros_like(bce))  # (B, T-shift)
+        loss_sum = loss_sum + pair_loss.sum()
         count = count + valid.long().sum()
         with torch.no_grad():
             best = (logits[..., :1] > logits[..., 1:]).all(dim=-1)
             correct = correct + (best & valid).long().sum()
-    return loss_sum, count, correct
+            row_loss = row_loss + pair_loss.sum(dim=1)
+            row_count = row_count + valid.long().sum(dim=1)
+    return PairLosses(loss_sum=loss_sum, count=count, correct=correct, row_loss_sum=row_loss, row_count=row_count)
 
 
 class StepPredictions(nn.Module):
@@ -122,6 +143,10 @@ class Wav2VecOutput(NamedTuple):
     """(B, T, K) long: the distractor frames of each target frame."""
     padding_mask: Tensor | None
     """(B, T) bool frame padding (True = padded), None without padding."""
+    row_prediction_sum: Tensor
+    """(B,) float32, detached: each utterance's part of ``prediction_sum``, for the per-language losses."""
+    row_predictions: Tensor
+    """(B,) long: each utterance's true pairs."""
 
 
 class Wav2VecModel(nn.Module):
@@ -216,15 +241,15 @@ class Wav2VecModel(nn.Module):
 
         hidden = enc.transformer(x, frame_pad, layerdrop_generator=layerdrop_generator)  # (B, T, D)
         predictions = self.dropout_predictions(self.predictions(self.dropout_context(hidden)))  # (B, T, S, C)
-        prediction_sum, count, correct = future_prediction_loss(
-            predictions, z, negative_indices, lengths, offset=self.offset
-        )
+        pairs = future_prediction_loss(predictions, z, negative_indices, lengths, offset=self.offset)
+        prediction_sum, count = pairs.loss_sum, pairs.count
         loss_sum = prediction_sum + count.float() * (self.quantizer_weight * quantizer_loss.float())
         return Wav2VecOutput(
-            loss_sum=loss_sum, prediction_sum=prediction_sum, num_predictions=count, num_correct=correct,
+            loss_sum=loss_sum, prediction_sum=prediction_sum, num_predictions=count, num_correct=pairs.correct,
             quantizer_loss=quantizer_loss.float(), code_perplexity=code_ppl, prob_perplexity=prob_ppl,
             temperature=temperature.float(), codes=codes, last_hidden_state=hidden,
             negative_indices=negative_indices, padding_mask=frame_pad,
+            row_prediction_sum=pairs.row_loss_sum, row_predictions=pairs.row_count,
         )
 
     @torch.no_grad()

@@ -11,7 +11,9 @@ learned only the base rate sits at (K + 1) H(1 / (K + 1)), the health alarm's ch
 level), the accuracy (the true target scored above all K distractors; chance 1 / (K + 1));
 for vq-wav2vec the quantizer's loss (k-means: codebook + commitment; Gumbel: diversity, a
 batch statistic weighted by true pairs as wav2vec 2.0's), the temperature, and per group
-the perplexity of the ids (near 1: the codebook collapsed).
+the perplexity of the ids (near 1: the codebook collapsed). On a multilingual batch each
+utterance's binary cross-entropy and true pairs go to the loop's per-language losses
+(``loss/lang/<code>``, ``loss/binary_contrastive/lang/<code>``: the same).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from models.quantizer import GumbelVectorQuantizer
 from models.wav2vec1 import Wav2VecModel, binary_chance
 from pipeline.config import Config
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import Health, ratio
@@ -33,6 +36,11 @@ from pipeline.train.pretrain import audio_inputs
 
 class FuturePredictionStep:
     """wav2vec / vq-wav2vec in the generic loop (:class:`pipeline.train.loop.TrainStep`)."""
+
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("binary_contrastive",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
 
     def __init__(self, cfg: Config, model: Wav2VecModel) -> None:
         self.cfg = cfg
@@ -52,6 +60,7 @@ class FuturePredictionStep:
             negatives = self.model.sample_negatives(audio.source.shape[0], audio.frames, audio.lengths, gen)
         inputs: dict[str, Any] = {
             "source": audio.source, "padding_mask": audio.padding_mask, "negative_indices": negatives, "generator": gen,
+            "per_row": LANGUAGES in batch,
         }
         return Prepared(inputs=inputs, count=self.model.num_predictions(audio.lengths), num_samples=audio.num_samples)
 
@@ -79,7 +88,12 @@ class FuturePredictionStep:
             prob_ppl = out.prob_perplexity.detach().float()  # (G,)
             for g in range(self.groups):
                 metrics[f"w2v/prob_ppl_{g}"] = prob_ppl[g]
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_predictions, metrics=metrics)
+        rows: dict[str, Any] = {}
+        if inp.get("per_row"):  # a multilingual batch: each utterance's loss for loss/lang/<code>
+            row_loss, row_count = out.row_prediction_sum, out.row_predictions.float()
+            rows = {"row_loss": row_loss, "row_count": row_count,
+                    "row_parts": {"binary_contrastive": (row_loss, row_count)}}
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_predictions, metrics=metrics, **rows)
 
     def health(self) -> Health:
         k = self.model.num_negatives

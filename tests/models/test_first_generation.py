@@ -33,7 +33,7 @@ def test_binary_contrastive_loss_by_hand() -> None:
     preds = torch.tensor([[[[1.0]], [[-1.0]], [[2.0]], [[9.0]]]])  # (1, 4, 1, 1)
     negatives = torch.tensor([[[1], [0], [3], [2]]])  # (1, 4, 1): distractor frame of each target frame
     lengths = torch.tensor([4])
-    loss, count, correct = future_prediction_loss(preds, targets, negatives, lengths, offset=1)
+    loss, count, correct = future_prediction_loss(preds, targets, negatives, lengths, offset=1)[:3]
     # context t predicts target t+1 (t = 0, 1, 2): true logit p_t * z_{t+1}, distractor p_t * z_neg(t+1)
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731 - softplus, the BCE of a logit
     pairs = [(1.0 * 2.0, 1.0 * 1.0), (-1.0 * -1.0, -1.0 * 0.5), (2.0 * 0.5, 2.0 * -1.0)]
@@ -43,8 +43,15 @@ def test_binary_contrastive_loss_by_hand() -> None:
     assert float(loss) == pytest.approx(float(sum(F.binary_cross_entropy_with_logits(
         torch.tensor([pos, neg]), torch.tensor([1.0, 0.0]), reduction="sum") for pos, neg in pairs)), rel=1e-6)
     # A shorter utterance: no pair reaches past its length (frame 3 is padding).
-    loss2, count2, _ = future_prediction_loss(preds, targets, negatives, torch.tensor([3]), offset=1)
-    assert int(count2) == 2 and float(loss2) == pytest.approx(sum(sp(-p) + sp(n) for p, n in pairs[:2]), rel=1e-6)
+    loss2, count2, _ = future_prediction_loss(preds, targets, negatives, torch.tensor([3]), offset=1)[:3]
+    shorter = sum(sp(-p) + sp(n) for p, n in pairs[:2])
+    assert int(count2) == 2 and float(loss2) == pytest.approx(shorter, rel=1e-6)
+    # Both in one batch: each utterance's sum and true pairs (the per-language losses' rows).
+    both = future_prediction_loss(preds.repeat(2, 1, 1, 1), targets.repeat(2, 1, 1), negatives.repeat(2, 1, 1),
+                                  torch.tensor([4, 3]), offset=1)
+    assert both.row_loss_sum.tolist() == pytest.approx([expected, shorter], rel=1e-6)
+    assert both.row_count.tolist() == [3, 2] and int(both.count) == 5
+    assert float(both.loss_sum) == pytest.approx(expected + shorter, rel=1e-6) and not both.row_loss_sum.requires_grad
 
 
 def test_binary_chance_is_the_base_rate_predictors_loss() -> None:
