@@ -54,9 +54,23 @@ def static_channels(frames: Tensor, *, n_mels: int, deltas: int, stack: int) -> 
     return per[:, :, :, 0].reshape(batch, time, stack * n_mels)
 
 
-def future_l1(predictions: Tensor, frames: Tensor, lengths: Tensor, *, shift: int) -> tuple[Tensor, Tensor, Tensor]:
-    """APC's loss: (sum of ``|predictions[t] - frames[t + shift]|``, the same sum for the
-    prediction ``frames[t]``, frames counted) over t + shift < ``lengths`` (B,).
+class FutureL1(NamedTuple):
+    """:func:`future_l1` over the batch, and per utterance for the per-language losses."""
+
+    loss_sum: Tensor
+    """() float32: ``|predictions[t] - frames[t + shift]|`` summed over the counted frames."""
+    baseline_sum: Tensor
+    """() float32: the same sum for the prediction ``frames[t]``."""
+    num_frames: Tensor
+    """() long: frames counted."""
+    row_loss_sum: Tensor
+    """(B,) float32, detached: each utterance's part of ``loss_sum``."""
+    row_frames: Tensor
+    """(B,) long: each utterance's frames counted."""
+
+
+def future_l1(predictions: Tensor, frames: Tensor, lengths: Tensor, *, shift: int) -> FutureL1:
+    """APC's loss over t + shift < ``lengths`` (B,) (:class:`FutureL1`).
 
     ``predictions`` and ``frames`` are (B, T, M); every channel of a counted frame counts.
     """
@@ -65,11 +79,15 @@ def future_l1(predictions: Tensor, frames: Tensor, lengths: Tensor, *, shift: in
     ahead = frames[:, n:]  # (B, T-n, M): frame t + n
     valid = ((torch.arange(time - n, device=frames.device) + n).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
     err = (predictions[:, : time - n] - ahead).abs()  # (B, T-n, M)
-    loss_sum = torch.where(valid, err, torch.zeros_like(err)).sum()
+    counted = torch.where(valid, err, torch.zeros_like(err))
+    loss_sum = counted.sum()
     with torch.no_grad():
         copy = (frames[:, : time - n] - ahead).abs()
         baseline = torch.where(valid, copy, torch.zeros_like(copy)).sum()
-    return loss_sum, baseline, valid.long().sum()
+        row_loss = counted.sum(dim=(1, 2))  # (B,)
+    row_frames = valid.long().sum(dim=(1, 2))  # (B,)
+    return FutureL1(loss_sum=loss_sum, baseline_sum=baseline, num_frames=row_frames.sum(), row_loss_sum=row_loss,
+                    row_frames=row_frames)
 
 
 class ReconstructionOutput(NamedTuple):
@@ -91,6 +109,10 @@ class ReconstructionOutput(NamedTuple):
     """(B, T, D): the context network's output."""
     padding_mask: Tensor | None
     """(B, T) bool frame padding (True = padded), None without padding."""
+    row_loss_sum: Tensor
+    """(B,) float32, detached: each utterance's part of ``loss_sum``, for the per-language losses."""
+    row_values: Tensor
+    """(B,) long: each utterance's reconstructed values (its part of ``num_values``)."""
 
 
 class ApcModel(nn.Module):
@@ -121,10 +143,11 @@ class ApcModel(nn.Module):
         hidden = enc.transformer(x, frame_pad, layerdrop_generator=layerdrop_generator)  # (B, T, D)
         pred = self.postnet(hidden).float()  # (B, T, M)
         target = static_channels(features.detach(), **self.layout).float()  # (B, T, M)
-        loss_sum, baseline, num_frames = future_l1(pred, target, lengths, shift=self.shift)
+        l1 = future_l1(pred, target, lengths, shift=self.shift)
         return ReconstructionOutput(
-            loss_sum=loss_sum, num_values=num_frames * self.target_dim, baseline_sum=baseline, num_frames=num_frames,
-            predictions=pred, targets=target, last_hidden_state=hidden, padding_mask=frame_pad,
+            loss_sum=l1.loss_sum, num_values=l1.num_frames * self.target_dim, baseline_sum=l1.baseline_sum,
+            num_frames=l1.num_frames, predictions=pred, targets=target, last_hidden_state=hidden,
+            padding_mask=frame_pad, row_loss_sum=l1.row_loss_sum, row_values=l1.row_frames * self.target_dim,
         )
 
 
@@ -262,13 +285,17 @@ class MaskedReconstructionModel(nn.Module):
         target = static_channels(features.detach(), **self.layout).float()  # (B, T, M)
         where = self.positions(alt, valid)  # (B, T, M)
         err = (pred - target).abs()
-        loss_sum = torch.where(where, err, torch.zeros_like(err)).sum()
+        counted = torch.where(where, err, torch.zeros_like(err))  # (B, T, M)
+        loss_sum = counted.sum()
         with torch.no_grad():
             count = valid.sum(dim=1).clamp(min=1).view(batch, 1, 1)
             mean = (target * valid.unsqueeze(-1)).sum(dim=1, keepdim=True) / count  # (B, 1, M): per channel
             baseline = torch.where(where, (target - mean).abs(), torch.zeros_like(target)).sum()
             num_frames = where.any(dim=-1).long().sum()
+            row_loss = counted.sum(dim=(1, 2))  # (B,)
+        row_values = where.long().sum(dim=(1, 2))  # (B,)
         return ReconstructionOutput(
-            loss_sum=loss_sum, num_values=where.long().sum(), baseline_sum=baseline, num_frames=num_frames,
+            loss_sum=loss_sum, num_values=row_values.sum(), baseline_sum=baseline, num_frames=num_frames,
             predictions=pred, targets=target, last_hidden_state=hidden, padding_mask=frame_pad,
+            row_loss_sum=row_loss, row_values=row_values,
         )

@@ -11,7 +11,9 @@ drawn in the forward from the same generator. A batch may carry ``mask_time_indi
 Logged: ``loss/l1`` per value, ``baseline/l1`` the same error for the trivial predictor
 (APC: repeat frame t; TERA: each channel's utterance mean) and ``l1_vs_baseline`` their
 ratio (below 1: the model predicts better than the trivial predictor). A regression loss
-has no chance level, so :meth:`health` is None: the baseline beside it says as much.
+has no chance level, so :meth:`health` is None: the baseline beside it says as much. On a
+multilingual batch each utterance's absolute error and reconstructed values go to the
+loop's per-language losses (``loss/lang/<code>``, ``loss/l1/lang/<code>``: the same, per value).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from models.reconstruction import ApcModel, MaskedReconstructionModel
 from pipeline.config import Config
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import ratio
@@ -33,6 +36,11 @@ from pipeline.train.pretrain import audio_inputs
 class _ReconstructionStep:
     """What APC's and TERA's steps share: metrics, health, summaries."""
 
+    row_losses = True
+    """Gives each utterance's loss (``StepOutput.row_loss``) on a batch with languages."""
+    row_part_names: tuple[str, ...] = ("l1",)
+    """The loss parts given per utterance (``StepOutput.row_parts``): ``loss/<part>/lang/<code>``."""
+
     def __init__(self, cfg: Config, model: ApcModel | MaskedReconstructionModel) -> None:
         self.cfg = cfg
         self.model = model  # the unwrapped module: counts need only its shapes
@@ -41,14 +49,18 @@ class _ReconstructionStep:
     def begin_update(self, module: torch.nn.Module, step: int) -> None:
         self._layerdrop_gen = seeding.layerdrop_generator(self.cfg.train.seed, step)
 
-    def _output(self, out: Any) -> StepOutput:
+    def _output(self, out: Any, prepared: Prepared) -> StepOutput:
         metrics = {
             "rec/l1_sum": out.loss_sum.detach().float(),
             "rec/baseline_sum": out.baseline_sum.float(),
             "rec/num_values": out.num_values.float(),
             "rec/num_frames": out.num_frames.float(),
         }
-        return StepOutput(loss_sum=out.loss_sum, count=out.num_values, metrics=metrics)
+        rows: dict[str, Any] = {}
+        if prepared.inputs.get("per_row"):  # a multilingual batch: each utterance's loss for loss/lang/<code>
+            row_loss, row_count = out.row_loss_sum, out.row_values.float()
+            rows = {"row_loss": row_loss, "row_count": row_count, "row_parts": {"l1": (row_loss, row_count)}}
+        return StepOutput(loss_sum=out.loss_sum, count=out.num_values, metrics=metrics, **rows)
 
     def health(self) -> None:
         """No chance level for a regression loss; ``baseline/l1`` is logged beside it."""
@@ -70,12 +82,14 @@ class ApcStep(_ReconstructionStep):
         self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
     ) -> Prepared:
         audio = audio_inputs(batch, self.model.encoder.feature_encoder, device)
-        inputs: dict[str, Any] = {"source": audio.source, "padding_mask": audio.padding_mask}
+        inputs: dict[str, Any] = {"source": audio.source, "padding_mask": audio.padding_mask,
+                                  "per_row": LANGUAGES in batch}
         return Prepared(inputs=inputs, count=self.model.num_values(audio.lengths), num_samples=audio.num_samples)
 
     def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
         inp = prepared.inputs
-        return self._output(model(inp["source"], inp["padding_mask"], layerdrop_generator=self._layerdrop_gen))
+        return self._output(model(inp["source"], inp["padding_mask"], layerdrop_generator=self._layerdrop_gen),
+                            prepared)
 
 
 class TeraStep(_ReconstructionStep):
@@ -94,6 +108,7 @@ class TeraStep(_ReconstructionStep):
             alt = alt._replace(time=given & (torch.arange(audio.frames, device=device) < audio.lengths.unsqueeze(1)))
         inputs: dict[str, Any] = {
             "source": audio.source, "padding_mask": audio.padding_mask, "alterations": alt, "generator": gen,
+            "per_row": LANGUAGES in batch,
         }
         return Prepared(inputs=inputs, count=self.model.num_values(alt, audio.lengths), num_samples=audio.num_samples)
 
@@ -101,4 +116,4 @@ class TeraStep(_ReconstructionStep):
         inp = prepared.inputs
         out = model(inp["source"], inp["padding_mask"], alterations=inp["alterations"], generator=inp["generator"],
                     layerdrop_generator=self._layerdrop_gen)
-        return self._output(out)
+        return self._output(out, prepared)

@@ -88,11 +88,15 @@ def test_kmeans_quantizer_by_hand() -> None:
 def test_apc_l1_by_hand() -> None:
     frames = torch.tensor([[[0.0], [1.0], [3.0], [6.0]]])  # (1, 4, 1)
     preds = torch.tensor([[[1.5], [2.0], [0.0], [0.0]]])
-    loss, copy, count = future_l1(preds, frames, torch.tensor([4]), shift=1)
+    loss, copy, count = future_l1(preds, frames, torch.tensor([4]), shift=1)[:3]
     assert float(loss) == pytest.approx(abs(1.5 - 1) + abs(2 - 3) + abs(0 - 6))
     assert float(copy) == pytest.approx(1 + 2 + 3) and int(count) == 3
-    loss3, _, count3 = future_l1(preds, frames, torch.tensor([3]), shift=2)  # only t=0 -> frame 2
+    loss3, _, count3 = future_l1(preds, frames, torch.tensor([3]), shift=2)[:3]  # only t=0 -> frame 2
     assert float(loss3) == pytest.approx(abs(1.5 - 3)) and int(count3) == 1
+    # Both lengths in one batch: each utterance's sum and frames (the per-language losses' rows).
+    both = future_l1(preds.repeat(2, 1, 1), frames.repeat(2, 1, 1), torch.tensor([4, 3]), shift=1)
+    assert both.row_loss_sum.tolist() == pytest.approx([7.5, 1.5]) and both.row_frames.tolist() == [3, 2]
+    assert float(both.loss_sum) == pytest.approx(9.0) and int(both.num_frames) == 5
 
 
 def test_tera_alterations_and_positions_by_hand() -> None:
@@ -146,6 +150,10 @@ def test_tera_l1_by_hand() -> None:
     assert float(out.loss_sum) == pytest.approx(expected, rel=1e-5)
     assert float(out.baseline_sum) == pytest.approx(baseline, rel=1e-5)
     assert int(out.num_values) == 2 * 2 + len(others) + 2 * 2 and int(out.num_frames) == num_frames + 2
+    # Each utterance's part (the per-language losses' rows).
+    rows = [float(err[0, 1:3].sum() + err[0, others, 1].sum()), float(err[1, 1:3].sum())]
+    assert out.row_loss_sum.tolist() == pytest.approx(rows, rel=1e-5)
+    assert out.row_values.tolist() == [2 * 2 + len(others), 2 * 2]
 
 
 def test_deltas_by_hand() -> None:
