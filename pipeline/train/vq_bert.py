@@ -10,7 +10,8 @@ are read by the same task, so skipping the decode would need a second, audio-fre
 path; the cost is the decode of the crops, small beside a BERT's forward at BASE size).
 Masks are drawn in :meth:`VqBertStep.prepare` from the same seeded generator as every
 other objective's; the metrics are the masked-prediction step's (``loss/masked_ce``,
-chance ln(K); accuracy; the perplexity of the masked tokens and of the prediction).
+chance ln(K); accuracy; the perplexity of the masked tokens and of the prediction; on a
+multilingual batch ``loss/lang/<code>`` and ``loss/masked_ce/lang/<code>``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.loader import LANGUAGES
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, to_device
 from pipeline.train.masked_prediction import TARGET_IDS, MaskedPredictionStep, _num_samples
@@ -66,7 +68,7 @@ class VqBertStep(MaskedPredictionStep):
         gen = seeding.mask_generator(self.cfg.train.seed, step, rank, micro, device)
         mask = self.model.sample_masks(batch_size, frames, lengths, gen)
         inputs: dict[str, Any] = {"source": tokens, "padding_mask": padding, "mask_time_indices": mask,
-                                  "generator": gen}
+                                  "generator": gen, "per_row": LANGUAGES in batch}
         return Prepared(inputs=inputs, count=mask.sum(), num_samples=int(_num_samples(batch).sum()))
 
     def health(self) -> Health:
