@@ -171,28 +171,55 @@ def test_a_log_mel_conformer_checkpoint_fine_tunes_with_ctc(tmp_path: Path, pres
     assert model.head.weight.grad is not None
 
 
-@pytest.mark.parametrize(("preset", "total"), [("best_rq_laptop", "loss/masked_ce"),
-                                               ("w2v_bert_laptop", "loss/contrastive")])
-def test_each_languages_loss_pools_back_into_the_total(preset: str, total: str) -> None:
-    """On a multilingual batch the step gives each utterance's loss (BEST-RQ's masked
-    cross-entropy; w2v-BERT's contrastive module's): the languages' losses weighted by their
-    shares of the masked frames are the logged total."""
-    cfg = C.apply_overrides(C.preset_config(preset), ["train.max_steps=2", "train.log_every=2",
+@pytest.mark.parametrize(("preset", "parts"), [
+    ("laptop", ("contrastive",)),
+    ("best_rq_laptop", ("masked_ce",)),
+    ("w2v_bert_laptop", ("contrastive", "mlm")),
+    ("data2vec_laptop", ("regression",)),
+    ("data2vec2_laptop", ("regression",)),  # 4 clones of each utterance
+    ("wav2vec_laptop", ("binary_contrastive",)),
+    ("vq_wav2vec_laptop", ("binary_contrastive",)),
+    ("apc_laptop", ("l1",)),
+    ("tera_laptop", ("l1",)),
+    ("vq_bert_laptop", ("masked_ce",)),  # tokens in, not audio
+])
+def test_each_languages_loss_pools_back_into_the_total(preset: str, parts: tuple[str, ...]) -> None:
+    """On a multilingual batch the step gives each utterance's loss parts (the first, the
+    main one, also as ``loss/lang/<code>``): for every part the languages' losses weighted
+    by their shares of the counted units (masked frames, true pairs, values: the same units
+    for every part of these objectives) are the logged ``loss/<part>``; the languages'
+    losses differ (each is its own utterances', not the batch's); and the per-language
+    names are the parts times the languages, whatever the batches held. One update: the
+    sums over micro-batches and updates are the loop's (test_loop.py)."""
+    cfg = C.apply_overrides(C.preset_config(preset), ["train.max_steps=1", "train.log_every=1",
                                                       "schedule.warmup_steps=1"])
     torch.manual_seed(cfg.train.seed)
     model = build_pretraining_model(cfg.model)
+    step = pretraining_step(cfg, model)
+    assert step.row_losses and step.row_part_names == parts
     rec = Record()
+
+    tokens = np.random.default_rng(0)
 
     def tagged() -> Iterator[dict]:
         for batch in speechlike():
+            if preset == "vq_bert_laptop":  # the tokens a label set would join with the batch
+                batch["target_ids"] = tokens.integers(0, model.codebook_size, (3, 50))
             yield {**batch, "languages": np.asarray(["sw", "yo", "yo"])}
 
-    TrainLoop(cfg, E.build_engine(cfg, model), pretraining_step(cfg, model), hooks=rec,
-              languages=("sw", "yo")).run(tagged())
+    TrainLoop(cfg, E.build_engine(cfg, model), step, hooks=rec, languages=("sw", "yo", "zu")).run(tagged())
     ((_, m),) = rec.logs
-    assert m["lang_share/sw"] + m["lang_share/yo"] == pytest.approx(1.0) and m["lang_share/sw"] > 0
-    weighted = m["lang_share/sw"] * m["loss/lang/sw"] + m["lang_share/yo"] * m["loss/lang/yo"]
-    assert weighted == pytest.approx(m[total], rel=1e-5)
+    share = {lang: m[f"lang_share/{lang}"] for lang in ("sw", "yo")}
+    assert share["sw"] + share["yo"] == pytest.approx(1.0) and share["sw"] > 0 and m["lang_share/zu"] == 0.0
+    assert sorted(k for k in m if "/lang/" in k) == sorted(
+        f"loss/{p}lang/{lang}" for p in ("", *(f"{q}/" for q in parts)) for lang in ("sw", "yo", "zu"))
+    assert m[f"loss/{parts[0]}/lang/sw"] == m["loss/lang/sw"] and m[f"loss/{parts[0]}/lang/yo"] == m["loss/lang/yo"]
+    for part in parts:
+        per = {lang: m[f"loss/{part}/lang/{lang}"] for lang in ("sw", "yo")}
+        assert math.isnan(m[f"loss/{part}/lang/zu"]), f"{part}: a language with no utterance has no loss"
+        assert math.isfinite(per["sw"]) and math.isfinite(per["yo"]) and per["sw"] != per["yo"], part
+        weighted = share["sw"] * per["sw"] + share["yo"] * per["yo"]
+        assert weighted == pytest.approx(m[f"loss/{part}"], rel=1e-5), part
 
 
 def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> None:
