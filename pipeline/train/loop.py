@@ -23,11 +23,11 @@ sums, and the loop does the rest, on any number of ranks:
    with the skip flag as a device tensor (the update must not look at it on the host);
 7. on a multilingual dataset (``languages``: the split's languages, the same list on
    every rank) and a task that reports each utterance's loss (``row_losses``, then
-   ``StepOutput.row_loss``: every pretraining objective but vq-wav2vec's BERT stage
-   reports its main part, and CTC fine-tuning), each language's loss sum and count are
-   added per update (one ``index_add`` on the device) and logged as ``loss/lang/<code>``
-   (its loss per counted unit) and ``lang_share/<code>`` (its share of the counted units);
-   a monolingual run does none of it. The task also names its loss parts
+   ``StepOutput.row_loss``: every pretraining objective reports its main part, CTC
+   fine-tuning its loss), each language's loss sum and count are added per update (one
+   ``index_add`` on the device) and logged as ``loss/lang/<code>`` (its loss per counted
+   unit) and ``lang_share/<code>`` (its share of the counted units); a monolingual run
+   does none of it. The task also names its loss parts
    (``row_part_names``: ``contrastive`` and ``mlm`` for w2v-BERT, those and ``ctc`` for
    JUST, one part, the main one, for the others) and returns each utterance's sum and
    count of every part (``StepOutput.row_parts``, detached); they are added the same way
