@@ -17,15 +17,16 @@ was; the skip flag is read on the device. The teacher is part of the model's sta
 DeepSpeed's checkpoint saves and restores it (each rank's partition under ZeRO-3).
 
 Logged: the loss per masked frame (``loss/regression``), the teacher's decay, and the
-std over masked frames (mean over channels) of the targets and of the predictions. On a
-multilingual batch each utterance's regression loss and masked frames go to the loop's
-per-language losses (``loss/lang/<code>``, ``loss/regression/lang/<code>``: the same); with
-data2vec 2.0's clones an utterance's are those of all its clones, which share its
-language.
+std over masked frames (mean over channels) of the targets and of the predictions.
 Regression has no chance level; the health alarm watches those stds instead, against
 fairseq's floors (``model.data2vec.min_target_std``, ``min_prediction_std``): targets
 that stop varying mean the teacher collapsed, predictions that stop varying mean the
 student did.
+
+On a multilingual batch each utterance's regression loss and masked frames go to the
+loop's per-language losses (``loss/lang/<code>``, ``loss/regression/lang/<code>``: the
+same); with data2vec 2.0's clones an utterance's are those of all its clones, which share
+its language.
 """
 
 from __future__ import annotations
