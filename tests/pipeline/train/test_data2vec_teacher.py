@@ -1,6 +1,7 @@
 """data2vec in the one loop, on one process: an update skipped for a non-finite loss moves
 neither student nor teacher; the teacher comes back exactly from a checkpoint and the
-resumed updates repeat the uninterrupted run's losses; the health alarm watches the stds.
+resumed updates repeat the uninterrupted run's losses; the health alarm watches the stds;
+data2vec 2.0's clones count for their utterance in the per-language losses.
 
 The EMA on ZeRO-3's shards is pinned in test_deepspeed_compat.py (one rank) and in
 test_fault_tolerance.py, where data2vec 2.0 runs on two workers under ZeRO-2 and ZeRO-3,
@@ -94,6 +95,35 @@ def test_the_objective_picks_the_data2vec_step() -> None:
     for preset in ("data2vec_laptop", "data2vec2_laptop"):
         cfg = C.preset_config(preset)
         assert isinstance(pretraining_step(cfg, build_pretraining_model(cfg.model)), Data2VecStep)
+
+
+def test_data2vec2s_clones_count_for_their_utterance() -> None:
+    """On a batch with languages, utterance b's loss and masked frames are those of its M
+    clones (rows b * M .. b * M + M - 1): each clone masks exactly floor(prob * n) of the
+    utterance's n frames, so a shorter utterance counts M times fewer of its own, and its
+    loss is its clones' squared errors at their masked frames."""
+    cfg = _cfg("data2vec2_laptop")
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg.model).eval()
+    step = pretraining_step(cfg, model)
+    batch = next(voices())
+    batch["padding_mask"][1, 9000:] = True
+    batch["languages"] = np.asarray(["sw", "yo"])
+    with torch.no_grad():
+        prepared = step.prepare(batch, step=0, micro=0, rank=0, device=torch.device("cpu"))
+        out = step.forward(model, prepared, step=0)
+        again = step.prepare(batch, step=0, micro=0, rank=0, device=torch.device("cpu")).inputs  # the same draws
+        raw = model(again["source"], again["padding_mask"], mask_time_indices=again["mask_time_indices"],
+                    num_kept=again["num_kept"], generator=again["generator"])
+    clones, prob = model.clones, model.mask_prob
+    frames = model.encoder.feature_encoder.output_lengths(torch.tensor([16000, 9000])).tolist()
+    assert clones > 1 and frames[1] < frames[0]
+    assert out.row_count.tolist() == [clones * int(prob * n) for n in frames]
+    err = (raw.predictions.float() - raw.targets).square().sum(dim=-1) * model.loss_scale  # (B * M, T)
+    by_hand = (err * raw.mask_time_indices).sum(dim=1).view(2, clones).sum(dim=1)
+    assert out.row_loss.tolist() == pytest.approx(by_hand.tolist(), rel=1e-5)
+    assert float(out.row_loss.sum()) == pytest.approx(float(out.loss_sum), rel=1e-5)
+    assert out.row_parts["regression"][0] is out.row_loss
 
 
 def test_a_skipped_update_moves_neither_student_nor_teacher() -> None:
