@@ -222,6 +222,31 @@ def test_each_languages_loss_pools_back_into_the_total(preset: str, parts: tuple
         assert weighted == pytest.approx(m[f"loss/{part}"], rel=1e-5), part
 
 
+def test_w2v_berts_per_utterance_parts_are_each_utterances_own() -> None:
+    """Each utterance's masked-LM part is the model's loss function on that utterance alone
+    (and its contrastive part InfoNCE on it alone); the rows add up to the batch's sums."""
+    from models.losses import masked_cross_entropy
+
+    cfg = C.w2v_bert_laptop()
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretraining_model(cfg.model).eval()
+    step = pretraining_step(cfg, model)
+    batch = {**next(speechlike()), "languages": np.asarray(["sw", "yo", "yo"])}
+    with torch.no_grad():
+        prepared = step.prepare(batch, step=0, micro=0, rank=0, device=torch.device("cpu"))
+        out = step.run(model, prepared)
+        rows = step.w2v_bert_rows(out, prepared)["row_parts"]
+    mask = out.contrastive.mask_time_indices  # (B, T)
+    for b in range(3):
+        alone, _ = masked_cross_entropy(out.mlm_logits[b:b + 1], out.target_ids[b:b + 1], mask[b:b + 1])
+        assert float(rows["mlm"][0][b]) == pytest.approx(float(alone), rel=1e-5), b
+        per_frame = torch.logsumexp(out.contrastive.logits[b], -1) - out.contrastive.logits[b, :, 0]  # (T,)
+        assert float(rows["contrastive"][0][b]) == pytest.approx(float(per_frame[mask[b]].sum()), rel=1e-5), b
+    assert rows["mlm"][1].tolist() == rows["contrastive"][1].tolist() == mask.sum(dim=1).tolist()
+    assert float(rows["mlm"][0].sum()) == pytest.approx(float(out.mlm_sum), rel=1e-5)
+    assert float(rows["contrastive"][0].sum()) == pytest.approx(float(out.contrastive.contrastive_sum), rel=1e-5)
+
+
 def test_w2v_bert_logs_its_loss_parts_and_resumes_exactly(tmp_path: Path) -> None:
     """w2v-BERT's step in the loop under ZeRO-2: the logged loss is the weighted sum of the parts
     it logs (contrastive, diversity, masked-LM), the masked-LM starts at chance ln(entries),
