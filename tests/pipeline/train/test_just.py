@@ -1,10 +1,13 @@
 """JUST's step on one process: the supervised loss reads the labelled utterances only, the
 logged loss is the weighted sum of the three parts it logs, and a batch without
-transcripts trains w2v-BERT's losses alone."""
+transcripts trains w2v-BERT's losses alone; each part's per-language losses, on one
+process and on two ranks of which one has no transcript."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch
 
 from models.factory import build_pretraining_model
 from pipeline import config as C
+from pipeline.net import free_port
 from pipeline.text import Vocabulary
 from pipeline.train import engine as E
 from pipeline.train.just import JustStep
@@ -176,6 +180,48 @@ def test_each_part_pools_back_per_language_and_an_unlabelled_language_has_no_ctc
     assert np.isfinite(ctc["aa"]) and np.isfinite(ctc["bb"]) and ctc["aa"] != ctc["bb"]
     pooled = sum(chars[lang] * ctc[lang] for lang in chars) / sum(chars.values())
     assert pooled == pytest.approx(m["loss/ctc"], rel=1e-5)
+
+
+def _two_ranks_main(rank: int, port: int, out: str) -> None:
+    """Rank 0 trains on u0 (aa, labelled) and u1 (aa); rank 1 on u3 (cc) and u1: no
+    transcript, so its micro-batches give no ctc part at all."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = _cfg("train.max_steps=2", "train.log_every=2")
+    model = _model(cfg)
+    ids = ("u0", "u1") if rank == 0 else ("u3", "u1")
+    languages = {"u0": "aa", "u1": "aa", "u3": "cc"}
+
+    def batches() -> Iterator[dict]:
+        seed = rank
+        while True:
+            yield {**_batch(seed, ids), "languages": np.asarray([languages[u] for u in ids])}
+            seed += 2
+
+    rec = Record()
+    TrainLoop(cfg, E.build_engine(cfg, model), JustStep(cfg, model, _targets()), hooks=rec,
+              languages=("aa", "bb", "cc")).run(batches())
+    torch.save(rec.logs, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_reduce_the_same_per_language_names_when_one_has_no_transcript(tmp_path: Path) -> None:
+    """The loop all-reduces one vector of metric sums: a name only the rank with transcripts
+    had would break it. Both ranks log the same names and values; the CTC loss is aa's
+    alone (its only labelled utterance), bb and cc have none (NaN), and cc's self-supervised
+    losses come from rank 1."""
+    torch.multiprocessing.spawn(_two_ranks_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    logs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert sorted(logs[0]) == sorted(logs[1]) == [2]
+    m, other = logs[0][2], logs[1][2]
+    assert sorted(m) == sorted(other)
+    for key in (k for k in m if "lang" in k or k.startswith("loss")):
+        assert m[key] == pytest.approx(other[key], nan_ok=True), key
+    assert m["loss/ctc/lang/aa"] == pytest.approx(m["loss/ctc"], rel=1e-6)
+    assert np.isnan(m["loss/ctc/lang/bb"]) and np.isnan(m["loss/ctc/lang/cc"])
+    assert np.isfinite(m["loss/mlm/lang/cc"]) and m["lang_share/cc"] > 0 and m["lang_share/bb"] == 0
 
 
 def test_a_run_is_refused_before_it_starts_without_transcripts_or_with_crops(tmp_path) -> None:
