@@ -272,6 +272,51 @@ def test_the_laptop_gumbel_choices_follow_the_input_from_the_start() -> None:
         assert _gumbel_choices_that_follow_the_input(laptop, seed) > 0.2
 
 
+def _sweeps(seed: int, rows: int = 4, samples: int = 16000) -> torch.Tensor:
+    """(rows, samples) pitch sweeps in noise, switched on and off a few times a second, normalised."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(samples) / 16000
+    out = []
+    for _ in range(rows):
+        f0, rate, phase = 100 + 200 * torch.rand((), generator=g), 3 + 5 * torch.rand((), generator=g), 6 * torch.rand(
+            (), generator=g)
+        on = (torch.sin(2 * math.pi * rate * t + phase) > 0).float()
+        x = (torch.sin(2 * math.pi * f0 * t * (1 + t)) + 0.3 * torch.randn(samples, generator=g)) * on
+        out.append((x - x.mean()) / x.std())
+    return torch.stack(out)
+
+
+def _kmeans_codewords_in_use(cfg: M.ModelConfig, seed: int, updates: int = 80) -> list[int]:
+    """Codewords of each group that a k-means vq-wav2vec model picks on fresh audio after
+    ``updates`` Adam updates at the laptop preset's learning rate."""
+    torch.manual_seed(seed)
+    model = build_pretraining_model(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(updates):
+        out = model(_sweeps(1000 * seed + step), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        (out.loss_sum / out.num_predictions).backward()
+        opt.step()
+    ids, _ = model.tokens(_sweeps(10**6 + seed, rows=8))
+    return [len(ids[..., g].unique()) for g in range(ids.shape[-1])]
+
+
+def test_the_laptop_kmeans_codebook_does_not_collapse() -> None:
+    """With the recipe's codewords (N(0, 0.01^2)) and loss weight (1) at the laptop width, every
+    frame picks one codeword per group within 80 updates; the laptop preset's (unit-scale
+    codewords, the recipe's weight per frame) keeps several in use in each group."""
+    laptop = M.vq_wav2vec_kmeans_laptop()
+    recipe = M.vq_wav2vec_kmeans_laptop()
+    recipe.vq_wav2vec.codebook_std = M.vq_wav2vec_kmeans().vq_wav2vec.codebook_std
+    recipe.vq_wav2vec.kmeans_weight = M.vq_wav2vec_kmeans().vq_wav2vec.kmeans_weight
+    assert (recipe.vq_wav2vec.codebook_std, recipe.vq_wav2vec.kmeans_weight) == (0.01, 1.0)
+    assert (laptop.vq_wav2vec.codebook_std, laptop.vq_wav2vec.kmeans_weight) == (1.0, 32 / 512)
+    for seed in range(2):
+        assert _kmeans_codewords_in_use(recipe, seed) == [1, 1]
+        used = _kmeans_codewords_in_use(laptop, seed)
+        assert min(used) >= 2 and sum(used) >= 6, used
+
+
 @pytest.mark.parametrize("preset", LAPTOPS)
 def test_no_hugging_face_class_and_a_ctc_head_fits(preset: str) -> None:
     cfg = M.PRESETS[preset]()
