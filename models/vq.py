@@ -39,6 +39,8 @@ class KmeansOutput(NamedTuple):
     """(G,): perplexity of the choices over the counted frames."""
     loss: Tensor
     """(): ``mse(z_q, sg(z_e)) + gamma * mse(z_e, sg(z_q))`` over the counted frames."""
+    argmax_share: Tensor
+    """(G,): share of the counted frames on each group's most frequent codeword."""
 
 
 class KmeansVectorQuantizer(nn.Module):
@@ -92,7 +94,7 @@ class KmeansVectorQuantizer(nn.Module):
             probs = (onehot * w.unsqueeze(-1)).sum(dim=(0, 1)) / weights.sum().clamp(min=1.0)  # (G, V)
         vectors = zq.to(ze.dtype).detach() + (ze - ze.detach())  # value z_q, gradient to z_e
         return KmeansOutput(vectors=vectors, codes=codes, code_perplexity=perplexity(probs),
-                            loss=codebook_term + self.gamma * commitment)
+                            loss=codebook_term + self.gamma * commitment, argmax_share=probs.max(dim=-1).values)
 
 
 class QuantizedProjection(nn.Module):

@@ -69,6 +69,7 @@ def test_kmeans_quantizer_by_hand() -> None:
     assert float(out.loss.detach()) == pytest.approx(float(mse * (1 + 0.25)), rel=1e-5)
     torch.testing.assert_close(out.vectors.detach(), zq)
     assert float(out.code_perplexity[0]) == pytest.approx(2.0)
+    assert out.argmax_share.tolist() == [0.5]  # one frame on each codeword
     # Straight-through: the gradient reaches x as if z_q had been z_e.
     w = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])
     (out.vectors * w).sum().backward()
@@ -315,6 +316,30 @@ def test_the_laptop_kmeans_codebook_does_not_collapse() -> None:
         assert _kmeans_codewords_in_use(recipe, seed) == [1, 1]
         used = _kmeans_codewords_in_use(laptop, seed)
         assert min(used) >= 2 and sum(used) >= 6, used
+
+
+def test_the_gumbel_argmax_share_sees_targets_that_ignore_the_input() -> None:
+    """Logits that do not depend on the frame: the noisy training choices still vary, but every
+    frame's argmax is the same codeword (share 1; the step's collapse alarm watches it); a
+    fresh laptop model's argmax spreads over the codebook. Padded frames are not counted."""
+    torch.manual_seed(0)
+    model = build_pretraining_model(M.vq_wav2vec_laptop()).train()
+    source = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1))
+    pad = torch.zeros(2, 16000, dtype=torch.bool)
+    pad[1, 9000:] = True
+    fresh = model(source, pad, generator=torch.Generator().manual_seed(0))
+    valid = ~fresh.padding_mask
+    for g in range(model.num_groups):
+        ids = model.tokens(source, pad)[0][..., g][valid]
+        expected = torch.bincount(ids, minlength=32).max().item() / ids.numel()
+        assert float(fresh.argmax_share[g]) == pytest.approx(expected) and expected < 0.9
+    q = model.quantizer
+    with torch.no_grad():
+        q.weight_proj.weight.zero_()
+        q.weight_proj.bias.copy_(torch.linspace(0, 1, q.weight_proj.bias.numel()))  # each group's last codeword
+    out = model(source, pad, generator=torch.Generator().manual_seed(0))
+    assert out.argmax_share.tolist() == [1.0] * model.num_groups
+    assert all(len(out.codes[..., g][valid].unique()) > 8 for g in range(model.num_groups)), "the noise still varies"
 
 
 @pytest.mark.parametrize("preset", LAPTOPS)
