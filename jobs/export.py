@@ -57,6 +57,8 @@ def export_to_hf(checkpoint: str, out: str | Path, *, ctc: bool = False, pad_tok
     for (BEST-RQ); ``Wav2Vec2Conformer*`` for a conformer. A log-mel front end cannot be
     represented (the error says so)."""
     trained = load_model(str(checkpoint), store=store, tracking_uri=tracking_uri)
+    if ctc and trained.config is not None and trained.config.model.objective == "just":
+        trained = load_model(str(checkpoint), task="ctc", store=store, tracking_uri=tracking_uri)  # encoder + head
     if trained.config is None:
         raise ValueError(f"{checkpoint!r} is a Hugging Face directory already; nothing to export")
     if ctc and trained.task != "ctc":

@@ -93,13 +93,17 @@ def load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> list[st
     public checkpoint and fine-tuning from our own both end here.
 
     Encoder weights must all be present with matching shapes; heads the source lacks (the
-    quantizer of a CTC model, the CTC head of a pretraining model) keep their
-    initialisation, and weights the model has no place for are ignored. Returns the names
+    quantizer of a CTC model, the CTC head of a pretraining model, or of another
+    vocabulary) keep their initialisation, and weights the model has no place for are ignored. Returns the names
     of the parameters left as they were.
     """
     state = clean_state_dict(state)
     expected = model.state_dict()
     usable = {k: v for k, v in state.items() if k in expected}
+    # A CTC head of another vocabulary (JUST's, a fine-tuned model's) is a head the model lacks.
+    other_vocab = [k for k, v in usable.items() if k.startswith("head.") and v.shape != expected[k].shape]
+    for k in other_vocab:
+        del usable[k]
     check_shapes(usable, expected, where)
     missing_encoder = [k for k in expected if k.startswith("encoder.") and k not in usable]
     if missing_encoder:

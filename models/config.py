@@ -523,6 +523,30 @@ class W2vBertConfig:
 
 
 @dataclass(kw_only=True)
+class JustConfig:
+    """JUST (FAMILY.md section 8; ``models.just``): w2v-BERT (``model.w2v_bert``, ``quantizer``,
+    ``loss``) plus a CTC loss on characters from a head on the masked-LM module, counted on
+    the utterances of ``data.train_uri`` that have a transcript. Total per masked frame: the
+    w2v-BERT loss + ``ctc_weight`` x the CTC loss per character of the batch's labelled
+    utterances. The characters are ``finetune.vocab`` (``finetune.vocab_from_data``: those of
+    the transcripts, a joint grapheme vocabulary over the languages), as fine-tuning's."""
+
+    ctc_weight: float = 1.0
+    """Weight of the supervised loss (JUST's paper: the supervised and unsupervised losses
+    summed with weights; its values are [unverified] in FAMILY.md)."""
+    vocab_size: int = 0
+    """CTC tokens (the blank, ``|`` and the characters of ``finetune.vocab``): set when the run
+    starts (``pipeline.train.just.resolve_config``) and saved with the config, so a
+    checkpoint rebuilds its head without the data; 0 until then."""
+
+    def __post_init__(self) -> None:
+        if self.ctc_weight < 0:
+            raise ValueError(f"model.just.ctc_weight: expected >= 0, got {self.ctc_weight}")
+        if self.vocab_size < 0:
+            raise ValueError(f"model.just.vocab_size: expected >= 0 (0: set from finetune.vocab), got {self.vocab_size}")
+
+
+@dataclass(kw_only=True)
 class MixingConfig:
     """WavLM's denoising (FAMILY.md section 2, UniSpeech-SAT's ``mixing_collated_audios``):
     with probability ``prob`` an utterance of the batch gets an overlay: a segment of another
@@ -714,7 +738,7 @@ class VqBertConfig:
 
 OBJECTIVES = (
     "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert",
-    "w2v_bert",
+    "w2v_bert", "just",
 )
 """What a pretraining model learns to do (``model.objective``)."""
 FUTURE_OBJECTIVES = ("wav2vec", "vq_wav2vec", "apc")
@@ -741,19 +765,21 @@ class ModelConfig:
     second stage: a BERT on the tokens ``jobs.label`` made with a vq-wav2vec model,
     ``label.features=tokens``: ``vq_bert``, ``mask``, ``transformer``), ``w2v_bert``
     (wav2vec 2.0's loss on the first Conformer blocks, masked prediction of its quantizer's
-    ids on the last: ``w2v_bert``, ``quantizer``, ``loss``).
+    ids on the last: ``w2v_bert``, ``quantizer``, ``loss``), ``just`` (w2v-BERT plus CTC on the
+    utterances with transcripts: ``w2v_bert``, ``just``).
     """
 
     objective: Literal[
         "wav2vec2", "best_rq", "hubert", "wav2vec", "vq_wav2vec", "apc", "tera", "data2vec", "data2vec2", "vq_bert",
-        "w2v_bert",
+        "w2v_bert", "just",
     ] = "wav2vec2"
     """The pretraining objective. wav2vec2, best_rq and hubert train with any front end and context
     network; wav2vec, vq_wav2vec and apc predict the future, so they need a causal context
     network (``transformer.kind`` causal_conv or gru); apc and tera reconstruct log-mel
     frames, so they need the log-mel front end; data2vec and data2vec2 regress a teacher's
     Transformer layers, so they need ``transformer.kind`` transformer; w2v_bert splits a
-    Conformer into its two modules, so it needs ``transformer.kind`` conformer of 2 blocks or more."""
+    Conformer into its two modules, so it needs ``transformer.kind`` conformer of 2 blocks or more
+    (and so does just, which is w2v_bert with a CTC head)."""
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -770,6 +796,7 @@ class ModelConfig:
     data2vec: Data2VecConfig = field(default_factory=Data2VecConfig)
     vq_bert: VqBertConfig = field(default_factory=VqBertConfig)
     w2v_bert: W2vBertConfig = field(default_factory=W2vBertConfig)
+    just: JustConfig = field(default_factory=JustConfig)
     final_dim: int = 256
     """Width of the space where context and quantized targets are compared."""
     dropout_input: float = 0.1
@@ -777,8 +804,8 @@ class ModelConfig:
     dropout_features: float = 0.1
     """Dropout on the unmasked latents that feed the quantizer."""
     final_dropout: float = 0.0
-    """Fine-tuning only: dropout on the context vectors before the CTC head (fairseq
-    ``final_dropout``, Hugging Face ``final_dropout``)."""
+    """Dropout on the context vectors before the CTC head (fairseq ``final_dropout``, Hugging
+    Face ``final_dropout``): fine-tuning's, and JUST's CTC head's in pretraining."""
 
     def __post_init__(self) -> None:
         if self.final_dim < 1:
@@ -816,7 +843,7 @@ class ModelConfig:
             )
         if self.objective in ("data2vec", "data2vec2"):
             self._check_data2vec()
-        if self.objective == "w2v_bert":
+        if self.objective in ("w2v_bert", "just"):
             self._check_w2v_bert()
         cv = self.quantizer.codevector_dim or self.final_dim
         if cv % self.quantizer.groups:
@@ -846,8 +873,8 @@ class ModelConfig:
     def _check_w2v_bert(self) -> None:
         tr = self.transformer
         if tr.kind != "conformer":
-            raise ValueError("model.objective=w2v_bert: its contrastive and masked-LM modules are the first and the "
-                             f"last blocks of a Conformer; expected model.transformer.kind 'conformer', got {tr.kind!r}")
+            raise ValueError(f"model.objective={self.objective}: its contrastive and masked-LM modules are the "
+                             f"first and the last blocks of a Conformer; expected model.transformer.kind 'conformer', got {tr.kind!r}")
         if not 1 <= self.w2v_bert_contrastive_layers < tr.num_layers:
             raise ValueError(
                 f"model.w2v_bert.contrastive_layers (resolved to {self.w2v_bert_contrastive_layers}) must take at least "
@@ -1362,6 +1389,25 @@ def w2v_bert_laptop() -> ModelConfig:
     return cfg
 
 
+def just() -> ModelConfig:
+    """JUST at w2v-BERT's ``600m`` size (``w2v_bert``) with a CTC head on the masked-LM module,
+    weighted 1 against the self-supervised losses (FAMILY.md section 8: the paper's weights
+    and mixing are [unverified]; its RNN-T decoder is a CTC head here, ``models.just``)."""
+    cfg = w2v_bert()
+    cfg.objective = "just"
+    cfg.just = JustConfig(ctc_weight=1.0)
+    return cfg
+
+
+def just_laptop() -> ModelConfig:
+    """JUST at ``w2v_bert_laptop``'s size: one Conformer block per module, the CTC head on the
+    second."""
+    cfg = w2v_bert_laptop()
+    cfg.objective = "just"
+    cfg.just = JustConfig(ctc_weight=1.0)
+    return cfg
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -1373,4 +1419,5 @@ PRESETS = {
     "data2vec": data2vec, "data2vec_laptop": data2vec_laptop, "data2vec2": data2vec2,
     "data2vec2_laptop": data2vec2_laptop,
     "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop, "w2v_bert": w2v_bert, "w2v_bert_laptop": w2v_bert_laptop,
+    "just": just, "just_laptop": just_laptop,
 }

@@ -15,6 +15,7 @@ from models.feature_encoder import FeatureEncoder, FeatureProjection, IdentityPr
 from models.frontends import LogMelFrontend
 from models.gru import GRUContext
 from models.hubert import CosineHead
+from models.just import JustModel
 from models.masked_prediction import MaskedPredictionModel
 from models.quantizer import GumbelVectorQuantizer
 from models.reconstruction import ApcModel, MaskedReconstructionModel
@@ -113,7 +114,7 @@ def build_pretraining_model(cfg: ModelConfig) -> PretrainingModel:
         "best_rq": build_best_rq_model, "hubert": build_hubert_model, "wav2vec": build_wav2vec_model,
         "vq_wav2vec": build_wav2vec_model, "apc": build_apc_model, "tera": build_tera_model,
         "data2vec": build_data2vec_model, "data2vec2": build_data2vec_model, "vq_bert": build_vq_bert_model,
-        "w2v_bert": build_w2v_bert_model,
+        "w2v_bert": build_w2v_bert_model, "just": build_just_model,
     }
     return builders.get(cfg.objective, build_wav2vec2_model)(cfg)
 
@@ -148,6 +149,19 @@ def build_w2v_bert_model(cfg: ModelConfig) -> W2vBertModel:
     w = cfg.w2v_bert
     return W2vBertModel(
         build_encoder(cfg), build_gumbel_quantizer(cfg), contrastive_layers=cfg.w2v_bert_contrastive_layers,
+        contrastive_weight=w.contrastive_weight, mlm_weight=w.mlm_weight, **_contrastive_args(cfg),
+    )
+
+
+def build_just_model(cfg: ModelConfig) -> JustModel:
+    """JUST: w2v-BERT's model with a ``model.just.vocab_size``-way CTC head on its last block."""
+    w = cfg.w2v_bert
+    if cfg.just.vocab_size == 0:
+        raise ValueError("model.just.vocab_size is 0: it is set from finetune.vocab when a JUST run starts "
+                         "(pipeline.train.just.resolve_config); a JUST model is built from a resolved config")
+    return JustModel(
+        build_encoder(cfg), build_gumbel_quantizer(cfg), vocab_size=cfg.just.vocab_size,
+        final_dropout=cfg.final_dropout, contrastive_layers=cfg.w2v_bert_contrastive_layers,
         contrastive_weight=w.contrastive_weight, mlm_weight=w.mlm_weight, **_contrastive_args(cfg),
     )
 

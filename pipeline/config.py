@@ -51,7 +51,7 @@ __all__ = [
     "wav2vec", "wav2vec_laptop", "vq_wav2vec", "vq_wav2vec_laptop",
     "vq_wav2vec_kmeans", "vq_wav2vec_kmeans_laptop", "apc", "apc_laptop", "mockingjay", "mockingjay_laptop", "tera",
     "data2vec", "data2vec2", "data2vec2_laptop", "data2vec_laptop", "vq_bert", "vq_bert_laptop",
-    "w2v_bert", "w2v_bert_laptop",
+    "w2v_bert", "w2v_bert_laptop", "just", "just_laptop",
     "tera_laptop", "load_config", "parse_override", "preset_config", "save_config", "tiny", "to_dict", "to_flat_dict",
 ]
 
@@ -452,6 +452,36 @@ def w2v_bert_laptop() -> Config:
     return cfg
 
 
+def just() -> Config:
+    """JUST at w2v-BERT's ``600m`` size (``models.config.just``), w2v-BERT's run: a prepared
+    dataset whose labelled utterances carry transcripts, read whole (``data.batch_mode`` pad,
+    no crop: a cropped utterance no longer matches its transcript), the CTC vocabulary
+    the characters of the transcripts (``finetune.vocab_from_data``)."""
+    cfg = w2v_bert()
+    cfg.preset = "just"
+    cfg.model = model_config.just()
+    _just_data(cfg)
+    return cfg
+
+
+def just_laptop() -> Config:
+    """JUST at ``w2v_bert_laptop``'s size and settings (``models.config.just_laptop``), on the
+    multilingual demo corpus (``jobs.demo_corpus --languages ... --labelled-fraction``)."""
+    cfg = w2v_bert_laptop()
+    cfg.preset = "just_laptop"
+    cfg.model = model_config.just_laptop()
+    _just_data(cfg)
+    return cfg
+
+
+def _just_data(cfg: Config) -> None:
+    cfg.data.batch_mode = "pad"
+    cfg.finetune.vocab_from_data = True
+    if cfg.data.max_sample_size < 160_000:  # the laptop crops: whole demo utterances instead (up to 10 s)
+        cfg.data.max_sample_size = 160_000
+        cfg.data.max_samples_per_batch = max(cfg.data.max_samples_per_batch, 240_000)
+
+
 PRESETS = {
     "tiny": tiny, "base": base, "large": large, "large_lv60k": large_lv60k, "laptop": laptop,
     "best_rq": best_rq, "best_rq_laptop": best_rq_laptop,
@@ -464,6 +494,7 @@ PRESETS = {
     "data2vec2_laptop": data2vec2_laptop,
     "vq_bert": vq_bert, "vq_bert_laptop": vq_bert_laptop,
     "w2v_bert": w2v_bert, "w2v_bert_laptop": w2v_bert_laptop,
+    "just": just, "just_laptop": just_laptop,
 }
 
 

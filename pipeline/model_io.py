@@ -278,7 +278,9 @@ class TrainedModel:
 
     @property
     def task(self) -> str:
-        return "ctc" if hasattr(self.model, "head") else "pretraining"
+        """``ctc`` for a CTC model, ``pretraining`` otherwise (JUST's model, with its CTC head,
+        included: ``load_model(task="ctc")`` reads a JUST checkpoint as its CTC model)."""
+        return "ctc" if hasattr(self.model, "head") and not hasattr(self.model, "quantizer") else "pretraining"
 
     def require_vocab(self) -> Vocabulary:
         """The vocabulary that decodes the CTC head's outputs; an error saying why there is none."""
@@ -310,7 +312,9 @@ def load_model(
     """The trained model at ``uri`` (any location of the module doc), in eval mode.
 
     ``task``: ``pretraining`` or ``ctc`` refuse the other kind with an error saying what
-    was found; ``any`` takes what is there. The weights must match the saved config
+    was found; ``any`` takes what is there. A JUST checkpoint is both: its pretraining model
+    (``any``, ``pretraining``), or with ``ctc`` the CTC model of its encoder and CTC head,
+    which ``jobs.evaluate`` scores like a fine-tuned one. The weights must match the saved config
     exactly (every tensor, every shape).
     """
     path = fetch(uri, store=store, tracking_uri=tracking_uri)
@@ -334,6 +338,11 @@ def load_model(
     else:
         state = read_state_dict(path)
     found = "ctc" if "head.weight" in state else "pretraining"
+    if cfg.model.objective == "just":
+        # Both at once: a pretraining model whose encoder and CTC head are a CTC model's.
+        found = "ctc" if task == "ctc" else "pretraining"
+        if found == "ctc":
+            state = {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))}
     _check_task(task, found, uri)
     vocab, problem, head_size = None, "", None
     if found == "ctc":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +44,11 @@ import torch.nn.functional as F
 from models.wav2vec2 import Wav2Vec2ForCTC
 from pipeline.config import CONFIG_FILE, Config, apply_overrides, to_flat_dict
 from pipeline.data.loader import LANGUAGES
-from pipeline.text import Vocabulary, transcript_characters
+from pipeline.text import Vocabulary
 from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import ratio
+from pipeline.train.transcripts import Targets, resolve_vocab
 from pipeline.train.worker import RayHooks, WorkerTask, consolidated_model, format_duration, run_worker
 
 log = logging.getLogger("wavray.train")
@@ -69,9 +69,7 @@ _REGULARISERS = (
 def resolve_config(cfg: Config) -> Config:
     """The fine-tuning config as it will run, saved with every checkpoint.
 
-    - ``finetune.vocab``: written out (the default characters when empty; the characters of
-      the training transcripts with ``finetune.vocab_from_data``, which is then cleared), so
-      a checkpoint decodes the same way whatever the code's default or the data become.
+    - ``finetune.vocab``: written out (:func:`resolve_vocab`).
     - ``train.init_from``: pinned (:func:`pipeline.model_io.pin`: an MLflow alias becomes
       its version, a local path absolute); the model's architecture comes from the source
       (its ``config.yaml`` or ``config.json``), the regularisers (masking, dropouts,
@@ -82,24 +80,8 @@ def resolve_config(cfg: Config) -> Config:
     from pipeline.tracking import default_tracking_uri
     from pipeline.train.trainer import storage_for
 
-    if cfg.finetune.vocab_from_data:
-        characters = transcript_characters(read_transcripts(cfg))
-        if not characters:
-            raise ValueError(f"finetune.vocab_from_data: {cfg.data.train_uri}'s transcripts have no letters")
-        if cfg.finetune.vocab and cfg.finetune.vocab != characters:
-            warnings.warn(
-                f"finetune.vocab = {cfg.finetune.vocab!r} is replaced by the characters of the transcripts "
-                f"(finetune.vocab_from_data): {characters!r}",
-                stacklevel=2,
-            )
-        log.info("finetune.vocab from the transcripts of %s: %s", cfg.data.train_uri, characters)
-        cfg = apply_overrides(cfg, {"finetune.vocab": characters, "finetune.vocab_from_data": False})
+    cfg = resolve_vocab(cfg)
     vocab = Vocabulary.from_characters(cfg.finetune.vocab)
-    if cfg.data.batch_mode != "pad":
-        raise ValueError(
-            f"data.batch_mode: fine-tuning needs 'pad' (whole utterances: a crop would cut the transcript), "
-            f"got {cfg.data.batch_mode!r}"
-        )
     if cfg.finetune.freeze_encoder_steps > 0 and cfg.optim.weight_decay > 0:
         warnings.warn(
             f"optim.weight_decay = {cfg.optim.weight_decay}: the Transformer still decays during the "
@@ -148,86 +130,6 @@ def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
     if cfg.finetune.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model  # type: ignore[return-value]
-
-
-# --- transcripts ------------------------------------------------------------------------------
-
-
-def read_transcripts(cfg: Config, *, split: str = "train") -> list[str]:
-    """The transcripts of ``split`` in ``data.train_uri``'s manifest (the empty ones left out)."""
-    from pipeline.data import schema as S
-    from pipeline.data import storage
-
-    store = storage.Storage.for_data(cfg.data)
-    uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
-    if not cfg.data.train_uri or not storage.exists(uri, store):
-        raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")
-    rows = storage.read_table(uri, [S.SPLIT, S.TRANSCRIPT], store).to_pydict()
-    return [t for sp, t in zip(rows[S.SPLIT], rows[S.TRANSCRIPT], strict=True) if sp == split and t]
-
-
-@dataclass
-class Targets:
-    """Transcripts of a prepared dataset as token ids, keyed by utterance id."""
-
-    ids: dict[str, np.ndarray]
-    num_samples: dict[str, int]
-
-    @classmethod
-    def read(cls, cfg: Config, vocab: Vocabulary, *, split: str = "train") -> Targets:
-        """From ``data.train_uri``'s manifest; errors name what cannot be trained on."""
-        from pipeline.data import schema as S
-        from pipeline.data import storage
-
-        store = storage.Storage.for_data(cfg.data)
-        uri = storage.join(cfg.data.train_uri, S.MANIFEST_FILE)
-        if not storage.exists(uri, store):
-            raise ValueError(f"data.train_uri: {uri!r} does not exist; prepare the labelled set with jobs.prepare")
-        table = storage.read_table(uri, [S.ID, S.SPLIT, S.NUM_SAMPLES, S.TRANSCRIPT], store)
-        rows = table.to_pydict()
-        ids: dict[str, np.ndarray] = {}
-        lengths: dict[str, int] = {}
-        missing, empty = [], []
-        longest = 0
-        for utt, sp, n, text in zip(rows[S.ID], rows[S.SPLIT], rows[S.NUM_SAMPLES], rows[S.TRANSCRIPT], strict=True):
-            if sp != split:
-                continue
-            if text is None or not text.strip():
-                missing.append(utt)
-                continue
-            tokens = vocab.encode(text)
-            if not tokens:
-                empty.append(utt)
-                continue
-            ids[utt] = np.asarray(tokens, dtype=np.int64)
-            lengths[utt] = int(n)
-            longest = max(longest, int(n))
-        if missing or empty:
-            what = (f"{len(missing)} without a transcript (e.g. {missing[:3]})" if missing else "") + (
-                f"{'; ' if missing else ''}{len(empty)} with no character of finetune.vocab "
-                f"{vocab.characters!r} (e.g. {empty[:3]})" if empty else "")
-            raise ValueError(
-                f"data.train_uri: {cfg.data.train_uri}: the {split!r} split has utterances CTC cannot train on: "
-                f"{what}; fine-tune on a dataset prepared with transcripts for every file"
-            )
-        if not ids:
-            raise ValueError(f"data.train_uri: {cfg.data.train_uri}: the {split!r} split is empty")
-        if longest > cfg.data.max_sample_size:
-            raise ValueError(
-                f"data.max_sample_size = {cfg.data.max_sample_size}: the longest {split} utterance has {longest} "
-                f"samples and would be cropped away from its transcript; set data.max_sample_size >= {longest} "
-                f"(and data.max_samples_per_batch >= it)"
-            )
-        outside = sorted(set(transcript_characters(t for t in rows[S.TRANSCRIPT] if t)) - set(vocab.characters))
-        if outside:
-            log.warning("characters of the transcripts outside finetune.vocab %r lose their accents or become word "
-                        "breaks: %s; set finetune.vocab_from_data=true for a vocabulary of the data's characters",
-                        vocab.characters, "".join(outside))
-        short = sum(1 for n in lengths.values() if n < cfg.data.min_sample_size)
-        if short:
-            log.warning("%d of %d utterances are shorter than data.min_sample_size = %d and are skipped",
-                        short, len(lengths), cfg.data.min_sample_size)
-        return cls(ids=ids, num_samples=lengths)
 
 
 # --- the task step ----------------------------------------------------------------------------

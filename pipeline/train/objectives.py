@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.train.data2vec import Data2VecStep
+from pipeline.train.just import JustStep
 from pipeline.train.masked_prediction import MaskedPredictionStep
 from pipeline.train.pretrain import PretrainStep
 from pipeline.train.reconstruction import ApcStep, TeraStep
@@ -24,7 +25,7 @@ STEPS: dict[str, type] = {"wav2vec2": PretrainStep, "best_rq": MaskedPredictionS
                           "hubert": MaskedPredictionStep}
 STEPS.update({"wav2vec": FuturePredictionStep, "vq_wav2vec": FuturePredictionStep, "apc": ApcStep, "tera": TeraStep,
               "vq_bert": VqBertStep})
-STEPS.update(data2vec=Data2VecStep, data2vec2=Data2VecStep, w2v_bert=W2vBertStep)
+STEPS.update(data2vec=Data2VecStep, data2vec2=Data2VecStep, w2v_bert=W2vBertStep, just=JustStep)
 
 
 def pretraining_step(cfg: Config, model: torch.nn.Module) -> Any:

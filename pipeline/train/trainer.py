@@ -168,6 +168,10 @@ def run_pretraining(cfg: Config, *, run_name: str | None = None, verbose: bool =
     if not cfg.data.train_uri:
         raise ValueError("data.train_uri: expected the prepared dataset (jobs.prepare --output), got ''")
     cfg = resolve_init(cfg)
+    if cfg.model.objective == "just":  # the CTC vocabulary and the labelled utterances, before any worker
+        from pipeline.train.just import resolve_config as resolve_just
+
+        cfg = resolve_just(cfg)
     labels = None
     if cfg.model.objective in ("hubert", "vq_bert"):  # targets (tokens) made offline: the set the settings name
         from pipeline.label.job import training_labels

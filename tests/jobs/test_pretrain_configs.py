@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "pretrain"
                                   "hubert", "hubert_it2", "hubert_laptop", "hubert_laptop_it2", "wavlm",
                                   "wavlm_laptop", "data2vec", "data2vec_laptop", "data2vec2",
                                   "data2vec2_laptop", "wav2vec_laptop", "vq_wav2vec_laptop", "apc_laptop",
-                                  "tera_laptop", "w2v_bert_laptop"])
+                                  "tera_laptop", "w2v_bert_laptop", "just_laptop"])
 def test_config_loads_and_names_its_preset(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
     raw = yaml.safe_load(path.read_text())

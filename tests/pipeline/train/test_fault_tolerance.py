@@ -175,8 +175,9 @@ def test_best_rq_on_two_zero2_workers_resumes_with_its_targets_unchanged(shards:
 
 FIRST_GENERATION = {  # preset -> the loss part it logs (and w2v-BERT on log-mel frames: no Hugging Face class either)
     "wav2vec_laptop": "loss/binary_contrastive", "vq_wav2vec_laptop": "loss/binary_contrastive",
-    "apc_laptop": "loss/l1", "tera_laptop": "loss/l1", "w2v_bert_laptop": "loss/mlm",
+    "apc_laptop": "loss/l1", "tera_laptop": "loss/l1", "w2v_bert_laptop": "loss/mlm", "just_laptop": "loss/ctc",
 }
+WHOLE = ["data.max_sample_size=160000", "data.max_samples_per_batch=200000"]  # JUST reads its transcripts' audio whole
 
 
 @pytest.mark.parametrize("preset", list(FIRST_GENERATION))
@@ -191,7 +192,8 @@ def test_first_generation_on_two_zero2_workers_resumes(shards: str, tmp_path: Pa
     from pipeline.model_io import load_model
 
     cfg = C.apply_overrides(_config(shards, tmp_path / "runs", preset.replace("_", "-"), C.preset_config(preset)),
-                            ["train.max_steps=2", "checkpoint.every_steps=2", "schedule.warmup_steps=2"])
+                            ["train.max_steps=2", "checkpoint.every_steps=2", "schedule.warmup_steps=2",
+                             *(WHOLE if preset == "just_laptop" else [])])
     first = run_pretraining(cfg)
     second = run_pretraining(C.apply_overrides(cfg, ["train.max_steps=4"]))
     assert first.step == 2 and second.step == 4 and second.mlflow_run_id == first.mlflow_run_id
@@ -217,6 +219,13 @@ def test_first_generation_on_two_zero2_workers_resumes(shards: str, tmp_path: Pa
         final = load_model(second.run_uri).model  # its tokens, the second stage's input
         ids, lengths = final.tokens(torch.randn(2, 16000))
         assert ids.shape == (2, int(lengths[0]), final.num_groups) and bool((ids >= 0).all())
+    if preset == "just_laptop":  # its CTC half scores like a fine-tuned model, in the joint vocabulary
+        from jobs.evaluate import evaluate
+
+        assert run.data.metrics["labelled_share"] == 1.0 and math.isfinite(run.data.metrics["loss/mlm"])
+        result, saved = evaluate(second.run_uri, shards)
+        assert saved.model.just.vocab_size == len(saved.finetune.vocab) + 2 and saved.finetune.vocab_from_data is False
+        assert 0.0 < result.summary["cer"] and result.summary["num_utterances"] > 0
 
 
 def _loss_log(cfg: C.Config, name: str) -> list[tuple[int, float]]:
