@@ -1,7 +1,7 @@
 """JUST against pretraining then fine-tuning: the same audio, labels and CPU-seconds, CER per language.
 
     python -m jobs.bench just [--languages en,de,fr] [--seconds 600] [--pretrain-share 0.667]
-        [--finetune-steps 1500] [--ctc-weight W] [--labelled-ratio R] [--rows wav2vec2,w2v_bert,just]
+        [--finetune-steps 1500 | wav2vec2=3000,w2v_bert=6500] [--ctc-weight W] [--labelled-ratio R] [--rows wav2vec2,w2v_bert,just]
         [--seed 0] [--workdir runs/just]
 
 JUST (joint unsupervised and supervised training) claims that one run of w2v-BERT's
@@ -21,8 +21,9 @@ the multilingual demo corpus, on CPU:
    - wav2vec 2.0 (``laptop``): pretrained on all the audio for ``--pretrain-share`` of the
      budget, then CTC fine-tuned on the transcribed part for the rest (``jobs.finetune``'s
      recipe, ``jobs/configs/finetune/tiny_10m.yaml``, with a joint grapheme vocabulary:
-     ``finetune.vocab_from_data``; ``--finetune-steps`` lays out its tri-stage schedule and
-     the budget may end it sooner);
+     ``finetune.vocab_from_data``; ``--finetune-steps`` lays out its tri-stage schedule, one
+     count for both rows or one per row, and the budget may end it sooner: a row that
+     finishes its schedule first spends less than its budget, which the table shows);
    - w2v-BERT (``w2v_bert_laptop``, the Conformer JUST trains): the same two stages, so the
      difference between it and JUST is the joint training, not the architecture;
    - JUST (``just_laptop``): one run for the whole budget on the joined dataset, its CTC
@@ -82,6 +83,25 @@ def split_budget(seconds: float, pretrain_share: float) -> tuple[float, float]:
     return pre, float(seconds - pre)
 
 
+def parse_steps(text: str, keys: list[str]) -> dict[str, int]:
+    """``--finetune-steps``: one count for every two-stage row (``1500``) or one per row
+    (``wav2vec2=3000,w2v_bert=6500``, each row named): the rows fine-tune at different
+    costs per update, so filling the same seconds takes each a different schedule."""
+    text = text.strip()
+    if text.isdigit():
+        return {k: int(text) for k in keys}
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or key.strip() not in keys:
+            raise ValueError(f"--finetune-steps: expected N or ROW=N,... with ROW of {','.join(keys)}, got {text!r}")
+        out[key.strip()] = int(value)
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ValueError(f"--finetune-steps: no count for {','.join(missing)} in {text!r}")
+    return out
+
+
 def joint_corpus(unlabelled: Path, labelled: Path, out: Path) -> Path:
     """One corpus of both demo corpora: ``labelled/...`` with their transcripts,
     ``unlabelled/...`` with empty ones (``jobs.prepare`` stores no transcript for them), each
@@ -129,7 +149,8 @@ def render(results: dict[str, Any]) -> str:
         f"{s['num_train_voices']} voices, {s['label_minutes']:.1f} min of it transcribed | "
         f"test: {s['test_minutes']:.1f} min, held-out voices {s['test_voices']}",
         f"  budget per row: {s['seconds']:g} CPU-s of training (1 worker); two-stage rows: {pre:g} pretraining + "
-        f"{ft:g} fine-tuning (at most {s['finetune_steps']} updates)",
+        f"{ft:g} fine-tuning (a schedule of "
+        + ", ".join(f"{n} updates for {k}" for k, n in s["finetune_steps"].items()) + ")",
         "",
         f"  {'row':<46} {'updates':>11} {'CPU-s':>6} {'CER':>6} " + " ".join(f"{x:>6}" for x in langs),
     ]
@@ -154,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU-seconds of training per row, all stages (default: %(default)s)")
     parser.add_argument("--pretrain-share", type=float, default=DEFAULT_SHARE,
                         help="of a two-stage row's budget, pretraining's (default: 2/3)")
-    parser.add_argument("--finetune-steps", type=int, default=1500,
-                        help="the fine-tuning schedule's length; its budget may end it sooner (default: %(default)s)")
+    parser.add_argument("--finetune-steps", default="1500",
+                        help="the fine-tuning schedule's length, N or ROW=N,... per row; its budget may end it "
+                             "sooner (default: %(default)s)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="JUST's model.just.ctc_weight (default: the preset's)")
     parser.add_argument("--labelled-ratio", type=float, default=0.0,
@@ -180,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         languages = parse_languages(args.languages)
         budget = split_budget(args.seconds, args.pretrain_share)
+        ft_steps = parse_steps(args.finetune_steps, [r.key for r in ROWS if not r.joint])
     except ValueError as e:
         parser.error(str(e))
     by_key = {r.key: r for r in ROWS}
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             pre_ckpt, _ = pretrain_budgeted(work, joint, preset=row.preset, iterations=1, seed=args.seed,
                                             seconds=budget[0], overrides=args.pretrain_set, log=log)
             extra = [f"train.init_from={pre_ckpt}", "finetune.vocab_from_data=true"]
-            ckpt, _ = finetune(work, data["labelled"], name=key, seed=args.seed, steps=args.finetune_steps,
+            ckpt, _ = finetune(work, data["labelled"], name=key, seed=args.seed, steps=ft_steps[key],
                                seconds=budget[1], extra=extra, log=log)
             pre, ft = read_state(pre_ckpt), read_state(ckpt)
             out.update(updates=[pre.step, ft.step], cpu_seconds=pre.train_seconds + ft.train_seconds,
@@ -251,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "setup": {
             "seed": args.seed, "languages": languages, "seconds": args.seconds, "budget_split": list(budget),
-            "pretrain_share": args.pretrain_share, "finetune_steps": args.finetune_steps,
+            "pretrain_share": args.pretrain_share, "finetune_steps": {k: n for k, n in ft_steps.items() if k in wanted},
             "ctc_weight": args.ctc_weight, "labelled_ratio": args.labelled_ratio,
             "audio_minutes": float(summary.get("hours", 0.0)) * 60, "label_minutes": minutes["labelled"],
             "test_minutes": minutes["test"], "test_voices": data["test_voices"],
