@@ -43,10 +43,19 @@ def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def save_weights(model_or_state: nn.Module | dict[str, Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict as safetensors, atomically (a crash leaves the old file intact).
 
-    ``path`` is the file, or a directory that receives ``model.safetensors``.
+    ``path`` is the file, or a directory that receives ``model.safetensors``. Tied parameters
+    (vq_bert's LM head reads its input embedding) are written under each of their names, as
+    the state dict lists them: safetensors refuses tensors that share memory, and loading
+    puts the same values back into the one parameter.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(state).items()}
+    seen: set[int] = set()
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel():
+            state[key] = value.clone()
+        seen.add(ptr)
     p = Path(path)
     if p.is_dir() or p.suffix != ".safetensors":
         p.mkdir(parents=True, exist_ok=True)

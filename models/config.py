@@ -643,6 +643,9 @@ class VqWav2vecConfig:
     """kmeans: weight of the commitment term ``||z - sg(q)||^2`` beside ``||sg(z) - q||^2``."""
     kmeans_weight: float = 1.0
     """kmeans: weight of those losses per predicted frame (the README's ``--loss-weights [1]``)."""
+    codebook_std: float = 0.01
+    """kmeans: the codewords start as N(0, std^2) draws (fairseq: 0.01; the vectors they
+    quantize come out of a GroupNorm, about unit scale)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("gumbel", "kmeans"):
@@ -655,6 +658,8 @@ class VqWav2vecConfig:
         for name in ("diversity_weight", "gamma", "kmeans_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.vq_wav2vec.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.codebook_std <= 0:
+            raise ValueError(f"model.vq_wav2vec.codebook_std: expected > 0, got {self.codebook_std}")
 
 
 @dataclass(kw_only=True)
@@ -1157,9 +1162,25 @@ def vq_wav2vec_laptop() -> ModelConfig:
 
 
 def vq_wav2vec_kmeans_laptop() -> ModelConfig:
-    """vq-wav2vec (k-means) at the laptop presets' width; 2 groups of 32 codewords."""
+    """vq-wav2vec (k-means) at the laptop presets' width; 2 groups of 32 codewords, the codewords
+    drawn at the scale of the vectors they quantize (``codebook_std`` 1, not 0.01), and the
+    k-means losses weighted 1/16, the recipe's weight per frame at this width.
+
+    Why: the codewords quantize a GroupNorm's output, about unit scale per channel. Drawn at
+    0.01, every codeword sits at the origin as the frames see it: a frame's nearest one is
+    whichever points most its way, the quantized targets are near zero (the binary loss
+    starts at 11 ln 2 = 7.6, every logit 0), and within 50 updates every frame picks the
+    same codeword in both groups, with or without the k-means losses: the loss sits at its
+    chance level and the probe does worse than random weights (82.7% against 66.5%). Drawn
+    at unit scale the codewords start among the frames. The k-means losses are a mean over
+    the C channels, added once per true pair (12 per frame), so their pull on a frame's
+    vector is ``kmeans_weight * 12 / C``: at the recipe's 512 channels that is 16 times
+    weaker than at these 32, and at weight 1 the commitment pulls every frame onto one
+    codeword within 100 updates here; 32 / 512 keeps the recipe's balance."""
     cfg = _tiny_wav2vec(vq_wav2vec_kmeans())
     cfg.vq_wav2vec.entries = 32
+    cfg.vq_wav2vec.codebook_std = 1.0
+    cfg.vq_wav2vec.kmeans_weight = cfg.frontend_dim / vq_wav2vec_kmeans().frontend_dim
     return cfg
 
 

@@ -51,7 +51,7 @@ def build_vq_quantizer(cfg: ModelConfig) -> GumbelVectorQuantizer | KmeansVector
     vq, dim = cfg.vq_wav2vec, cfg.frontend_dim
     if vq.kind == "kmeans":
         return KmeansVectorQuantizer(dim, groups=vq.groups, entries=vq.entries, shared_codebook=vq.shared_codebook,
-                                     gamma=vq.gamma)
+                                     gamma=vq.gamma, codebook_std=vq.codebook_std)
     t = vq.temperature
     activation = nn.ReLU() if cfg.encoder.activation == "relu" else nn.GELU()
     return GumbelVectorQuantizer(

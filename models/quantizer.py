@@ -55,6 +55,9 @@ class QuantizerOutput(NamedTuple):
     """(G,): perplexity of the averaged softmax; drives the diversity loss."""
     temperature: Tensor
     """(): the Gumbel temperature used."""
+    argmax_share: Tensor
+    """(G,): share of the counted frames whose argmax (no noise) is the group's most frequent
+    codeword: near 1, every frame has the same target whatever the noise draws."""
 
 
 class GumbelVectorQuantizer(nn.Module):
@@ -157,4 +160,5 @@ class GumbelVectorQuantizer(nn.Module):
             code_perplexity=perplexity(code_probs),
             prob_perplexity=perplexity(soft_probs),
             temperature=self.temperature.detach().clone(),
+            argmax_share=code_probs.max(dim=-1).values,
         )

@@ -39,12 +39,15 @@ class KmeansOutput(NamedTuple):
     """(G,): perplexity of the choices over the counted frames."""
     loss: Tensor
     """(): ``mse(z_q, sg(z_e)) + gamma * mse(z_e, sg(z_q))`` over the counted frames."""
+    argmax_share: Tensor
+    """(G,): share of the counted frames on each group's most frequent codeword."""
 
 
 class KmeansVectorQuantizer(nn.Module):
     """(B, T, C) -> nearest of ``entries`` codewords per group of C / ``groups`` channels (module doc)."""
 
-    def __init__(self, dim: int, *, groups: int, entries: int, shared_codebook: bool, gamma: float):
+    def __init__(self, dim: int, *, groups: int, entries: int, shared_codebook: bool, gamma: float,
+                 codebook_std: float = 0.01):
         super().__init__()
         if dim % groups:
             raise ValueError(f"KmeansVectorQuantizer: {groups} groups must divide the {dim} feature channels")
@@ -53,8 +56,8 @@ class KmeansVectorQuantizer(nn.Module):
         self.gamma = gamma
         self.projection = nn.Conv1d(dim, dim, kernel_size=1, groups=groups, bias=False)
         self.norm = ValidGroupNorm(groups, dim)
-        # fairseq: 0.01 * N(0, 1), (V, 1 or G, C / G)
-        self.codebook = nn.Parameter(0.01 * torch.randn(entries, 1 if shared_codebook else groups, dim // groups))
+        # (V, 1 or G, C / G); fairseq: 0.01 * N(0, 1)
+        self.codebook = nn.Parameter(codebook_std * torch.randn(entries, 1 if shared_codebook else groups, dim // groups))
 
     def _encode(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """z_e (B, T, C) of (B, T, C) features; ``mask`` (B, T) True at valid frames (right padding)."""
@@ -91,7 +94,7 @@ class KmeansVectorQuantizer(nn.Module):
             probs = (onehot * w.unsqueeze(-1)).sum(dim=(0, 1)) / weights.sum().clamp(min=1.0)  # (G, V)
         vectors = zq.to(ze.dtype).detach() + (ze - ze.detach())  # value z_q, gradient to z_e
         return KmeansOutput(vectors=vectors, codes=codes, code_perplexity=perplexity(probs),
-                            loss=codebook_term + self.gamma * commitment)
+                            loss=codebook_term + self.gamma * commitment, argmax_share=probs.max(dim=-1).values)
 
 
 class QuantizedProjection(nn.Module):

@@ -122,6 +122,9 @@ class Wav2VecOutput(NamedTuple):
     """(B, T, K) long: the distractor frames of each target frame."""
     padding_mask: Tensor | None
     """(B, T) bool frame padding (True = padded), None without padding."""
+    argmax_share: Tensor
+    """(G,) share of the valid frames on each group's most frequent codeword (Gumbel: of the
+    argmax, no noise); (0,) without a quantizer."""
 
 
 class Wav2VecModel(nn.Module):
@@ -197,12 +200,13 @@ class Wav2VecModel(nn.Module):
         if q is None:
             x, z = enc.feature_projection(features)  # the frames as they are
             quantizer_loss, code_ppl, prob_ppl, temperature = zero, zero.new_zeros(0), zero.new_zeros(0), zero
+            argmax_share = zero.new_zeros(0)
             codes = torch.zeros(batch, time, 0, dtype=torch.long, device=features.device)
         else:
             out = q(features, valid, generator=generator)
             z = out.vectors  # (B, T, C): quantized, the targets and the context network's input
             x = enc.feature_projection.dropout(z)
-            codes, code_ppl = out.codes, out.code_perplexity
+            codes, code_ppl, argmax_share = out.codes, out.code_perplexity, out.argmax_share
             if isinstance(q, GumbelVectorQuantizer):
                 prob_ppl, temperature = out.prob_perplexity, out.temperature
                 quantizer_loss = diversity_loss(out.prob_perplexity, q.num_codevectors)
@@ -224,7 +228,7 @@ class Wav2VecModel(nn.Module):
             loss_sum=loss_sum, prediction_sum=prediction_sum, num_predictions=count, num_correct=correct,
             quantizer_loss=quantizer_loss.float(), code_perplexity=code_ppl, prob_perplexity=prob_ppl,
             temperature=temperature.float(), codes=codes, last_hidden_state=hidden,
-            negative_indices=negative_indices, padding_mask=frame_pad,
+            negative_indices=negative_indices, padding_mask=frame_pad, argmax_share=argmax_share.float(),
         )
 
     @torch.no_grad()

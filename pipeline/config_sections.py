@@ -44,6 +44,14 @@ class DataConfig:
     language equally), by resampling each shard's utterances with a seeded ratio per
     language, so the stream stays deterministic and exactly resumable. Languages are the
     prepared data's ``language`` column; a dataset of one language is read as it is."""
+    labelled_ratio: float = 0.0
+    """JUST's mix of labelled and unlabelled utterances (a row is labelled when its
+    ``transcript`` is not blank). 0: read as the data is. r in (0, 1): each epoch resamples
+    the rows, labelled ones by ``r / p`` copies and the others by ``(1 - r) / (1 - p)`` (p:
+    the labelled share after language balancing), so that the expected share of labelled
+    utterances in the stream is r and an epoch keeps its expected size; seeded like the
+    language balancing it multiplies, so the stream stays exactly resumable. A split with
+    no labelled or no unlabelled utterance is an error when r > 0."""
     max_epochs: int = 100
     """Epochs the training input streams in one pass (each with its own shuffle); the run
     ends at ``train.max_steps`` or when the stream ends, whichever comes first."""
@@ -100,6 +108,8 @@ class DataConfig:
             raise ValueError(f"data.prefetch_batches: expected >= 0, got {self.prefetch_batches}")
         if not 0.0 <= self.language_alpha <= 1.0:
             raise ValueError(f"data.language_alpha: expected a value in [0, 1], got {self.language_alpha}")
+        if not 0.0 <= self.labelled_ratio < 1.0:
+            raise ValueError(f"data.labelled_ratio: expected a value in [0, 1), got {self.labelled_ratio}")
         if self.prepare_language != self.prepare_language.strip():
             raise ValueError(f"data.prepare_language: expected a code without surrounding spaces, "
                              f"got {self.prepare_language!r}")

@@ -21,7 +21,14 @@
    650k updates), then the corpus is labelled again from layer 1 of that model (500
    clusters, ``jobs/configs/pretrain/hubert_laptop_it2.yaml``) and a fresh model trains on
    what is left; the first iteration's model gets a row of its own (``it. 1 of 2``), so the
-   table shows the probe after each iteration.
+   table shows the probe after each iteration. ``vq_bert_laptop`` is vq-wav2vec's two stages
+   in the one budget: ``vq_wav2vec_laptop`` pretrains on the first half of it
+   (``VQ_BERT_FIRST_STAGE_SHARE``), the tokenising job (``jobs.label label.features=tokens``
+   with that model as ``label.teacher``; its CPU-seconds counted as HuBERT's labelling) writes
+   its tokens next to the shards, and the BERT trains on them with what is left; its first
+   stage gets a row of its own (``stage 1 of 2``), and the probe reads the BERT through the
+   tokeniser of its label set (``pipeline.label.tokens.audio_model``). The BERT reads tokens,
+   not audio, so it is not fine-tuned (``-`` in that column).
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -47,19 +54,30 @@ from jobs.benchmarks.pretraining_value import Session, _fmt, finetune, pretrain,
 
 OBJECTIVE_NAMES = {"wav2vec2": "wav2vec 2.0", "best_rq": "BEST-RQ", "hubert": "HuBERT", "wav2vec": "wav2vec",
                    "vq_wav2vec": "vq-wav2vec", "apc": "APC", "tera": "TERA"}
-OBJECTIVE_NAMES.update(data2vec="data2vec", data2vec2="data2vec 2.0", w2v_bert="w2v-BERT")
+OBJECTIVE_NAMES.update(data2vec="data2vec", data2vec2="data2vec 2.0", w2v_bert="w2v-BERT", vq_bert="vq-wav2vec + BERT")
 FIRST_ITERATION_SHARE = 0.4
 """Of a two-iteration HuBERT row's budget, the first iteration's (HuBERT BASE: 250k of 650k updates)."""
 SECOND_ITERATION = ["model.hubert.clusters=500", "label.features=model", "label.layer=1"]
 """The laptop model's second iteration (``jobs/configs/pretrain/hubert_laptop_it2.yaml``)."""
+VQ_BERT_FIRST_STAGE_SHARE = 0.5
+"""Of a vq_bert row's budget, its first stage's: vq-wav2vec's pretraining; the tokenising
+job's CPU-seconds and the BERT's training share the rest. Half each is this benchmark's
+choice: the paper trains its two stages for different numbers of updates on different
+hardware and gives no ratio of their compute, and an even split keeps either stage from
+deciding the row alone (the first stage's row beside it shows what half the budget buys
+without the BERT)."""
+TOKENISERS = {"vq_bert": "vq_wav2vec", "vq_bert_laptop": "vq_wav2vec_laptop"}
+"""The vq-wav2vec preset whose tokens each vq_bert preset's BERT reads (its first stage)."""
 DEFAULT_OBJECTIVES = (
     "laptop,best_rq_laptop,hubert_laptop:2,wavlm_laptop,wav2vec_laptop,vq_wav2vec_laptop,apc_laptop,tera_laptop,"
-    "data2vec_laptop,data2vec2_laptop,w2v_bert_laptop"
+    "data2vec_laptop,data2vec2_laptop,w2v_bert_laptop,vq_bert_laptop"
 )
 
 
 def _describe(cfg: Any) -> str:
     m = cfg.model
+    if m.objective == "vq_bert":  # no audio front end: tokens of the vq-wav2vec model at label.teacher
+        return f"vq-wav2vec tokens ({m.vq_bert.vocab}) + {m.transformer.kind} {m.transformer.num_layers}x{m.transformer.dim}"
     front = "log-mel" if m.frontend.kind == "logmel" else "conv"
     if m.frontend.kind == "conv" and m.encoder.mode == "wav2vec":
         front = "wav2vec conv" + (" + vq" if m.objective == "vq_wav2vec" else "")  # the quantizer is in the encoder
@@ -99,13 +117,17 @@ def label_corpus(preset: str, data: str, overrides: list[str], log: Any) -> floa
 def pretrain_budgeted(work: Path, data: str, *, preset: str, iterations: int, seed: int, seconds: float,
                       overrides: list[str], log: Any) -> tuple[Path, dict[str, Any]]:
     """Pretrain ``preset`` within ``seconds`` in all: for HuBERT, labelling first (its time out of
-    the budget), and with ``iterations`` 2 the second iteration on labels of the first's model.
-    The info's ``earlier`` lists the iterations before the last (checkpoint, labelling
-    seconds), so the table can show what each iteration added."""
+    the budget), and with ``iterations`` 2 the second iteration on labels of the first's model;
+    for vq_bert, vq-wav2vec's pretraining, its tokenising and the BERT (:func:`pretrain_vq_bert`).
+    The info's ``earlier`` lists the models trained before the last (checkpoint, the row's
+    name, labelling seconds until then), so the table can show what each stage added."""
     from pipeline.config import preset_config
     from pipeline.train.checkpoint import read_state
 
-    if preset_config(preset).model.objective != "hubert":
+    objective = preset_config(preset).model.objective
+    if objective == "vq_bert":
+        return pretrain_vq_bert(work, data, preset=preset, seed=seed, seconds=seconds, overrides=overrides, log=log)
+    if objective != "hubert":
         ckpt, secs = pretrain(work, data, seed=seed, steps=10**9, seconds=seconds, overrides=overrides, log=log,
                               preset=preset, log_every=50)
         return ckpt, {"label_seconds": 0.0, "wall": secs, "earlier": []}
@@ -127,9 +149,35 @@ def pretrain_budgeted(work: Path, data: str, *, preset: str, iterations: int, se
         spent += read_state(ckpt).train_seconds
         extra = SECOND_ITERATION + [f"label.teacher={ckpt}"]
         if it < iterations:
-            earlier.append({"checkpoint": ckpt, "label_seconds": label_seconds})
+            earlier.append({"checkpoint": ckpt, "label_seconds": label_seconds, "what": f"it. {it} of {iterations}",
+                            "preset": preset})
     assert ckpt is not None
     return ckpt, {"label_seconds": label_seconds, "wall": float("nan"), "earlier": earlier}
+
+
+def pretrain_vq_bert(work: Path, data: str, *, preset: str, seed: int, seconds: float, overrides: list[str],
+                     log: Any) -> tuple[Path, dict[str, Any]]:
+    """vq-wav2vec's two stages in ``seconds`` in all: its ``TOKENISERS`` preset pretrains for
+    ``VQ_BERT_FIRST_STAGE_SHARE`` of them, ``jobs.label`` tokenises ``data`` with that model
+    (``label.features=tokens``, the preset's), and the BERT ``preset`` trains on the tokens
+    with what the first stage and the tokenising left. Every stage is reused when done, as
+    the other rows' runs are: the first stage's checkpoint names the label set's teacher and
+    so the BERT's run."""
+    from pipeline.train.checkpoint import read_state
+
+    first = TOKENISERS[preset]
+    stage1, _ = pretrain(work, data, seed=seed, steps=10**9, seconds=VQ_BERT_FIRST_STAGE_SHARE * seconds,
+                         overrides=overrides, log=log, preset=first, log_every=50)
+    spent = read_state(stage1).train_seconds
+    items = overrides + [f"label.teacher={stage1}"]
+    took = label_corpus(preset, data, items, log)
+    spent += took
+    budget = max(1.0, seconds - spent)
+    log(f"{preset}: {first} trained {spent - took:.0f} s, tokenised in {took:.0f} s; {budget:.0f} s of BERT training")
+    ckpt, _ = pretrain(work, data, seed=seed, steps=10**9, seconds=budget, overrides=items, log=log, preset=preset,
+                       log_every=50)
+    earlier = [{"checkpoint": stage1, "label_seconds": 0.0, "what": "stage 1 of 2", "preset": first}]
+    return ckpt, {"label_seconds": took, "wall": float("nan"), "earlier": earlier}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -157,7 +205,8 @@ def render(results: dict[str, Any]) -> str:
                      f"{pct(row.get('probe_cer')):>10} {pct(row.get('finetune_cer')):>15}")
     lines += [
         "  (character error rates on the held-out voices; greedy CTC decoding, no language model; lower is better;",
-        "   'label s': CPU-seconds of k-means labelling, counted in the row's budget; 'updates': its last iteration's)",
+        "   'label s': CPU-seconds of k-means labelling or of vq_bert's tokenising, counted in the row's budget;",
+        "   'updates': its last iteration's or stage's)",
         "",
         "  wall time: " + ", ".join(f"{k} {_fmt(v)}" for k, v in results["wall"].items() if math.isfinite(v)),
     ]
@@ -186,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.evaluate import evaluate
     from models.factory import count_parameters
     from pipeline.config import preset_config
+    from pipeline.model_io import load_model
     from pipeline.probe import load_labelled_set
     from pipeline.train.checkpoint import read_state
 
@@ -196,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if iterations and (not iterations.isdigit() or not 1 <= int(iterations) <= 2
                            or preset_config(name).model.objective != "hubert"):
             parser.error(f"--objectives: {p!r}: ':N' (N = 1 or 2) is for HuBERT presets only")
+        if preset_config(name).model.objective == "vq_bert" and name not in TOKENISERS:
+            parser.error(f"--objectives: {p!r}: a vq_bert row needs its first stage's preset; known: "
+                         f"{', '.join(TOKENISERS)}")
     session = Session("objectives", args)
     work, data, log, t_all = session.work, session.data, session.log, session.started
     wall: dict[str, float] = {"data": session.data_seconds}
@@ -211,30 +264,31 @@ def main(argv: list[str] | None = None) -> int:
         wall[f"pretrain {key}"] = time.perf_counter() - t0
         cfg = preset_config(preset)
         normalize = cfg.data.normalize
-        state = read_state(ckpt)
-        from pipeline.model_io import load_model
-
-        model = load_model(str(ckpt)).model
         what = f" {int(iterations)} iterations" if iterations and int(iterations) > 1 else ""
-        for i, it in enumerate(info["earlier"], start=1):  # what the first iteration alone reached
-            st = read_state(it["checkpoint"])
+        stages = [(f"{key}@{i}", it["preset"], Path(it["checkpoint"]), it["label_seconds"], f" {it['what']}")
+                  for i, it in enumerate(info["earlier"], start=1)]  # what the earlier stages alone reached
+        stages.append((key, preset, Path(ckpt), info["label_seconds"], what))
+        added = []
+        for row_key, row_preset, row_ckpt, labelled, suffix in stages:
+            row_cfg = preset_config(row_preset)
+            state = read_state(row_ckpt)
+            model = load_model(str(row_ckpt)).model
+            arch = _describe(row_cfg)
+            tuned = row_cfg.model.objective != "vq_bert"  # a BERT on tokens: the probe reads it, fine-tuning cannot
             rows.append({
-                "key": f"{key}@{i}", "label": f"{_name(cfg)} it. {i} of {iterations} ({preset}, {_describe(cfg)})",
-                "checkpoint": str(it["checkpoint"]), "params": count_parameters(model.encoder), "updates": st.step,
-                "audio_s_per_s": st.metrics.get("speed/audio_s_per_s"), "train_seconds": st.train_seconds,
-                "label_seconds": it["label_seconds"],
+                "key": row_key, "label": f"{_name(row_cfg)}{suffix} ({row_preset}, {arch})",
+                "checkpoint": str(row_ckpt), "params": count_parameters(model.encoder), "updates": state.step,
+                "audio_s_per_s": state.metrics.get("speed/audio_s_per_s"), "train_seconds": state.train_seconds,
+                "label_seconds": labelled, "finetune": tuned,
             })
-        rows.append({
-            "key": key, "label": f"{_name(cfg)}{what} ({preset}, {_describe(cfg)})",
-            "checkpoint": str(ckpt), "params": count_parameters(model.encoder), "updates": state.step,
-            "audio_s_per_s": state.metrics.get("speed/audio_s_per_s"), "train_seconds": state.train_seconds,
-            "label_seconds": info["label_seconds"],
-        })
-        arch = _describe(cfg)
-        if arch not in random_rows:
-            rnd = random_checkpoint(ckpt, work / "random-init", seed=args.seed)
-            random_rows[arch] = {"key": f"random {arch}", "label": f"random-init encoder ({arch})",
-                                 "checkpoint": str(rnd), "params": count_parameters(model.encoder)}
+            added.append((row_key, row_ckpt, arch, tuned, count_parameters(model.encoder)))
+        for row_key, row_ckpt, arch, tuned, params in reversed(added):  # the last stage's weights' shape first
+            if arch not in random_rows:
+                rnd = random_checkpoint(row_ckpt, work / "random-init", seed=args.seed)
+                label = (f"random-init BERT on {row_key}'s tokens ({arch})" if not tuned
+                         else f"random-init encoder ({arch})")
+                random_rows[arch] = {"key": f"random {arch}", "label": label, "checkpoint": str(rnd),
+                                     "params": params, "finetune": tuned}
     rows[1:1] = list(random_rows.values())
 
     t0 = time.perf_counter()
@@ -245,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         r["probe_cer"] = scores[r["key"]]["probe/cer"]
     if not args.skip_finetune:
         for r in rows:
+            if not r.get("finetune", True):
+                log(f"{r['key']}: not fine-tuned (a BERT on tokens; jobs.finetune takes audio encoders)")
+                continue
             extra = [f"train.init_from={r['checkpoint']}"] if r["checkpoint"] else [
                 "finetune.frontend=logmel", f"data.normalize={str(normalize).lower()}"]
             name = r["key"].replace(" ", "-").replace("+", "").replace(":", "-").replace("@", "-it")

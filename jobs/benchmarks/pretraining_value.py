@@ -216,6 +216,8 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
 
     cfg = load_config(pretrained / CONFIG_FILE)
     content = [json.dumps(to_flat_dict(cfg.model), sort_keys=True, default=str), str(cfg.data.normalize)]
+    if cfg.model.objective == "vq_bert":  # its features of audio are its tokeniser's too: one per teacher
+        content.append(cfg.label.teacher)
     out = out / f"s{seed}-{_tag(content)}"
     if not (out / WEIGHTS_NAME).is_file():  # the name is the content: fine-tuning runs stay reusable
         torch.manual_seed(seed)
@@ -227,9 +229,11 @@ def random_checkpoint(pretrained: Path, out: Path, *, seed: int) -> Path:
 def probes(models: dict[str, str | None], labelled: str, test: str, *, seed: int, steps: int, normalize: bool,
            log: Any) -> dict[str, dict]:
     """The frozen-feature probe on each named input: a checkpoint path, or None for log-mel
-    filterbanks; the same head, budget and data for every row."""
+    filterbanks; the same head, budget and data for every row. A vq_bert model is read
+    through the tokeniser of its label set (``pipeline.label.tokens.audio_model``)."""
     from pipeline.config import ProbeConfig
     from pipeline.features import LogMelFrontend
+    from pipeline.label.tokens import audio_model
     from pipeline.model_io import load_model
     from pipeline.probe import load_labelled_set, run_probe
 
@@ -238,7 +242,7 @@ def probes(models: dict[str, str | None], labelled: str, test: str, *, seed: int
     pcfg = ProbeConfig(head="conv", hidden=64, steps=steps, batch_size=16, lr=2e-3, seed=seed)
     out = {}
     for name, location in models.items():
-        model = LogMelFrontend(80) if location is None else load_model(location).model
+        model = LogMelFrontend(80) if location is None else audio_model(load_model(location))
         log(f"probe {name}: {steps} updates of a {pcfg.head} CTC head on frozen features")
         out[name] = run_probe(model, train_set, test_set, pcfg, normalize=normalize)
     return out

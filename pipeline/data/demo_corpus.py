@@ -21,11 +21,18 @@ voices of that language, four speakers each with one held out; English keeps its
 above. Utterances go round-robin over the languages, so each gets about the same
 minutes, and both tables gain a ``language`` column, which ``jobs.prepare`` writes into
 every row (``pipeline/data/schema.py``, ``LANGUAGE``).
+
+``labelled_fraction`` (``--labelled-fraction``) leaves part of the corpus unlabelled, the
+data of a semi-supervised objective such as JUST (``data.labelled_ratio``): only that
+share of the training speakers' utterances keep their transcript in ``transcripts.tsv``
+(which ones: a seeded hash of the id, :func:`keeps_transcript`), the others get an empty
+one. Held-out speakers keep every transcript: they are what evaluations score.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import shutil
 import subprocess
@@ -328,6 +335,16 @@ def synthesize(voice: Voice, text: str, path: Path, rate_scale: float = 1.0) -> 
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
 
 
+def keeps_transcript(utterance_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a training speaker's utterance keeps its transcript when only ``fraction``
+    of them do: a hash of ``seed`` and the id, so the same corpus is labelled the same way
+    on every machine and run, whatever order the files were made in."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{seed}\0{utterance_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def make_corpus(
     out_dir: str | Path,
     *,
@@ -336,6 +353,7 @@ def make_corpus(
     voices: list[Voice] | None = None,
     languages: Sequence[str] | None = None,
     workers: int | None = None,
+    labelled_fraction: float = 1.0,
     progress: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Synthesise about ``minutes`` of speech into ``out_dir``; returns counts and minutes.
@@ -345,10 +363,14 @@ def make_corpus(
     Utterances go round-robin over the languages and, within each, over its voices, so
     every language and speaker gets about the same share; the same seed gives the same
     sentences, voices and rates. The tables carry a ``language`` column when the corpus
-    was asked for languages or its voices speak more than one.
+    was asked for languages or its voices speak more than one. ``labelled_fraction``: the
+    share of the training (not held-out) speakers' utterances whose transcript is kept
+    (:func:`keeps_transcript`); the rest are written with an empty transcript.
     """
     if minutes <= 0:
         raise ValueError(f"--minutes: expected > 0, got {minutes}")
+    if not 0.0 <= labelled_fraction <= 1.0:
+        raise ValueError(f"--labelled-fraction: expected a value in [0, 1], got {labelled_fraction}")
     out = Path(out_dir)
     if voices is None:
         voices = voices_for(languages) if languages is not None else available_voices()
@@ -382,7 +404,9 @@ def make_corpus(
             for rel, text, voice, fut in jobs:
                 seconds = fut.result()
                 total_s += seconds
-                rows.append((rel[: -len(".wav")], rel, text, voice.name) + ((voice.language,) if tagged else ()))
+                utt = rel[: -len(".wav")]
+                kept = voice.heldout or keeps_transcript(utt, labelled_fraction, seed)
+                rows.append((utt, rel, text if kept else "", voice.name) + ((voice.language,) if tagged else ()))
             progress(f"demo corpus: {len(rows)} utterances, {total_s / 60:.1f} of {minutes:g} min")
     extra = ["language"] if tagged else []
     with open(out / "transcripts.tsv", "w", newline="", encoding="utf-8") as f:
@@ -395,7 +419,8 @@ def make_corpus(
         for v in voices:
             w.writerow([v.name, v.engine, v.voice, v.speed, v.pitch, str(v.heldout).lower()]
                        + ([v.language] if tagged else []))
-    return {"utterances": len(rows), "minutes": total_s / 60, "speakers": len(voices), "languages": len(order)}
+    return {"utterances": len(rows), "minutes": total_s / 60, "speakers": len(voices), "languages": len(order),
+            "labelled": sum(1 for r in rows if r[2])}
 
 
 def _make_one(voice: Voice, text: str, path: Path, scale: float) -> float:

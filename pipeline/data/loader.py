@@ -7,9 +7,10 @@ Stages, each with the rows it produces:
    split's shards in the order of a permutation seeded by ``data.shuffle_seed + e``.
    A resumed run leaves out the units its position marks finished.
 2. read + plan (a Ray Data read task per few units, ``data.decode_cpus`` each): read a
-   shard's ``id, num_samples, audio`` columns; on a multilingual dataset, resample its
-   rows (XLSR's balancing, ``data.language_alpha``: each row 0, 1 or more times, seeded by
-   epoch and shard, :func:`pipeline.data.batching.resample_rows`); plan its batches on
+   shard's ``id, num_samples, audio`` columns; on a multilingual dataset, or when mixing
+   labelled and unlabelled utterances, resample its rows (each row 0, 1 or more times,
+   seeded by epoch and shard, :func:`pipeline.data.batching.resample_rows`; see
+   "Resampling" below); plan its batches on
    lengths alone (:func:`pipeline.data.batching.plan_batches`, seeded by epoch and shard),
    and drop the batches the position marks consumed, all before decoding anything. A
    unit's batches are thus still a pure function of the metadata and the seeds, which is
@@ -33,6 +34,18 @@ Stages, each with the rows it produces:
 With a label set (HuBERT, ``labels=``), stage 3 also reads each shard's labels, starts
 every crop on a label frame, and adds ``target_ids`` (B, T) at the model's frame rate
 (:mod:`pipeline.data.labels` says how they stay aligned with the crops).
+
+Resampling: a row's expected copies per epoch are its language's ratio (XLSR's balancing,
+``data.language_alpha``: p(language) proportional to hours^alpha) times its label weight
+(JUST's mix, ``data.labelled_ratio`` r: a row is labelled when its manifest ``transcript``
+is not blank). With p the labelled share of the language-weighted rows long enough to
+train on, labelled rows weigh ``r / p`` and the others ``(1 - r) / (1 - p)``: the expected
+labelled share of the stream is r, and an epoch keeps its expected number of rows (and,
+where every language has the same labelled share, each language its share of the hours).
+The driver learns the hours by language and p in one pass over the manifest
+(:func:`plan_resampling`), and reads the ``language`` and ``transcript`` columns only when
+balancing or mixing needs them; the driver's batch counts and the read task's plans come
+from the same per-row ratios (:func:`resample_ratios`) and the same seeds.
 
 Batching happens before the split (not in each worker) so that every batch is built
 from one shard's length buckets under the sample budget, and so that a batch is the
@@ -179,6 +192,14 @@ class _Settings:
     """Copies per utterance of each language ("" for none), empty when not balancing."""
     languages: bool = False
     """Carry each utterance's language in the batches (a split of two languages or more)."""
+    labelled_ratio: float = 0.0
+    """``data.labelled_ratio``; 0: labelled and unlabelled rows are read as they are."""
+    label_weights: tuple[float, float] | None = None
+    """Copies per utterance of a labelled and of an unlabelled row; None when not mixing."""
+
+    @property
+    def resampling(self) -> Resampling:
+        return Resampling(dict(self.language_ratios), self.label_weights)
 
     def plan_hash(self) -> str:
         keyed: dict[str, Any] = {
@@ -186,6 +207,8 @@ class _Settings:
         }
         if self.language_ratios:  # absent when not balancing: plans made before it existed stay valid
             keyed["language_ratios"] = [[lang, round(r, 9)] for lang, r in self.language_ratios]
+        if self.label_weights is not None:  # absent when not mixing, for the same reason
+            keyed["labelled_ratio"] = [round(self.labelled_ratio, 9), *(round(w, 9) for w in self.label_weights)]
         # normalize, seed and languages change content, not which batch has which key
         return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -203,7 +226,8 @@ def resample_rng(shuffle_seed: int, epoch: int, shard: int) -> np.random.Generat
 
 def unit_rows(row_ratios: np.ndarray | None, shuffle_seed: int, epoch: int, shard: int, num_rows: int) -> np.ndarray:
     """Rows unit ``(epoch, shard)`` plans its batches from: every row once, or, when
-    balancing languages (``row_ratios`` (N,): each row's language's ratio), resampled."""
+    resampling (``row_ratios`` (N,): each row's copies per epoch, :func:`resample_ratios`),
+    resampled."""
     if row_ratios is None:
         return np.arange(num_rows, dtype=np.int64)
     return resample_rows(row_ratios, resample_rng(shuffle_seed, epoch, shard))
@@ -218,6 +242,51 @@ def row_ratios(languages: pa.Array | pa.ChunkedArray, ratios: dict[str, float]) 
     index = pc.index_in(pc.fill_null(languages, ""), value_set=pa.array(list(ratios), pa.string()))
     codes = np.asarray(pc.fill_null(index, len(ratios)).to_numpy(zero_copy_only=False), dtype=np.int64)  # (N,)
     return np.append(np.array(list(ratios.values()), dtype=np.float64), 0.0)[codes]
+
+
+def labelled_rows(transcripts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which rows are labelled, shape (N,) bool: a transcript that is neither null nor blank
+    (after trimming whitespace). Arrow kernels, like :func:`row_ratios`: the driver runs it
+    over the manifest and the read task over the shard, and both must agree row by row."""
+    if pa.types.is_null(transcripts.type):  # a column written with no transcript at all
+        transcripts = transcripts.cast(pa.string())
+    has_text = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(transcripts)), 0)
+    return np.asarray(pc.fill_null(has_text, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class Resampling(NamedTuple):
+    """How a split's rows are resampled each epoch (:func:`plan_resampling`)."""
+
+    languages: dict[str, float]
+    """Copies per utterance of each language ("" for none); empty when not balancing."""
+    labels: tuple[float, float] | None
+    """Copies per utterance of a labelled and of an unlabelled row; None when not mixing."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.languages) or self.labels is not None
+
+
+def resample_ratios(
+    num_rows: int, resampling: Resampling, languages: pa.Array | pa.ChunkedArray | None,
+    labelled: np.ndarray | None,
+) -> np.ndarray | None:
+    """Each row's expected copies per epoch, shape (N,): its language's ratio times its
+    label weight; None when nothing is resampled (every row once). ``languages`` is only
+    read when balancing, ``labelled`` (N,) only when mixing."""
+    if not resampling.active:
+        return None
+    if resampling.languages:
+        ratios = row_ratios(languages if languages is not None else pa.nulls(num_rows, pa.string()),
+                            resampling.languages)  # (N,)
+    else:
+        ratios = np.ones(num_rows, dtype=np.float64)
+    if resampling.labels is not None:
+        if labelled is None:
+            raise ValueError("resample_ratios: mixing labelled and unlabelled rows needs each row's label")
+        w_labelled, w_unlabelled = resampling.labels
+        ratios = ratios * np.where(labelled, w_labelled, w_unlabelled)
+    return ratios
 
 
 class EpochCounts(NamedTuple):
@@ -268,12 +337,24 @@ def plan_units(
     return tasks
 
 
+class ShardMetadata(NamedTuple):
+    """One shard's rows as the manifest describes them, in row order."""
+
+    lengths: np.ndarray
+    """Samples of each utterance, (N,) int64."""
+    languages: pa.Array | None
+    """Arrow strings, null where none; None unless asked for."""
+    labelled: np.ndarray | None
+    """(N,) bool, :func:`labelled_rows`; None unless asked for."""
+
+
 def shard_metadata(
     info: DatasetInfo, shards: list[ShardInfo], store: storage.Storage | None = None, *, languages: bool = False,
-) -> Iterator[tuple[np.ndarray, pa.Array | None]]:
-    """Utterance lengths of each of ``shards`` in row order, and with ``languages`` their
-    languages (Arrow strings, null where none; None without ``languages``), from the
-    manifest (no audio read).
+    transcripts: bool = False,
+) -> Iterator[ShardMetadata]:
+    """Utterance lengths of each of ``shards`` in row order, with ``languages`` their
+    languages and with ``transcripts`` which rows are labelled, from the manifest (no audio
+    read; a column not asked for is not read).
 
     The manifest (sorted by split, shard, row) is streamed a record batch at a time and one
     shard's rows are held at once, so planning a corpus of 10^7 files needs the memory of
@@ -281,10 +362,10 @@ def shard_metadata(
     """
     uri = storage.join(info.root, S.MANIFEST_FILE)
     wanted = {s.path: s for s in shards}
-    found: dict[str, tuple[np.ndarray, pa.Array | None]] = {}
+    found: dict[str, ShardMetadata] = {}
     seen: set[str] = set()
     next_index = 0
-    for path, rows, lengths, langs in _manifest_runs(uri, store, languages=languages):
+    for path, rows, meta in _manifest_runs(uri, store, languages=languages, transcripts=transcripts):
         shard = wanted.get(path)
         if shard is None:
             continue
@@ -296,7 +377,7 @@ def shard_metadata(
                 "was jobs.prepare interrupted? Run it again."
             )
         seen.add(path)
-        found[path] = (lengths, langs)
+        found[path] = meta
         # Handed out in the order asked for as soon as ready: both orders are by path, so
         # nothing waits unless a manifest was written in another order.
         while next_index < len(shards) and shards[next_index].path in found:
@@ -311,38 +392,46 @@ def shard_metadata(
 
 
 def _manifest_runs(
-    uri: str, store: storage.Storage | None, *, languages: bool = False,
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, pa.Array | None]]:
-    """``(shard, rows, lengths, languages)`` for each run of consecutive manifest rows of one
-    shard; ``languages`` None unless asked for."""
+    uri: str, store: storage.Storage | None, *, languages: bool = False, transcripts: bool = False,
+) -> Iterator[tuple[str, np.ndarray, ShardMetadata]]:
+    """``(shard, rows, metadata)`` for each run of consecutive manifest rows of one shard;
+    the ``language`` and ``transcript`` columns are read only when asked for."""
     fs, path = storage.resolve(uri, store)
     with fs.open_input_file(path) as handle:
         current = ""
         rows: list[np.ndarray] = []
         lengths: list[np.ndarray] = []
         langs: list[pa.Array] = []
+        labelled: list[np.ndarray] = []
 
-        def run() -> tuple[str, np.ndarray, np.ndarray, pa.Array | None]:
-            joined = pa.concat_arrays(langs) if languages else None
-            return current, np.concatenate(rows), np.concatenate(lengths).astype(np.int64), joined
+        def run() -> tuple[str, np.ndarray, ShardMetadata]:
+            meta = ShardMetadata(
+                np.concatenate(lengths).astype(np.int64),
+                pa.concat_arrays(langs) if languages else None,
+                np.concatenate(labelled) if transcripts else None,
+            )
+            return current, np.concatenate(rows), meta
 
-        columns = [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * languages
+        columns = [S.SHARD, S.ROW, S.NUM_SAMPLES] + [S.LANGUAGE] * languages + [S.TRANSCRIPT] * transcripts
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=1 << 16, columns=columns):
             encoded = batch.column(S.SHARD).dictionary_encode()
             codes = encoded.indices.to_numpy()
             starts = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [len(codes)]])
             row = batch.column(S.ROW).to_numpy()
             num = batch.column(S.NUM_SAMPLES).to_numpy()
+            has_text = labelled_rows(batch.column(S.TRANSCRIPT)) if transcripts else None  # (batch,)
             for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
                 shard = encoded.dictionary[int(codes[a])].as_py()
                 if shard != current:
                     if rows:
                         yield run()
-                    current, rows, lengths, langs = shard, [], [], []
+                    current, rows, lengths, langs, labelled = shard, [], [], [], []
                 rows.append(row[a:b])
                 lengths.append(num[a:b])
                 if languages:
                     langs.append(batch.column(S.LANGUAGE).slice(a, b - a))
+                if has_text is not None:
+                    labelled.append(has_text[a:b])
         if rows:
             yield run()
 
@@ -380,17 +469,65 @@ def balance_languages(
     from the hours of ``split``'s utterances long enough to be trained on, streamed from
     the manifest; empty: the split is read as it is (one language, ``data.language_alpha``
     1, or a dataset prepared before the language column)."""
-    if cfg.language_alpha == 1.0 or not _has_languages(info, split, store):
-        return {}
+    return plan_resampling(cfg, info, split, store, labels=False).languages
+
+
+def plan_resampling(
+    cfg: DataConfig, info: DatasetInfo, split: str, store: storage.Storage | None, *, labels: bool = True,
+) -> Resampling:
+    """How ``split``'s rows are resampled each epoch: XLSR's language ratios
+    (:func:`balance_languages`) and, with ``data.labelled_ratio`` r > 0 (and ``labels``),
+    JUST's label weights ``(r / p, (1 - r) / (1 - p))``, p the labelled share of the rows
+    long enough to train on, each counted with its language's ratio, so that the stream's
+    expected labelled share is r and an epoch keeps its expected size (module doc).
+
+    One pass over the manifest gives both the hours by language and the rows by language
+    and label; it reads the ``language`` column only when balancing and the ``transcript``
+    column only when mixing, and is skipped when neither (a monolingual, unmixed run).
+    """
+    balancing = cfg.language_alpha != 1.0 and _has_languages(info, split, store)
+    mixing = labels and cfg.labelled_ratio > 0
+    if not balancing and not mixing:
+        return Resampling({}, None)
     hours: dict[str, float] = {}
-    for n, langs in shard_metadata(info, info.split(split), store, languages=True):
+    rows: dict[str, list[int]] = {}  # language -> [usable rows, usable labelled rows]
+    for meta in shard_metadata(info, info.split(split), store, languages=balancing, transcripts=mixing):
+        n = meta.lengths
         usable = n >= max(1, cfg.min_sample_size)
-        encoded = pc.fill_null(langs, "").dictionary_encode()
-        codes = encoded.indices.to_numpy(zero_copy_only=False)  # (N,)
-        samples = np.bincount(codes[usable], weights=n[usable], minlength=len(encoded.dictionary))
-        for lang, total in zip(encoded.dictionary.to_pylist(), samples.tolist(), strict=True):
+        if meta.languages is not None:
+            encoded = pc.fill_null(meta.languages, "").dictionary_encode()
+            codes = encoded.indices.to_numpy(zero_copy_only=False)  # (N,)
+            names = encoded.dictionary.to_pylist()
+        else:
+            codes, names = np.zeros(len(n), dtype=np.int64), [""]
+        samples = np.bincount(codes[usable], weights=n[usable], minlength=len(names))
+        counts = np.bincount(codes[usable], minlength=len(names))
+        with_text = np.bincount(codes[usable & meta.labelled], minlength=len(names)) if mixing else counts * 0
+        for lang, total, count, labelled in zip(names, samples.tolist(), counts.tolist(), with_text.tolist(),
+                                                strict=True):
             hours[lang] = hours.get(lang, 0.0) + float(total) / cfg.sample_rate / 3600
-    return language_ratios(hours, cfg.language_alpha)
+            seen = rows.setdefault(lang, [0, 0])
+            seen[0] += count
+            seen[1] += labelled
+    ratios = language_ratios(hours, cfg.language_alpha) if balancing else {}
+    if not mixing:
+        return Resampling(ratios, None)
+    usable_rows = sum(c for c, _ in rows.values())
+    n_labelled = sum(lab for _, lab in rows.values())
+    if n_labelled == 0 or n_labelled == usable_rows:
+        which = "no labelled utterance (a transcript that is not blank)" if n_labelled == 0 else \
+            "no unlabelled utterance (every one has a transcript)"
+        raise ValueError(
+            f"data.labelled_ratio={cfg.labelled_ratio}: the {split!r} split of {cfg.train_uri} has {which} among "
+            f"its {usable_rows} utterances of data.min_sample_size={cfg.min_sample_size} samples or more, so there "
+            "is nothing to mix; set data.labelled_ratio=0 or prepare the data with a sidecar that gives some files "
+            "a transcript and leaves others without one"
+        )
+    weight = (lambda lang: ratios.get(lang, 0.0)) if ratios else (lambda lang: 1.0)
+    p = sum(weight(lang) * lab for lang, (_, lab) in rows.items()) / sum(
+        weight(lang) * c for lang, (c, _) in rows.items())
+    r = cfg.labelled_ratio
+    return Resampling(ratios, (r / p, (1 - r) / (1 - p)))
 
 
 class _PlannedCounts:
@@ -399,7 +536,8 @@ class _PlannedCounts:
 
     The extra splits make every epoch's batch count a multiple of the worker count. Read
     as it is, every epoch counts the same, from one pass over the manifest. Resampled
-    (``ratios``), each epoch's units differ, and so do their counts: a pass over the
+    (``ratios``: languages', ``label_weights``: labelled and unlabelled rows'; see
+    :func:`plan_resampling`), each epoch's units differ, and so do their counts: a pass over the
     manifest counts a window of epochs, as many as ``max_batches`` is expected to need
     (all of ``data.max_epochs`` without it), so a run's start costs what it will read,
     not every epoch of the data.
@@ -407,16 +545,20 @@ class _PlannedCounts:
 
     def __init__(
         self, cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, spec: BatchSpec,
-        store: storage.Storage | None, *, ratios: dict[str, float] | None = None, max_batches: int | None = None,
+        store: storage.Storage | None, *, ratios: dict[str, float] | None = None,
+        label_weights: tuple[float, float] | None = None, max_batches: int | None = None,
     ) -> None:
         self._cfg, self._info, self._split, self._num_splits = cfg, info, split, num_splits
-        self._spec, self._store, self._ratios, self._max_batches = spec, store, ratios or {}, max_batches
+        self._spec, self._store, self._max_batches = spec, store, max_batches
+        self._resampling = Resampling(ratios or {}, label_weights)
         self._shards = info.split(split)
         self._by_epoch: dict[int, EpochCounts] = {}
         self._every_epoch: EpochCounts | None = None
         self._warned = False
-        if not self._ratios:
-            self._every_epoch = self._finish([count_batches(n, spec) for n, _ in shard_metadata(info, self._shards, store)])
+        if not self._resampling.active:
+            self._every_epoch = self._finish(
+                [count_batches(meta.lengths, spec) for meta in shard_metadata(info, self._shards, store)]
+            )
 
     @property
     def counted(self) -> tuple[int, ...]:
@@ -439,9 +581,12 @@ class _PlannedCounts:
 
     def _count(self, epochs: range) -> None:
         per_epoch: dict[int, list[tuple[int, int]]] = {e: [] for e in epochs}
-        seed = self._cfg.shuffle_seed
-        for s, (n, langs) in enumerate(shard_metadata(self._info, self._shards, self._store, languages=True)):
-            ratios = row_ratios(langs if langs is not None else pa.nulls(len(n), pa.string()), self._ratios)  # (N,)
+        seed, resampling = self._cfg.shuffle_seed, self._resampling
+        metadata = shard_metadata(self._info, self._shards, self._store, languages=bool(resampling.languages),
+                                  transcripts=resampling.labels is not None)
+        for s, meta in enumerate(metadata):
+            n = meta.lengths
+            ratios = resample_ratios(len(n), resampling, meta.languages, meta.labelled)  # (N,)
             for e in epochs:
                 per_epoch[e].append(count_batches(n[unit_rows(ratios, seed, e, s, len(n))], self._spec))
         for e, counts in per_epoch.items():
@@ -467,8 +612,9 @@ class _PlannedCounts:
 def batch_counts(cfg: DataConfig, info: DatasetInfo, split: str, num_splits: int, epoch: int = 0) -> list[int]:
     """Batches of each shard of ``split`` in epoch ``epoch`` (extra splits included), in shard order."""
     store = storage.Storage.for_data(cfg)
-    counts = _PlannedCounts(cfg, info, split, num_splits, _spec(cfg), store,
-                            ratios=balance_languages(cfg, info, split, store), max_batches=0)
+    resampling = plan_resampling(cfg, info, split, store)
+    counts = _PlannedCounts(cfg, info, split, num_splits, _spec(cfg), store, ratios=resampling.languages,
+                            label_weights=resampling.labels, max_batches=0)
     return counts(epoch).batches
 
 
@@ -512,11 +658,12 @@ def build_train_dataset(
     if num_splits < 1:
         raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
     spec = _spec(cfg)
-    ratios = balance_languages(cfg, info, split, store)
+    resampling = plan_resampling(cfg, info, split, store)
     settings = _Settings(
         sample_rate=cfg.sample_rate, spec=spec, normalize=cfg.normalize, shuffle_seed=cfg.shuffle_seed,
-        seed=seed, num_splits=num_splits, labels=labels, language_ratios=tuple(ratios.items()),
-        languages=bool(dataset_languages(info, split)),
+        seed=seed, num_splits=num_splits, labels=labels, language_ratios=tuple(resampling.languages.items()),
+        languages=bool(dataset_languages(info, split)), labelled_ratio=cfg.labelled_ratio,
+        label_weights=resampling.labels,
     )
     if labels is not None:
         if labels.dataset_version != info.version:
@@ -525,7 +672,8 @@ def build_train_dataset(
                 f"version {info.version}: label it again (jobs.label)"
             )
         labels.check_position(position)
-    counts = _PlannedCounts(cfg, info, split, num_splits, spec, store, ratios=ratios, max_batches=max_batches)
+    counts = _PlannedCounts(cfg, info, split, num_splits, spec, store, ratios=resampling.languages,
+                            label_weights=resampling.labels, max_batches=max_batches)
     data_key = info.version if labels is None else labels.plan_key(info.version)
     plan = f"{data_key}/{split}/{settings.plan_hash()}"
     pos = _position_for(position, plan=plan, num_shards=len(shards))
@@ -663,8 +811,9 @@ def unit_batches(
 ) -> Iterator[pa.Table]:
     """The batch rows of one unit, minus the ``seen`` batch indices (decoded lazily)."""
     fs, path = storage.resolve(uri, store)
-    balancing = bool(settings.language_ratios)
+    balancing, mixing = bool(settings.language_ratios), settings.label_weights is not None
     columns = [S.ID, S.NUM_SAMPLES, S.SAMPLE_RATE, S.AUDIO] + [S.LANGUAGE] * (balancing or settings.languages)
+    columns += [S.TRANSCRIPT] * mixing
     table = pq.read_table(path, filesystem=fs, columns=columns)
     spec = settings.labels
     shard_labels = None if spec is None else L.read_shard_labels(spec, _shard_path(uri), store)
@@ -677,7 +826,10 @@ def unit_batches(
     ids = table.column(S.ID).to_pylist()
     languages = pc.fill_null(table.column(S.LANGUAGE), "").to_pylist() if settings.languages else None
     audio = table.column(S.AUDIO)  # chunked as read: indexing it copies nothing
-    ratios = row_ratios(table.column(S.LANGUAGE), dict(settings.language_ratios)) if balancing else None
+    ratios = resample_ratios(
+        len(num_samples), settings.resampling, table.column(S.LANGUAGE) if balancing else None,
+        labelled_rows(table.column(S.TRANSCRIPT)) if mixing else None,
+    )  # (N,) or None
     rows = unit_rows(ratios, settings.shuffle_seed, epoch, shard, len(num_samples))  # (N',) into the shard
     batches = plan_batches(
         num_samples[rows], settings.spec, np.random.default_rng([settings.shuffle_seed + epoch, shard]),

@@ -33,6 +33,9 @@ SOURCE_URI = "source_uri"
 SOURCE_SAMPLE_RATE = "source_sample_rate"
 SOURCE_CHANNELS = "source_channels"
 TRANSCRIPT = "transcript"
+"""The sidecar's ``transcript`` cell as written (an empty cell stays empty); null for a file
+no sidecar row names. A row whose transcript is null or blank is unlabelled: what the
+training input mixes labelled and unlabelled utterances by (``data.labelled_ratio``)."""
 SPEAKER = "speaker"
 LANGUAGE = "language"
 """As ``jobs.prepare`` was told it (the sidecar's ``language`` column, the first folder under

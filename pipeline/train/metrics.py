@@ -7,7 +7,8 @@ loop then turn sums into means (loss per masked frame, accuracy, perplexity, ...
 
 Health alarms (SPEC.md, "Chance level"): after warm-up, a contrastive loss within
 ``train.chance_margin`` nats of ln(K + 1), or a code/prob perplexity below
-``train.min_perplexity``, is flagged. An objective without a chance level (regression:
+``train.min_perplexity`` (or a share of frames on one codeword above an objective's
+ceiling), is flagged. An objective without a chance level (regression:
 data2vec) names floors instead: metrics whose values below them mean collapse.
 """
 
@@ -148,6 +149,10 @@ class Health:
     (data2vec's target and prediction stds)."""
     floor_hint: str = ""
     """What to do when a floor is crossed."""
+    ceilings: tuple[tuple[str, float], ...] = ()
+    """(metric prefix, ceiling): a value above its ceiling means the targets collapsed, as a
+    perplexity below ``min_perplexity`` does (vq-wav2vec's share of frames on one codeword);
+    raised as that alarm, with ``collapse_hint``."""
 
 
 def contrastive_health(num_negatives: int) -> Health:
@@ -197,6 +202,13 @@ def check_health(
                 "alarm_codebook_collapse", f"{key} = {ppl:.3f} < {min_perplexity} at step {step}: {health.collapse_hint}",
             ))
             break
+    over = [(key, value, ceiling) for prefix, ceiling in health.ceilings for key, value in metrics.items()
+            if key.startswith(prefix) and math.isfinite(value) and value > ceiling]
+    if over and not any(a.key == "alarm_codebook_collapse" for a in alarms):  # one collapse alarm, whichever saw it
+        key, value, ceiling = over[0]
+        alarms.append(Alarm(
+            "alarm_codebook_collapse", f"{key} = {value:.3f} > {ceiling} at step {step}: {health.collapse_hint}",
+        ))
     for key, floor in health.floors:
         value = metrics.get(key)
         if value is not None and math.isfinite(value) and value < floor:

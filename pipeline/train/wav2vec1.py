@@ -11,7 +11,11 @@ learned only the base rate sits at (K + 1) H(1 / (K + 1)), the health alarm's ch
 level), the accuracy (the true target scored above all K distractors; chance 1 / (K + 1));
 for vq-wav2vec the quantizer's loss (k-means: codebook + commitment; Gumbel: diversity, a
 batch statistic weighted by true pairs as wav2vec 2.0's), the temperature, and per group
-the perplexity of the ids (near 1: the codebook collapsed).
+the perplexity of the ids (near 1: the codebook collapsed) and the share of frames whose
+id (Gumbel: the argmax, without the noise) is the group's most frequent
+(``codes/argmax_share_<g>``): the perplexity can stay above its alarm while most frames
+share one target and the rest spread over many codewords; the share sees that, and above
+``MAX_ARGMAX_SHARE`` it raises the codebook-collapse alarm.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from pipeline.train import seeding
 from pipeline.train.loop import Prepared, StepOutput, to_device
 from pipeline.train.metrics import Health, ratio
 from pipeline.train.pretrain import audio_inputs
+
+MAX_ARGMAX_SHARE = 0.95
+"""Above this share of frames on one codeword of a group the codebook has collapsed. A
+learning Gumbel laptop run sits at 0.4-0.6 and passes 0.88 for a few hundred updates on
+its way (4-crop batches); a collapsed one is at 1."""
 
 
 class FuturePredictionStep:
@@ -72,8 +81,10 @@ class FuturePredictionStep:
         if self.groups:
             metrics["w2v/quantizer_w"] = out.quantizer_loss.detach().float() * num
             code_ppl = out.code_perplexity.detach().float()  # (G,)
+            share = out.argmax_share.detach().float()  # (G,)
             for g in range(self.groups):
                 metrics[f"w2v/code_ppl_{g}"] = code_ppl[g]
+                metrics[f"w2v/argmax_share_{g}"] = share[g]
         if self.gumbel:
             metrics["w2v/temperature"] = out.temperature.float()
             prob_ppl = out.prob_perplexity.detach().float()  # (G,)
@@ -90,6 +101,7 @@ class FuturePredictionStep:
             collapse_keys=("perplexity/code", "perplexity/prob") if self.groups else (),
             collapse_hint="the quantizer collapsed onto a few codewords (model.vq_wav2vec: the temperature, or "
                           "k-means' gamma)",
+            ceilings=(("codes/argmax_share", MAX_ARGMAX_SHARE),) if self.groups else (),
         )
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -104,6 +116,7 @@ class FuturePredictionStep:
             out[key] = ratio(sums.get("w2v/quantizer_w", 0.0), n)
             for g in range(self.groups):
                 out[f"perplexity/code_{g}"] = ratio(sums.get(f"w2v/code_ppl_{g}", 0.0), micro)
+                out[f"codes/argmax_share_{g}"] = ratio(sums.get(f"w2v/argmax_share_{g}", 0.0), micro)
         if self.gumbel:
             out["temperature"] = ratio(sums.get("w2v/temperature", 0.0), micro)
             for g in range(self.groups):

@@ -40,6 +40,9 @@ def test_the_objectives_table_counts_labelling_and_refuses_iterations_of_other_o
     assert "for HuBERT presets only" in capsys.readouterr().err
     assert _describe(preset_config("wavlm_laptop")) != _describe(preset_config("hubert_laptop"))
     assert _describe(preset_config("w2v_bert_laptop")) == "log-mel + conformer 1+1x64"  # contrastive + masked-LM
+    # vq_bert reads tokens: its random-init row is not wav2vec 2.0's, whose Transformer is the same size
+    assert _describe(preset_config("vq_bert_laptop")) == "vq-wav2vec tokens (512) + transformer 2x64"
+    assert _describe(preset_config("laptop")) == "conv + transformer 2x64"
     results = {
         "setup": {"seed": 0, "seconds": 60.0, "pretrain_minutes": 1.0, "num_train_voices": 2, "label_minutes": 1.0,
                   "test_minutes": 1.0, "test_voices": "a", "probe_steps": 1, "finetune_steps": 1},

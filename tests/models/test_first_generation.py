@@ -69,6 +69,7 @@ def test_kmeans_quantizer_by_hand() -> None:
     assert float(out.loss.detach()) == pytest.approx(float(mse * (1 + 0.25)), rel=1e-5)
     torch.testing.assert_close(out.vectors.detach(), zq)
     assert float(out.code_perplexity[0]) == pytest.approx(2.0)
+    assert out.argmax_share.tolist() == [0.5]  # one frame on each codeword
     # Straight-through: the gradient reaches x as if z_q had been z_e.
     w = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]])
     (out.vectors * w).sum().backward()
@@ -270,6 +271,75 @@ def test_the_laptop_gumbel_choices_follow_the_input_from_the_start() -> None:
     for seed in range(3):
         assert _gumbel_choices_that_follow_the_input(recipe_mlp, seed) < 0.08
         assert _gumbel_choices_that_follow_the_input(laptop, seed) > 0.2
+
+
+def _sweeps(seed: int, rows: int = 4, samples: int = 16000) -> torch.Tensor:
+    """(rows, samples) pitch sweeps in noise, switched on and off a few times a second, normalised."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(samples) / 16000
+    out = []
+    for _ in range(rows):
+        f0, rate, phase = 100 + 200 * torch.rand((), generator=g), 3 + 5 * torch.rand((), generator=g), 6 * torch.rand(
+            (), generator=g)
+        on = (torch.sin(2 * math.pi * rate * t + phase) > 0).float()
+        x = (torch.sin(2 * math.pi * f0 * t * (1 + t)) + 0.3 * torch.randn(samples, generator=g)) * on
+        out.append((x - x.mean()) / x.std())
+    return torch.stack(out)
+
+
+def _kmeans_codewords_in_use(cfg: M.ModelConfig, seed: int, updates: int = 80) -> list[int]:
+    """Codewords of each group that a k-means vq-wav2vec model picks on fresh audio after
+    ``updates`` Adam updates at the laptop preset's learning rate."""
+    torch.manual_seed(seed)
+    model = build_pretraining_model(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    for step in range(updates):
+        out = model(_sweeps(1000 * seed + step), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        (out.loss_sum / out.num_predictions).backward()
+        opt.step()
+    ids, _ = model.tokens(_sweeps(10**6 + seed, rows=8))
+    return [len(ids[..., g].unique()) for g in range(ids.shape[-1])]
+
+
+def test_the_laptop_kmeans_codebook_does_not_collapse() -> None:
+    """With the recipe's codewords (N(0, 0.01^2)) and loss weight (1) at the laptop width, every
+    frame picks one codeword per group within 80 updates; the laptop preset's (unit-scale
+    codewords, the recipe's weight per frame) keeps several in use in each group."""
+    laptop = M.vq_wav2vec_kmeans_laptop()
+    recipe = M.vq_wav2vec_kmeans_laptop()
+    recipe.vq_wav2vec.codebook_std = M.vq_wav2vec_kmeans().vq_wav2vec.codebook_std
+    recipe.vq_wav2vec.kmeans_weight = M.vq_wav2vec_kmeans().vq_wav2vec.kmeans_weight
+    assert (recipe.vq_wav2vec.codebook_std, recipe.vq_wav2vec.kmeans_weight) == (0.01, 1.0)
+    assert (laptop.vq_wav2vec.codebook_std, laptop.vq_wav2vec.kmeans_weight) == (1.0, 32 / 512)
+    for seed in range(2):
+        assert _kmeans_codewords_in_use(recipe, seed) == [1, 1]
+        used = _kmeans_codewords_in_use(laptop, seed)
+        assert min(used) >= 2 and sum(used) >= 6, used
+
+
+def test_the_gumbel_argmax_share_sees_targets_that_ignore_the_input() -> None:
+    """Logits that do not depend on the frame: the noisy training choices still vary, but every
+    frame's argmax is the same codeword (share 1; the step's collapse alarm watches it); a
+    fresh laptop model's argmax spreads over the codebook. Padded frames are not counted."""
+    torch.manual_seed(0)
+    model = build_pretraining_model(M.vq_wav2vec_laptop()).train()
+    source = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1))
+    pad = torch.zeros(2, 16000, dtype=torch.bool)
+    pad[1, 9000:] = True
+    fresh = model(source, pad, generator=torch.Generator().manual_seed(0))
+    valid = ~fresh.padding_mask
+    for g in range(model.num_groups):
+        ids = model.tokens(source, pad)[0][..., g][valid]
+        expected = torch.bincount(ids, minlength=32).max().item() / ids.numel()
+        assert float(fresh.argmax_share[g]) == pytest.approx(expected) and expected < 0.9
+    q = model.quantizer
+    with torch.no_grad():
+        q.weight_proj.weight.zero_()
+        q.weight_proj.bias.copy_(torch.linspace(0, 1, q.weight_proj.bias.numel()))  # each group's last codeword
+    out = model(source, pad, generator=torch.Generator().manual_seed(0))
+    assert out.argmax_share.tolist() == [1.0] * model.num_groups
+    assert all(len(out.codes[..., g][valid].unique()) > 8 for g in range(model.num_groups)), "the noise still varies"
 
 
 @pytest.mark.parametrize("preset", LAPTOPS)

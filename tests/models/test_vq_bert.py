@@ -129,3 +129,20 @@ def test_tokenised_bert_tokenises_each_utterance_whole_and_pads_the_rest() -> No
     assert torch.allclose(batched[1, :10], alone[0], atol=1e-5), "padding changed the states of the shorter one"
     with pytest.raises(ValueError, match="outside the BERT's vocabulary"):
         TokenisedBert(bert, lambda a: np.full(len(a) // 160, bert.vocab + 3)).tokens(source)
+
+
+def test_its_weights_are_saved_and_loaded_with_the_tied_lm_head(tmp_path) -> None:
+    """The LM head reads the input embedding (one tensor under two names): the weights file
+    holds both names and a fresh model loads it strictly, its head still tied."""
+    from models.checkpoint import load_weights, save_weights
+
+    model = _model()
+    assert model.head.embedding.weight is model.encoder.embedding.weight
+    path = save_weights(model, tmp_path)
+    state = load_weights(path)
+    assert set(state) == set(model.state_dict())
+    torch.manual_seed(1)
+    fresh = build_pretraining_model(M.vq_bert_laptop()).eval()
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.head.embedding.weight is fresh.encoder.embedding.weight
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())

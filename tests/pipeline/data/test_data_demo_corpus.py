@@ -1,5 +1,6 @@
 """The demo corpus: synthesised speech with transcripts, made here, ready for prepare;
-English by default, several languages with ``--languages``."""
+English by default, several languages with ``--languages``, partly unlabelled with
+``--labelled-fraction``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pipeline.data.demo_corpus import (
     PHRASES,
     VOICES,
     espeak_voice_names,
+    keeps_transcript,
+    make_corpus,
     parse_languages,
     sentences,
 )
@@ -127,3 +130,53 @@ def test_corpus_has_files_transcripts_and_held_out_voices(tmp_path: Path) -> Non
     assert {s["speaker"] for s in speakers} <= {v.name for v in VOICES}
     assert "language" not in rows[0] and "language" not in speakers[0], "the English corpus is as it always was"
     assert main(["--output", str(tmp_path / "x"), "--minutes", "0"]) == 1
+
+
+def test_the_kept_transcripts_are_a_seeded_share_of_the_ids() -> None:
+    """Over 4000 ids the kept share is within 0.03 of the fraction (4 standard deviations
+    of a fair draw: 0.029); the choice depends on the id and the seed alone."""
+    ids = [f"wav/s{i % 7}/s{i % 7}-{i:05d}" for i in range(4000)]
+    kept = [keeps_transcript(u, 0.3, seed=0) for u in ids]
+    assert sum(kept) / len(ids) == pytest.approx(0.3, abs=0.03)
+    assert kept == [keeps_transcript(u, 0.3, seed=0) for u in reversed(ids)][::-1]
+    assert kept != [keeps_transcript(u, 0.3, seed=1) for u in ids]
+    assert all(keeps_transcript(u, 1.0) for u in ids) and not any(keeps_transcript(u, 0.0) for u in ids)
+    assert main(["--output", "/nonexistent/never", "--labelled-fraction", "1.5"]) == 1
+
+
+@needs_espeak
+def test_a_partly_labelled_corpus_prepares_with_empty_transcripts_and_mixes(tmp_path: Path, ray_local: None) -> None:
+    """``labelled_fraction=0.5``: the training speakers' utterances keep their transcript
+    exactly where :func:`keeps_transcript` says so, the held-out speaker's all of theirs;
+    ``jobs.prepare`` writes the others' as empty, its summary still reads, and the training
+    input finds both kinds to mix."""
+    from jobs.prepare import main as prepare_main
+    from pipeline.config import DataConfig
+    from pipeline.data import storage
+    from pipeline.data.loader import labelled_rows, plan_resampling, read_dataset_info
+
+    voices = [v for v in VOICES if v.name in ("espeak-us-m1", "espeak-us-f2", "espeak-us-f5")]
+    assert [v.heldout for v in voices] == [False, False, True]
+    corpus = tmp_path / "corpus"
+    stats = make_corpus(corpus, minutes=0.5, voices=voices, workers=2, labelled_fraction=0.5, progress=lambda _: None)
+    with open(corpus / "transcripts.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    held = [r for r in rows if r["speaker"] == "espeak-us-f5"]
+    trained = [r for r in rows if r["speaker"] != "espeak-us-f5"]
+    assert held and all(r["transcript"] for r in held)
+    assert [bool(r["transcript"]) for r in trained] == [keeps_transcript(r["id"], 0.5) for r in trained]
+    assert 0 < sum(bool(r["transcript"]) for r in trained) < len(trained)
+    assert stats["labelled"] == sum(bool(r["transcript"]) for r in rows)
+
+    out = tmp_path / "shards"
+    assert prepare_main(["--input", str(corpus), "--output", str(out), "--preset", "tiny",
+                         "data.valid_fraction=0"]) == 0
+    manifest = {m[S.ID]: m[S.TRANSCRIPT] for m in pq.read_table(out / S.MANIFEST_FILE).to_pylist()}
+    assert manifest == {r["id"]: r["transcript"] for r in rows}  # the empty ones stay empty (not blank text)
+    info = read_dataset_info(str(out))
+    assert info.summary["splits"]["train"]
+    assert labelled_rows(pq.read_table(out / S.MANIFEST_FILE).column(S.TRANSCRIPT)).sum() == stats["labelled"]
+    cfg = DataConfig(train_uri=str(out), min_sample_size=0, labelled_ratio=0.5)
+    share = stats["labelled"] / len(rows)  # one language: every row counts once
+    assert plan_resampling(cfg, info, "train", storage.Storage.for_data(cfg)).labels == \
+        pytest.approx((0.5 / share, 0.5 / (1 - share)))

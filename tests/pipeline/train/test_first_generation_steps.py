@@ -128,7 +128,9 @@ def test_every_objective_trains_and_resumes_exactly_on_two_zero2_ranks(tmp_path:
     assert results["vq_wav2vec_laptop"]["temperature"] == pytest.approx(2.0 * 0.999 ** (SAVE_AT - 1))
     first = results["wav2vec_laptop"]["straight"][1]
     assert {"loss/binary_contrastive", "accuracy"} <= set(first)
-    assert {"perplexity/code_0", "perplexity/prob_1", "temperature"} <= set(results["vq_wav2vec_laptop"]["straight"][1])
+    vq = results["vq_wav2vec_laptop"]["straight"][1]
+    assert {"perplexity/code_0", "perplexity/prob_1", "temperature"} <= set(vq)
+    assert all(1 / 32 <= vq[f"codes/argmax_share_{g}"] <= 1 for g in range(4))
     for preset in ("apc_laptop", "tera_laptop"):
         m = results[preset]["straight"][1]
         assert m["loss"] == pytest.approx(m["loss/l1"]) and m["l1_vs_baseline"] == pytest.approx(
@@ -172,7 +174,11 @@ def test_kmeans_loss_parts_and_the_cosine_schedule(process_group) -> None:
     out = step.forward(model, step.prepare(batch(0, 0), step=0, micro=0, rank=0, device=torch.device("cpu")), step=0)
     logged = step.summarize({k: float(v) for k, v in out.metrics.items()} | {"num_micro": 1.0})
     assert float(out.loss_sum.detach()) / int(out.count) == pytest.approx(
-        logged["loss/binary_contrastive"] + logged["loss/kmeans"], rel=1e-5)
+        logged["loss/binary_contrastive"] + (32 / 512) * logged["loss/kmeans"], rel=1e-5)
+    ids = model.tokens(torch.from_numpy(batch(0, 0)["source"]), torch.from_numpy(batch(0, 0)["padding_mask"]))[0]
+    for g in range(2):
+        used = ids[..., g][ids[..., g] >= 0]
+        assert logged[f"codes/argmax_share_{g}"] == pytest.approx(torch.bincount(used).max().item() / used.numel())
     wav2vec = C.wav2vec()  # fairseq's cosine: warm-up to the peak, half a cosine down to end_lr
     f = lr_multiplier(wav2vec.schedule, 1500, wav2vec.optim.lr)
     assert f(0) == 0 and f(500) == pytest.approx(1.0) and f(1500) == pytest.approx(1e-6 / 5e-3)
@@ -189,6 +195,16 @@ def test_health_knows_the_binary_chance_level_and_that_l1_has_none(process_group
     collapsed = {"loss/binary_contrastive": 2.0, "perplexity/code_0": 1.1}
     alarms = check_health(collapsed, step=100, warmup_steps=10, chance_margin=0.05, min_perplexity=2.0, health=health)
     assert [a.key for a in alarms] == ["alarm_codebook_collapse"]
+    # Most frames on one codeword while the rest spread: the perplexity stays above its alarm, the share does not.
+    one_target = {"loss/binary_contrastive": 2.0, "perplexity/code_0": 3.0, "codes/argmax_share_0": 0.5,
+                  "codes/argmax_share_1": 0.97}
+    alarms = check_health(one_target, step=100, warmup_steps=10, chance_margin=0.05, min_perplexity=2.0, health=health)
+    assert [a.key for a in alarms] == ["alarm_codebook_collapse"] and "argmax_share_1 = 0.970 > 0.95" in alarms[0].message
+    both = {**collapsed, "codes/argmax_share_0": 1.0}
+    alarms = check_health(both, step=100, warmup_steps=10, chance_margin=0.05, min_perplexity=2.0, health=health)
+    assert [a.key for a in alarms] == ["alarm_codebook_collapse"]  # one alarm for one collapse
+    healthy = {**one_target, "codes/argmax_share_1": 0.88}  # a learning laptop run passes there
+    assert check_health(healthy, step=100, warmup_steps=10, chance_margin=0.05, min_perplexity=2.0, health=health) == []
     plain = _config("wav2vec_laptop")
     assert pretraining_step(plain, build_pretraining_model(plain.model)).health().collapse_keys == ()
     for preset in ("apc_laptop", "tera_laptop"):
