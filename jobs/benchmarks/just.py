@@ -34,8 +34,9 @@ the multilingual demo corpus, on CPU:
    the held-out voices: the CER over all of them and over each language's.
 
 Prints one table (rows x languages, with the updates and CPU-seconds each row spent) and
-writes ``just-s<seed>.json`` in the work directory; stages already done there (corpora,
-prepared data, finished runs) are reused, so a second call only re-evaluates.
+writes ``just-s<seed>.json`` (``just-s<seed>-r<ratio>.json`` with ``--labelled-ratio``) in the
+work directory; stages already done there (corpora, prepared data, finished runs) are
+reused, so a second call only re-evaluates.
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ def joint_corpus(unlabelled: Path, labelled: Path, out: Path) -> Path:
     return out
 
 
+def _or_preset(value: float | None, default: str = "the preset's") -> str:
+    return default if value is None else f"{value:g}"
+
+
 def render(results: dict[str, Any]) -> str:
     """The table: one line per row, overall CER and each language's, the updates and the
     CPU-seconds of training it spent (pretraining + fine-tuning for the two-stage rows)."""
@@ -148,9 +153,12 @@ def render(results: dict[str, Any]) -> str:
         f"  seed {s['seed']} | languages {','.join(langs)} | audio: {s['audio_minutes']:.1f} min from "
         f"{s['num_train_voices']} voices, {s['label_minutes']:.1f} min of it transcribed | "
         f"test: {s['test_minutes']:.1f} min, held-out voices {s['test_voices']}",
-        f"  budget per row: {s['seconds']:g} CPU-s of training (1 worker); two-stage rows: {pre:g} pretraining + "
-        f"{ft:g} fine-tuning (a schedule of "
-        + ", ".join(f"{n} updates for {k}" for k, n in s["finetune_steps"].items()) + ")",
+        f"  budget per row: {s['seconds']:g} CPU-s of training (1 worker)"
+        + (f"; two-stage rows: {pre:g} pretraining + {ft:g} fine-tuning (a schedule of "
+           + ", ".join(f"{n} updates for {k}" for k, n in s["finetune_steps"].items()) + ")"
+           if s["finetune_steps"] else ""),
+        f"  JUST: model.just.ctc_weight {_or_preset(s.get('ctc_weight'))}, data.labelled_ratio "
+        f"{_or_preset(s.get('labelled_ratio') or None, 'as the data is')}",
         "",
         f"  {'row':<46} {'updates':>11} {'CPU-s':>6} {'CER':>6} " + " ".join(f"{x:>6}" for x in langs),
     ]
@@ -284,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "wall": wall,
     }
-    (work / f"just-s{args.seed}.json").write_text(json.dumps(results, indent=1, default=str))
+    # A resampled JUST run is a variant beside the table as the data is, not its replacement.
+    ratio = f"-r{args.labelled_ratio:g}" if args.labelled_ratio else ""
+    (work / f"just-s{args.seed}{ratio}.json").write_text(json.dumps(results, indent=1, default=str))
     print(render(results), flush=True)
     return 0
 

@@ -103,6 +103,7 @@ def test_the_just_table_splits_the_budget_and_shows_every_language(tmp_path):
     }
     table = render(results).splitlines()
     assert "a schedule of 3000 updates for wav2vec2" in table[2]
-    assert table[4].split()[-2:] == ["en", "de"]
-    assert table[5].split()[-5:] == ["3000+700", "601", "50.0%", "40.0%", "62.5%"]
-    assert table[6].split()[-5:] == ["5000", "600", "30.0%", "30.0%", "-"]
+    assert "ctc_weight the preset's, data.labelled_ratio as the data is" in table[3]
+    assert table[5].split()[-2:] == ["en", "de"]
+    assert table[6].split()[-5:] == ["3000+700", "601", "50.0%", "40.0%", "62.5%"]
+    assert table[7].split()[-5:] == ["5000", "600", "30.0%", "30.0%", "-"]
