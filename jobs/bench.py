@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scale": ("jobs.benchmarks.scale", "how each data-path cost grows from 1e3 to 1e5 files, fitted and projected to 1e7"),
     "pretraining-value": ("jobs.benchmarks.pretraining_value", "pretrained vs random-init vs log-mel with 10 min of labels (CPC-style table)"),
     "objectives": ("jobs.benchmarks.objectives", "every objective at equal compute, probed and fine-tuned on held-out voices"),
+    "just": ("jobs.benchmarks.just", "JUST's one joint run against pretraining then fine-tuning, CER per language"),
     "probe": ("jobs.benchmarks.probe", "the frozen-feature probe of one model, as a sweep scores its trials"),
 }
 

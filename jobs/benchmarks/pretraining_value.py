@@ -59,14 +59,29 @@ def _tag(items: list[str]) -> str:
     return hashlib.sha1("\n".join(items).encode()).hexdigest()[:8]
 
 
-def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: float, test_minutes: float,
-              log: Any) -> dict[str, str]:
-    """Three corpora (unlabelled / labelled / held-out test voices) and their prepared datasets."""
+def prepare_corpus(corpus: Path, data: Path, *, valid_fraction: float) -> str:
+    """``jobs.prepare`` of one demo corpus with the settings every demo benchmark uses (the
+    tiny preset's data section, 4 MB shards); a dataset already made from the same files
+    and settings is kept as it is."""
     from pipeline.config import apply_overrides, tiny
-    from pipeline.data.demo_corpus import available_voices, make_corpus
     from pipeline.data.prepare import prepare
 
-    voices = available_voices()
+    cfg = apply_overrides(tiny(), [f"data.valid_fraction={valid_fraction}", "data.shard_size_mb=4"])
+    prepare(str(corpus), str(data), cfg.data, progress=lambda _: None)
+    return str(data)
+
+
+def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: float, test_minutes: float,
+              log: Any, languages: list[str] | None = None) -> dict[str, str]:
+    """Three corpora (unlabelled / labelled / held-out test voices) and their prepared datasets.
+
+    ``languages``: a multilingual corpus (``pipeline.data.demo_corpus.voices_for``), each
+    language's held-out voices in the test set; None: the English corpus. The result names
+    each prepared dataset and, under ``<name>_corpus``, the corpus folder it came from.
+    """
+    from pipeline.data.demo_corpus import available_voices, make_corpus, voices_for
+
+    voices = voices_for(languages) if languages else available_voices()
     train_voices = [v for v in voices if not v.heldout]
     test_voices = [v for v in voices if v.heldout]
     if not train_voices or not test_voices:
@@ -76,16 +91,17 @@ def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: 
         ("labelled", train_voices, label_minutes, seed * 10 + 2, 0.0),
         ("test", test_voices, test_minutes, seed * 10 + 3, 0.0),
     ]
+    # The English corpora keep the names they always had, so existing work directories stay reusable.
+    tag = "-" + "-".join(languages) if languages else ""
     out = {}
     for name, vs, minutes, corpus_seed, valid_fraction in plan:
-        corpus = work / "corpus" / f"{name}-{minutes:g}min-s{corpus_seed}"
+        corpus = work / "corpus" / f"{name}{tag}-{minutes:g}min-s{corpus_seed}"
         if not (corpus / "transcripts.tsv").is_file():
             log(f"corpus {name}: synthesising {minutes:g} min from {len(vs)} voices")
-            make_corpus(corpus, minutes=minutes, seed=corpus_seed, voices=vs, progress=lambda _: None)
-        data = work / "data" / corpus.name
-        cfg = apply_overrides(tiny(), [f"data.valid_fraction={valid_fraction}", "data.shard_size_mb=4"])
-        prepare(str(corpus), str(data), cfg.data, progress=lambda _: None)
-        out[name] = str(data)
+            make_corpus(corpus, minutes=minutes, seed=corpus_seed, voices=vs, languages=languages,
+                        progress=lambda _: None)
+        out[name] = prepare_corpus(corpus, work / "data" / corpus.name, valid_fraction=valid_fraction)
+        out[f"{name}_corpus"] = str(corpus)
     out["test_voices"] = ",".join(v.name for v in test_voices)
     out["num_train_voices"] = str(len(train_voices))
     return out
@@ -93,9 +109,10 @@ def make_data(work: Path, *, seed: int, pretrain_minutes: float, label_minutes: 
 
 class Session:
     """What every demo-corpus benchmark starts with: its work directory, a timed log, Ray,
-    and the three prepared datasets of :func:`make_data` (reused when already there)."""
+    and the three prepared datasets of :func:`make_data` (reused when already there), of
+    ``languages`` when given."""
 
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, *, languages: list[str] | None = None) -> None:
         import torch
 
         from pipeline.cluster import connect_ray
@@ -107,7 +124,8 @@ class Session:
         self.started = time.perf_counter()
         connect_ray()
         self.data = make_data(self.work, seed=args.seed, pretrain_minutes=args.pretrain_minutes,
-                              label_minutes=args.label_minutes, test_minutes=args.test_minutes, log=self.log)
+                              label_minutes=args.label_minutes, test_minutes=args.test_minutes, log=self.log,
+                              languages=languages)
         self.data_seconds = time.perf_counter() - self.started
 
     def log(self, msg: str) -> None:
@@ -157,14 +175,19 @@ def pretrain(work: Path, data: str, *, seed: int, steps: int, overrides: list[st
 
 
 def finetune(work: Path, data: str, *, name: str, seed: int, steps: int, extra: list[str],
-             log: Any) -> tuple[Path, float]:
+             log: Any, seconds: float = 0.0) -> tuple[Path, float]:
+    """CTC fine-tuning (``FINETUNE_CONFIG`` with ``extra``) for ``steps`` updates, the length
+    its tri-stage schedule is laid out over; with ``seconds``, also at most that much training
+    (``train.max_seconds``: a compute budget ends the run there, wherever the schedule is)."""
     from pipeline.config import load_config
     from pipeline.train.finetune import run_finetuning
 
     items = extra + [f"train.max_steps={steps}", f"train.seed={seed}", f"data.shuffle_seed={seed}"]
+    if seconds:
+        items.append(f"train.max_seconds={seconds:g}")
     run_name = f"ft-{name}-s{seed}-{steps}-{_tag(items)}"
     runs = work / "runs"
-    done = _finished(runs / run_name, steps)
+    done = _finished(runs / run_name, steps, seconds)
     if done is not None:
         log(f"fine-tuning {name}: reusing {done}")
         return done, float("nan")
@@ -173,7 +196,8 @@ def finetune(work: Path, data: str, *, name: str, seed: int, steps: int, extra: 
         f"checkpoint.every_steps={steps}", "tracking.experiment=pretraining-value",
         f"train.log_every={max(1, steps // 10)}",
     ])
-    log(f"fine-tuning {name} ({run_name}): {steps} updates")
+    budget = f" or {seconds:g} s" if seconds else ""
+    log(f"fine-tuning {name} ({run_name}): {steps} updates{budget}")
     t0 = time.perf_counter()
     result = run_finetuning(cfg, run_name=run_name)
     if result.checkpoint_uri is None:
