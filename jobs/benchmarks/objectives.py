@@ -1,6 +1,6 @@
 """Which objective to pay for: every objective on the same data, encoder size and compute.
 
-    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,hubert_laptop:2,data2vec_laptop,...]
+    python -m jobs.bench objectives [--objectives laptop,best_rq_laptop,hubert_laptop:2,data2vec_laptop,...] [--languages en,de,fr]
         [--seconds 1800] [--seed 0] [--workdir runs/objectives] [--finetune-steps 1500] [--probe-steps 300]
 
 1. Data, as ``jobs.bench pretraining-value`` makes it (``pipeline.data.demo_corpus``,
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU-seconds of training per objective (default: %(default)s = 30 CPU-minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/objectives")
+    parser.add_argument("--languages", default="",
+                        help="a multilingual demo corpus of these languages (e.g. en,de,fr; each language's held-out "
+                             "voices in the test set); default: the English one")
     parser.add_argument("--pretrain-minutes", type=float, default=40.0)
     parser.add_argument("--label-minutes", type=float, default=10.0)
     parser.add_argument("--test-minutes", type=float, default=4.0)
@@ -249,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         if preset_config(name).model.objective == "vq_bert" and name not in TOKENISERS:
             parser.error(f"--objectives: {p!r}: a vq_bert row needs its first stage's preset; known: "
                          f"{', '.join(TOKENISERS)}")
-    session = Session("objectives", args)
+    from pipeline.data.demo_corpus import parse_languages
+
+    session = Session("objectives", args, languages=parse_languages(args.languages) if args.languages else None)
     work, data, log, t_all = session.work, session.data, session.log, session.started
     wall: dict[str, float] = {"data": session.data_seconds}
 
