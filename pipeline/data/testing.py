@@ -144,3 +144,17 @@ def drain(shard: Any, cfg: Any, *, max_batches: int | None = None, position: dic
             "languages": batch["languages"].tolist() if "languages" in batch else None,
         })
     return {"batches": records, "position": pos.state_dict()}
+
+
+def drain_two_workers(cfg: Any, *, max_batches: int | None = None, position: dict | None = None) -> list[dict]:
+    """The training input of ``cfg`` split for two workers (``streaming_split(2, equal=True)``,
+    as Ray Train splits it), each split drained by :func:`drain` in a Ray task, resumed from
+    ``position`` when given; the two reports in split order. Needs a connected Ray."""
+    import ray
+
+    from pipeline.data.loader import build_train_dataset
+
+    ds = build_train_dataset(cfg, position=position, num_splits=2)
+    remote = ray.remote(num_cpus=0)(drain)
+    return ray.get([remote.remote(s, cfg, max_batches=max_batches, position=position)
+                    for s in ds.streaming_split(2, equal=True)])

@@ -268,15 +268,6 @@ def test_a_long_stream_mixes_labelled_rows_at_the_ratio_and_keeps_language_share
     assert total / epochs == pytest.approx(sum(HOURS.values()), rel=0.01)
 
 
-def _stream(cfg: DataConfig, *, max_batches: int | None = None, position: dict | None = None) -> list[dict]:
-    import ray
-
-    ds = build_train_dataset(cfg, position=position, num_splits=2)
-    remote = ray.remote(num_cpus=0)(T.drain)
-    return ray.get([remote.remote(s, cfg, max_batches=max_batches, position=position)
-                    for s in ds.streaming_split(2, equal=True)])
-
-
 def test_the_stream_delivers_the_counted_rows_and_resumes_exactly(mixed: dict) -> None:
     """6 epochs read by two workers deliver, epoch by epoch, exactly the ids the driver's
     resampling drew (the read tasks plan from the same rows the batch counts came from),
@@ -288,7 +279,7 @@ def test_the_stream_delivers_the_counted_rows_and_resumes_exactly(mixed: dict) -
     the batching settings."""
     cfg = mixed["cfg"]
     labelled = {m[S.ID]: bool(m[S.TRANSCRIPT] and m[S.TRANSCRIPT].strip()) for m in mixed["manifest"]}
-    whole = [b for r in _stream(cfg) for b in r["batches"]]
+    whole = [b for r in T.drain_two_workers(cfg) for b in r["batches"]]
     delivered: dict[int, Counter[str]] = {e: Counter() for e in range(EPOCHS)}
     for b in whole:
         delivered[b["key"][0]].update(b["ids"])
@@ -296,10 +287,10 @@ def test_the_stream_delivers_the_counted_rows_and_resumes_exactly(mixed: dict) -
     ids = [u for b in whole for u in b["ids"]]
     assert sum(labelled[u] for u in ids) / len(ids) == pytest.approx(RATIO, abs=0.1)
 
-    first = _stream(cfg, max_batches=3)
+    first = T.drain_two_workers(cfg, max_batches=3)
     position = DataPosition.merge([r["position"] for r in first])
     assert position["epochs_done"] == 0
-    rest = _stream(cfg, position=position)
+    rest = T.drain_two_workers(cfg, position=position)
     assert len(rest[0]["batches"]) == len(rest[1]["batches"])
     resumed = [b for r in first + rest for b in r["batches"]]
     assert len(resumed) == len(whole)

@@ -29,7 +29,6 @@ from pipeline.data.loader import (
     _PlannedCounts,
     _spec,
     balance_languages,
-    build_train_dataset,
     dataset_languages,
     plan_units,
     read_dataset_info,
@@ -185,15 +184,6 @@ def test_prepare_writes_each_files_language_to_manifest_shards_and_summary(multi
     assert {k: round(v["hours"] * 3600) for k, v in by_language.items()} == {"aa": 6, "bb": 12, "cc": 54}
 
 
-def _stream(cfg: DataConfig, *, max_batches: int | None = None, position: dict | None = None) -> list[dict]:
-    import ray
-
-    ds = build_train_dataset(cfg, position=position, num_splits=2)
-    remote = ray.remote(num_cpus=0)(T.drain)
-    return ray.get([remote.remote(s, cfg, max_batches=max_batches, position=position)
-                    for s in ds.streaming_split(2, equal=True)])
-
-
 def test_the_stream_balances_languages_to_hours_to_the_alpha_and_resumes_exactly(multilingual: dict) -> None:
     """16 epochs read by two workers: each language's share of the delivered seconds is
     within 0.04 of hours^0.5 / sum (the rounding's noise over 16 epochs is at most 0.011 in
@@ -202,7 +192,7 @@ def test_the_stream_balances_languages_to_hours_to_the_alpha_and_resumes_exactly
     uninterrupted stream's batches: same keys, same utterances in each, none twice."""
     cfg = multilingual["cfg"]
     language = {m[S.ID]: m[S.LANGUAGE] for m in multilingual["manifest"]}
-    whole = [b for r in _stream(cfg) for b in r["batches"]]
+    whole = [b for r in T.drain_two_workers(cfg) for b in r["batches"]]
     seconds: Counter[str] = Counter()
     for b in whole:
         for utt, n in zip(b["ids"], b["num_samples"], strict=True):
@@ -217,10 +207,10 @@ def test_the_stream_balances_languages_to_hours_to_the_alpha_and_resumes_exactly
     # Every batch carries each utterance's language to the step (the per-language losses).
     assert all(b["languages"] == [language[u] for u in b["ids"]] for b in whole)
 
-    first = _stream(cfg, max_batches=3)
+    first = T.drain_two_workers(cfg, max_batches=3)
     position = DataPosition.merge([r["position"] for r in first])
     assert position["epochs_done"] == 0
-    rest = _stream(cfg, position=position)
+    rest = T.drain_two_workers(cfg, position=position)
     assert len(rest[0]["batches"]) == len(rest[1]["batches"])
     resumed = [b for r in first + rest for b in r["batches"]]
     assert len(resumed) == len(whole)
@@ -252,7 +242,7 @@ def test_a_balanced_run_counts_only_the_epochs_it_will_read(multilingual: dict) 
 
 def test_alpha_one_reads_the_data_as_it_is(multilingual: dict) -> None:
     cfg = replace(multilingual["cfg"], language_alpha=1.0, max_epochs=1)
-    batches = [b for r in _stream(cfg) for b in r["batches"]]
+    batches = [b for r in T.drain_two_workers(cfg) for b in r["batches"]]
     seen = Counter(i for b in batches for i in b["ids"])
     assert seen == Counter(m[S.ID] for m in multilingual["manifest"])
     language = {m[S.ID]: m[S.LANGUAGE] for m in multilingual["manifest"]}

@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 from fixtures.objectstore import S3Store
 
-from pipeline.config import DataConfig, tiny
+from pipeline.config import tiny
 from pipeline.data import hostile as H
 from pipeline.data import schema as S
 from pipeline.data import storage
@@ -99,15 +99,6 @@ def test_prepare_accounts_for_every_file(prepared: dict) -> None:
         assert m[S.SPLIT] == split_of(m[S.ID], 0.2)
 
 
-def _read_epochs(cfg: DataConfig, *, max_batches: int | None = None, position: dict | None = None) -> list[dict]:
-    import ray
-
-    ds = build_train_dataset(cfg, position=position, num_splits=2)
-    shards = ds.streaming_split(2, equal=True)
-    remote = ray.remote(num_cpus=0)(T.drain)
-    return ray.get([remote.remote(s, cfg, max_batches=max_batches, position=position) for s in shards])
-
-
 def _train(prepared: dict) -> dict[str, dict]:
     return {m[S.ID]: m for m in prepared["manifest"] if m[S.SPLIT] == "train"}
 
@@ -116,7 +107,7 @@ def test_two_workers_see_the_train_split_once_per_epoch_with_true_samples(prepar
     # pad mode, no crop: every utterance whole, so counts and content can be checked.
     cfg = replace(prepared["cfg"], train_uri=prepared["out"], batch_mode="pad", max_epochs=1,
                   min_sample_size=0, max_sample_size=64_000, max_samples_per_batch=128_000, num_buckets=3)
-    ranks = _read_epochs(cfg)
+    ranks = T.drain_two_workers(cfg)
     batches = [b for r in ranks for b in r["batches"]]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) > 0
     ids = Counter(i for b in batches for i in b["ids"])
@@ -139,7 +130,7 @@ def test_two_workers_see_the_train_split_once_per_epoch_with_true_samples(prepar
 def test_crop_mode_batches_fit_the_budget_without_padding(prepared: dict) -> None:
     cfg = replace(prepared["cfg"], train_uri=prepared["out"], batch_mode="crop", max_epochs=1,
                   min_sample_size=8_000, max_sample_size=16_000, max_samples_per_batch=48_000, normalize=True)
-    ranks = _read_epochs(cfg)
+    ranks = T.drain_two_workers(cfg)
     batches = [b for r in ranks for b in r["batches"]]
     train = _train(prepared)
     assert Counter(i for b in batches for i in b["ids"]) == Counter(
@@ -154,10 +145,10 @@ def test_crop_mode_batches_fit_the_budget_without_padding(prepared: dict) -> Non
 def test_resume_after_a_mid_epoch_stop_skips_nothing_and_repeats_nothing(prepared: dict) -> None:
     cfg = replace(prepared["cfg"], train_uri=prepared["out"], batch_mode="pad", max_epochs=2,
                   min_sample_size=0, max_sample_size=64_000, max_samples_per_batch=64_000, shuffle_seed=5)
-    first = _read_epochs(cfg, max_batches=4)  # both ranks stop after 4 batches, as at a checkpoint
+    first = T.drain_two_workers(cfg, max_batches=4)  # both ranks stop after 4 batches, as at a checkpoint
     position = DataPosition.merge([r["position"] for r in first])
     assert position["epochs_done"] == 0 and (position["partial"] or position["done"])
-    rest = _read_epochs(cfg, position=position)
+    rest = T.drain_two_workers(cfg, position=position)
     assert len(rest[0]["batches"]) == len(rest[1]["batches"])
     before = [b for r in first for b in r["batches"]]
     after = [b for r in rest for b in r["batches"]]
