@@ -182,19 +182,8 @@ class FinetuneStep:
         source_np = batch["source"]
         if source_np.ndim != 2:
             raise ValueError(f"batch['source']: expected (B, S) samples, got shape {source_np.shape}")
-        ids = [str(i) for i in batch["ids"]]
         lengths = np.asarray(batch["num_samples"], dtype=np.int64)  # (B,)
-        labels = []
-        for utt, n in zip(ids, lengths.tolist(), strict=True):
-            if utt not in self.targets.ids:
-                raise ValueError(f"utterance {utt!r}: no transcript in {self.cfg.data.train_uri}'s manifest")
-            whole = self.targets.num_samples[utt]
-            if n != whole:
-                raise ValueError(
-                    f"utterance {utt!r}: {n} of its {whole} samples arrived (cropped); fine-tuning needs whole "
-                    f"utterances: data.batch_mode=pad and data.max_sample_size >= {whole}"
-                )
-            labels.append(self.targets.ids[utt])
+        _, labels = self.targets.of_batch(batch["ids"], lengths.tolist(), where=self.cfg.data.train_uri)
         target_lengths = np.asarray([len(x) for x in labels], dtype=np.int64)  # (B,)
         pad_np = batch.get("padding_mask")
         has_pad = pad_np is not None and bool(pad_np.any())

@@ -84,20 +84,7 @@ class JustStep(W2vBertStep):
         self, batch: Mapping[str, np.ndarray], *, step: int, micro: int, rank: int, device: torch.device
     ) -> Prepared:
         prepared = super().prepare(batch, step=step, micro=micro, rank=rank, device=device)
-        rows, labels = [], []
-        for b, (utt, n) in enumerate(zip((str(i) for i in batch["ids"]), np.asarray(batch["num_samples"]).tolist(),
-                                         strict=True)):
-            tokens = self.targets.ids.get(utt)
-            if tokens is None:
-                continue
-            whole = self.targets.num_samples[utt]
-            if n != whole:
-                raise ValueError(
-                    f"utterance {utt!r}: {n} of its {whole} samples arrived (cropped); its transcript needs the whole "
-                    f"utterance: data.batch_mode=pad and data.max_sample_size >= {whole}"
-                )
-            rows.append(b)
-            labels.append(tokens)
+        rows, labels = self.targets.of_batch(batch["ids"], np.asarray(batch["num_samples"]).tolist())
         lengths = np.asarray([len(x) for x in labels], dtype=np.int64)  # (L,)
         prepared.inputs["ctc"] = {
             "rows": to_device(np.asarray(rows, dtype=np.int64), device),  # (L,)

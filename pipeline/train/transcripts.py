@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,30 @@ class Targets:
 
     ids: dict[str, np.ndarray]
     num_samples: dict[str, int]
+
+    def of_batch(self, ids: Sequence[object], num_samples: Sequence[int], *,
+                 where: str | None = None) -> tuple[list[int], list[np.ndarray]]:
+        """(rows, token ids of each) of a batch's utterances that have a transcript, each checked
+        to have arrived whole (a crop no longer matches its transcript). ``where`` (the
+        dataset): every utterance must have one, an error naming it otherwise; None: the
+        others are left out (JUST's unlabelled rows)."""
+        rows: list[int] = []
+        labels: list[np.ndarray] = []
+        for b, (utt, n) in enumerate(zip((str(i) for i in ids), num_samples, strict=True)):
+            tokens = self.ids.get(utt)
+            if tokens is None:
+                if where is not None:
+                    raise ValueError(f"utterance {utt!r}: no transcript in {where}'s manifest")
+                continue
+            whole = self.num_samples[utt]
+            if int(n) != whole:
+                raise ValueError(
+                    f"utterance {utt!r}: {n} of its {whole} samples arrived (cropped); its transcript needs the "
+                    f"whole utterance: data.batch_mode=pad and data.max_sample_size >= {whole}"
+                )
+            rows.append(b)
+            labels.append(tokens)
+        return rows, labels
 
     @classmethod
     def read(cls, cfg: Config, vocab: Vocabulary, *, split: str = "train", unlabelled: bool = False) -> Targets:
