@@ -100,32 +100,29 @@ class JustStep(W2vBertStep):
         w2v = out.w2v_bert
         ctc = prepared.inputs["ctc"]
         device = prepared.count.device
-        metrics = self.metrics(w2v.contrastive)
-        metrics["w2v/mlm_sum"] = w2v.mlm_sum.detach().float()
-        metrics["w2v/mlm_correct"] = w2v.mlm_correct.detach().float()
-        loss_sum = w2v.loss_sum
+        base = self.step_output(w2v, prepared)
+        metrics = base.metrics
         num_tokens = ctc["num_tokens"]
         zero = torch.zeros((), device=device)
         ctc_sum, num_frames, too_short = zero, zero, zero
-        per_row = self.w2v_bert_rows(w2v, prepared)
         if num_tokens:
             rows = ctc["rows"]
             log_probs = F.log_softmax(out.ctc_logits[rows], dim=-1).transpose(0, 1)  # (T, L, V)
             frames = out.output_lengths[rows]  # (L,)
-            if per_row:  # a multilingual batch: each labelled utterance's loss, for loss/ctc/lang/<code>
+            if base.row_parts:  # a multilingual batch: each labelled utterance's loss, for loss/ctc/lang/<code>
                 per_utterance = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
                                            blank=self.vocab.blank_id, reduction="none", zero_infinity=True)  # (L,)
                 ctc_sum = per_utterance.sum()  # what reduction="sum" adds up
                 # Unlabelled rows: no loss, no characters. A batch without labelled rows
                 # gives no ctc part at all, which the loop counts the same.
                 zeros = torch.zeros(out.ctc_logits.shape[0], device=device)  # (B,)
-                per_row["row_parts"]["ctc"] = (zeros.index_copy(0, rows, per_utterance.detach().float()),
-                                                 zeros.index_copy(0, rows, ctc["target_lengths"].float()))
+                base.row_parts["ctc"] = (zeros.index_copy(0, rows, per_utterance.detach().float()),
+                                         zeros.index_copy(0, rows, ctc["target_lengths"].float()))
             else:
                 ctc_sum = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
                                      blank=self.vocab.blank_id, reduction="sum", zero_infinity=True)
             # Per character of this batch, in units of its masked frames (module doc).
-            loss_sum = loss_sum + self.ctc_weight * ctc_sum * (w2v.contrastive.num_masked.float() / num_tokens)
+            base.loss_sum = base.loss_sum + self.ctc_weight * ctc_sum * (base.count.float() / num_tokens)
             num_frames = frames.float().sum()
             too_short = (frames < ctc["target_lengths"]).float().sum()
         # Every key on every micro-batch: the loop reduces the same metrics on every rank.
@@ -135,7 +132,7 @@ class JustStep(W2vBertStep):
         metrics["ctc/num_tokens"] = torch.tensor(float(num_tokens), device=device)
         metrics["ctc/labelled_rows"] = torch.tensor(float(len(ctc["target_lengths"])), device=device)
         metrics["ctc/rows"] = torch.tensor(float(ctc["num_rows"]), device=device)
-        return StepOutput(loss_sum=loss_sum, count=w2v.contrastive.num_masked, metrics=metrics, **per_row)
+        return base
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
         out = super().summarize(sums)

@@ -35,7 +35,11 @@ class W2vBertStep(PretrainStep):
     row_part_names: tuple[str, ...] = ("contrastive", "mlm")
 
     def forward(self, model: Callable[..., Any], prepared: Prepared, *, step: int) -> StepOutput:
-        out = self.run(model, prepared)
+        return self.step_output(self.run(model, prepared), prepared)
+
+    def step_output(self, out: W2vBertOutput, prepared: Prepared) -> StepOutput:
+        """The loss, metrics and per-utterance parts of a w2v-BERT output (JUST adds its CTC
+        loss to them)."""
         metrics = self.metrics(out.contrastive)
         metrics["w2v/mlm_sum"] = out.mlm_sum.detach().float()
         metrics["w2v/mlm_correct"] = out.mlm_correct.detach().float()
