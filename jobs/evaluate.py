@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 @dataclass
 class Evaluation:
@@ -45,52 +43,6 @@ class Evaluation:
         """The languages reported one by one (metric-name form), in the summary's order."""
         prefix = "cer/lang/"
         return [k[len(prefix):] for k in self.summary if k.startswith(prefix)]
-
-
-def per_language(languages: list[str], errors: list[Any]) -> dict[str, float]:
-    """``cer/lang/<code>``, ``wer/lang/<code>``, ``num_utterances/lang/<code>`` and
-    ``num_chars/lang/<code>`` of each language (sorted; "" named ``none``), each corpus
-    rate over that language's utterances alone; empty when no utterance names a language."""
-    from pipeline.text import summarize_errors
-    from pipeline.train.metrics import language_metric_name
-
-    if not any(languages):
-        return {}
-    out: dict[str, float] = {}
-    for lang in sorted(set(languages)):
-        s = summarize_errors([e for e, x in zip(errors, languages, strict=True) if x == lang])
-        name = language_metric_name(lang)
-        for key in ("cer", "wer", "num_utterances", "num_chars"):
-            out[f"{key}/lang/{name}"] = s[key]
-    return out
-
-
-def transcribe(model: Any, audio: list[np.ndarray], vocab: Any, *, normalize: bool = False,
-               max_samples_per_batch: int = 16000 * 120) -> list[str]:
-    """Greedy CTC transcripts of ``audio`` (float32 16 kHz arrays), in input order.
-
-    Utterances are batched by length (little padding), so a group-norm feature encoder
-    sees nearly what it saw in fine-tuning (``pad`` batches from length buckets).
-    """
-    import torch
-
-    from pipeline.probe import batches_by_length, pad_batch
-    from pipeline.text import greedy_decode
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = [""] * len(audio)
-    with torch.no_grad():
-        for group in batches_by_length([len(a) for a in audio], max_samples_per_batch):
-            items = [audio[i] for i in group]
-            if normalize:
-                items = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in items]
-            source, pad = pad_batch(items, device)
-            res = model(source, pad)
-            for i, ids in zip(group, greedy_decode(res.logits.argmax(-1), res.output_lengths, vocab.blank_id),
-                              strict=True):
-                out[i] = vocab.decode(ids)
-    return out
 
 
 def evaluate(
@@ -108,9 +60,9 @@ def evaluate(
     import torch
 
     from pipeline.data.storage import Storage
+    from pipeline.evaluation import score
     from pipeline.model_io import load_model
     from pipeline.probe import load_labelled_set
-    from pipeline.text import summarize_errors, utterance_errors
 
     t0 = time.perf_counter()
     trained = load_model(checkpoint, task="ctc", store=Storage.from_config(s3_endpoint), tracking_uri=tracking_uri)
@@ -119,22 +71,20 @@ def evaluate(
     labelled = load_labelled_set(data, split=split, speakers=speakers, exclude_speakers=exclude_speakers,
                                  s3_endpoint=endpoint)
     torch.manual_seed(0)
-    hyps = transcribe(model, labelled.audio, vocab, normalize=trained.normalize)
-    rows, per = [], []
+    scored = score(model, labelled.audio, labelled.transcripts, vocab, languages=labelled.languages,
+                   normalize=trained.normalize)
+    rows = []
     named = any(labelled.languages)
-    for utt, speaker, lang, ref_raw, hyp, audio in zip(labelled.ids, labelled.speakers, labelled.languages,
-                                                        labelled.transcripts, hyps, labelled.audio, strict=True):
-        ref = vocab.normalize(ref_raw)
-        e = utterance_errors(ref, hyp)
-        per.append(e)
+    for utt, speaker, lang, ref, hyp, e, audio in zip(labelled.ids, labelled.speakers, labelled.languages,
+                                                       scored.references, scored.hypotheses, scored.errors,
+                                                       labelled.audio, strict=True):
         rows.append({
             "id": utt, "speaker": speaker, **({"language": lang} if named else {}),
             "seconds": len(audio) / labelled.sample_rate, "reference": ref,
             "hypothesis": hyp, "char_edits": e.char_edits, "num_chars": e.num_chars, "word_edits": e.word_edits,
             "num_words": e.num_words, "cer": e.cer, "wer": e.wer,
         })
-    summary = summarize_errors(per)
-    summary.update(per_language(labelled.languages, per))
+    summary = dict(scored.summary)
     summary["minutes"] = labelled.minutes
     summary["seconds"] = time.perf_counter() - t0
     return Evaluation(summary=summary, rows=rows), cfg

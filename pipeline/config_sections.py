@@ -458,8 +458,16 @@ class FinetuneConfig:
     """Filterbank channels of the ``logmel`` frontend."""
     freeze_feature_encoder: bool = True
     """Keep the conv feature encoder fixed (wav2vec 2.0's fine-tuning recipe)."""
+    dev_minutes: float = 5.0
+    """The dev CER of a run that trains a CTC head (fine-tuning, JUST): at every checkpoint,
+    rank 0 transcribes up to this many minutes of ``data.train_uri``'s valid split (its
+    transcribed utterances, the languages taken in turn) with greedy CTC and logs
+    ``dev/cer``, ``dev/wer`` and, on a multilingual split, ``dev/cer/lang/<code>`` to MLflow
+    (``pipeline.train.dev``); 0: off."""
 
     def __post_init__(self) -> None:
+        if not self.dev_minutes >= 0:
+            raise ValueError(f"finetune.dev_minutes: expected >= 0 (0: no dev CER), got {self.dev_minutes}")
         if self.frontend not in ("wav2vec2", "logmel"):
             raise ValueError(f"finetune.frontend: expected 'wav2vec2' or 'logmel', got {self.frontend!r}")
         if self.n_mels < 1:

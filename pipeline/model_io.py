@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -342,7 +343,7 @@ def load_model(
         # Both at once: a pretraining model whose encoder and CTC head are a CTC model's.
         found = "ctc" if task == "ctc" else "pretraining"
         if found == "ctc":
-            state = {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))}
+            state = ctc_state(cfg, state)
     _check_task(task, found, uri)
     vocab, problem, head_size = None, "", None
     if found == "ctc":
@@ -359,6 +360,14 @@ def load_model(
     except RuntimeError as e:
         raise ValueError(f"checkpoint {uri!r}: weights do not match its {CONFIG_FILE}: {e}") from None
     return TrainedModel(model.eval(), cfg, vocab, cfg.data.normalize, path, problem)
+
+
+def ctc_state(cfg: Config, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The CTC model's part of a run's full state dict: all of a fine-tuning run's; of a JUST
+    run's, its encoder and CTC head (named as :class:`models.wav2vec2.Wav2Vec2ForCTC`'s)."""
+    if cfg.model.objective == "just":
+        return {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))}
+    return dict(state)
 
 
 def _check_task(wanted: Task, found: str, uri: str) -> None:

@@ -83,17 +83,34 @@ class LabelledSet:
             sample_rate=self.sample_rate, languages=[self.languages[i] for i in idx],
         )
 
-    def take_minutes(self, minutes: float, seed: int = 0) -> LabelledSet:
-        """The first utterances of a seeded shuffle, up to ``minutes`` of audio (at least one)."""
-        order = np.random.default_rng(seed).permutation(len(self))
-        budget = minutes * 60.0 * self.sample_rate
-        chosen, total = [], 0
-        for i in order.tolist():
-            if chosen and total + len(self.audio[i]) > budget:
-                continue
-            chosen.append(i)
-            total += len(self.audio[i])
-        return self.select(sorted(chosen))
+    def take_minutes(self, minutes: float, seed: int = 0, *, by_language: bool = False) -> LabelledSet:
+        """The first utterances of a seeded shuffle, up to ``minutes`` of audio (at least one;
+        :func:`pick_minutes`)."""
+        return self.select(pick_minutes([len(a) for a in self.audio], self.languages, minutes * 60.0 * self.sample_rate,
+                                        seed=seed, by_language=by_language))
+
+
+def pick_minutes(lengths: Sequence[int], languages: Sequence[str], budget: float, *, seed: int = 0,
+                 by_language: bool = False) -> list[int]:
+    """Sorted indices of the first utterances of a seeded shuffle whose ``lengths`` (samples)
+    fit ``budget`` samples (at least one; a longer one is passed over for shorter ones).
+
+    ``by_language``: the languages take turns in that order (each one's utterances in the
+    shuffle's order), so a small budget still holds every language."""
+    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+    if by_language:
+        queues: dict[str, list[int]] = {}
+        for i in order:
+            queues.setdefault(languages[i], []).append(i)
+        order = [q[k] for k in range(max(map(len, queues.values()), default=0))
+                 for q in (queues[lang] for lang in sorted(queues)) if k < len(q)]
+    chosen, total = [], 0
+    for i in order:
+        if chosen and total + lengths[i] > budget:
+            continue
+        chosen.append(i)
+        total += lengths[i]
+    return sorted(chosen)
 
 
 def load_labelled_set(
@@ -104,12 +121,18 @@ def load_labelled_set(
     exclude_speakers: Sequence[str] | None = None,
     s3_endpoint: str = "",
     s3_region: str = "",
+    minutes: float = 0.0,
+    seed: int = 0,
+    by_language: bool = False,
 ) -> LabelledSet:
     """Read the transcribed utterances of a prepared dataset (``jobs.prepare`` output).
 
     ``split``: ``train``, ``valid`` or ``all``. Utterances without a transcript are left
-    out; a dataset with none left raises ``ValueError`` naming it. Reads every shard of the
-    split in this process: meant for probe and evaluation sets (minutes to hours).
+    out; a dataset with none left raises ``ValueError`` naming it. ``minutes`` > 0: only
+    :meth:`LabelledSet.take_minutes`' choice of them (``seed``, ``by_language``), chosen from
+    the shards' other columns before any audio is read, so a large split costs its
+    metadata, not its audio. Decodes in this process: meant for probe, dev and evaluation
+    sets (minutes to hours).
     """
     from pipeline.data import schema as S
     from pipeline.data import storage
@@ -123,16 +146,15 @@ def load_labelled_set(
     shards = [s for sp in S.SPLITS if split in (sp, "all") for s in info.split(sp)]
     keep_speakers = set(speakers) if speakers else None
     drop_speakers = set(exclude_speakers or ())
-    out = LabelledSet(ids=[], audio=[], transcripts=[], speakers=[], sample_rate=info.sample_rate)
     # A dataset prepared before the language column has none in its shards (nor its summary).
     named = [S.LANGUAGE] if any("languages" in info.summary.get("splits", {}).get(sp, {}) for sp in S.SPLITS) else []
+    rows: list[tuple[str, int, int, int, str, str, str]] = []  # id, shard, row, samples, text, speaker, language
     unlabelled = 0
-    for shard in shards:
+    for k, shard in enumerate(shards):
         table = storage.read_table(
-            info.uri(shard), columns=[S.ID, S.AUDIO, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER, *named], storage_=store
+            info.uri(shard), columns=[S.ID, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER, *named], storage_=store
         )
         cols = {c: table.column(c).to_pylist() for c in (S.ID, S.NUM_SAMPLES, S.TRANSCRIPT, S.SPEAKER, *named)}
-        audio = table.column(S.AUDIO)
         for i, utt in enumerate(cols[S.ID]):
             speaker = cols[S.SPEAKER][i] or ""
             if (keep_speakers is not None and speaker not in keep_speakers) or speaker in drop_speakers:
@@ -141,20 +163,32 @@ def load_labelled_set(
             if not text or not text.strip():
                 unlabelled += 1
                 continue
-            out.ids.append(utt)
-            out.audio.append(decode_segment(audio[i].as_buffer(), 0, int(cols[S.NUM_SAMPLES][i])))
-            out.transcripts.append(text)
-            out.speakers.append(speaker)
-            out.languages.append((cols[S.LANGUAGE][i] or "") if named else "")
-    if not out.ids:
+            lang = (cols[S.LANGUAGE][i] or "") if named else ""
+            rows.append((utt, k, i, int(cols[S.NUM_SAMPLES][i]), text, speaker, lang))
+    if not rows:
         raise ValueError(
             f"{uri}: no transcribed utterances in split {split!r}"
             + (f" for speakers {sorted(keep_speakers)}" if keep_speakers else "")
             + (f" ({unlabelled} without a transcript)" if unlabelled else "")
             + "; prepare it with a transcripts sidecar (jobs.prepare --sidecar)"
         )
-    order = np.argsort(np.asarray(out.ids))  # shard order is an implementation detail
-    return out.select(order.tolist())
+    rows.sort(key=lambda r: r[0])  # shard order is an implementation detail
+    if minutes > 0:
+        picked = pick_minutes([r[3] for r in rows], [r[6] for r in rows], minutes * 60.0 * info.sample_rate,
+                              seed=seed, by_language=by_language)
+        rows = [rows[i] for i in picked]
+    by_shard: dict[int, list[tuple[int, int]]] = {}  # shard -> (row, samples) of the utterances kept
+    for r in rows:
+        by_shard.setdefault(r[1], []).append((r[2], r[3]))
+    audio: dict[tuple[int, int], np.ndarray] = {}
+    for k, wanted in sorted(by_shard.items()):
+        column = storage.read_table(info.uri(shards[k]), columns=[S.AUDIO], storage_=store).column(S.AUDIO)
+        for i, n in wanted:
+            audio[(k, i)] = decode_segment(column[i].as_buffer(), 0, n)
+    return LabelledSet(
+        ids=[r[0] for r in rows], audio=[audio[(r[1], r[2])] for r in rows], transcripts=[r[4] for r in rows],
+        speakers=[r[5] for r in rows], sample_rate=info.sample_rate, languages=[r[6] for r in rows],
+    )
 
 
 def _same_dataset(a: str, b: str) -> bool:

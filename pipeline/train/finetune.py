@@ -304,6 +304,9 @@ class FinetuneTask(WorkerTask):
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
         return FinetuneStep(cfg, model, Targets.read(cfg, Vocabulary.from_characters(cfg.finetune.vocab)))
 
+    def trains_ctc(self, cfg: Config) -> bool:
+        return True
+
     def finish(self, cfg: Config, eng: Any, *, rank: int, tracker: Any) -> None:
         import shutil
         import tempfile

@@ -28,6 +28,7 @@ from pipeline.data import storage
 from pipeline.ray_compat import quiet_worker_logs
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.deepspeed_compat import consolidated_state_dict
+from pipeline.train.dev import DevScorer, dev_line, dev_scoring
 from pipeline.train.engine import Engine, build_engine
 from pipeline.train.loop import LoopHooks, NonFiniteLossError, TrainLoop
 from pipeline.train.metrics import Alarm
@@ -76,8 +77,9 @@ class RayHooks(LoopHooks):
     """Data position, MLflow, progress and checkpoints of a Ray Train worker."""
 
     def __init__(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any, position: Any, start_step: int,
-                 run_uri: str = "", store: storage.Storage | None = None):
+                 run_uri: str = "", store: storage.Storage | None = None, dev: DevScorer | None = None):
         self.cfg = cfg
+        self.dev = dev
         self.run_uri = run_uri
         self.store = store
         self.eng = eng
@@ -150,6 +152,21 @@ class RayHooks(LoopHooks):
             self.last_checkpoint_step = step
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.dev is not None:
+            self.score_dev(step)
+
+    def score_dev(self, step: int) -> None:
+        """The dev CER of the weights just saved (:mod:`pipeline.train.dev`), to MLflow at ``step``."""
+        assert self.dev is not None
+        scores = self.dev.score(self.eng.engine, self.eng.zero_stage)  # every rank: collective under ZeRO-3
+        if self.rank != 0 or not scores:
+            return
+        say(dev_line(step, scores))
+        if self.tracker is not None:
+            try:
+                self.tracker.log_metrics(step, scores)
+            except Exception as e:  # tracking must never stop training
+                log.warning("MLflow logging failed at step %d: %s", step, e)
 
     def upload(self, checkpoint: Any, dir_name: str) -> Any:
         """Ray Train's ``checkpoint_upload_fn``: every rank's files, then the state file last
@@ -232,6 +249,10 @@ class WorkerTask:
     def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
         """After the last update, on every rank (gathering ZeRO-3 weights is collective)."""
 
+    def trains_ctc(self, cfg: Config) -> bool:
+        """Whether the task trains a CTC head, whose dev CER the checkpoints log (:mod:`pipeline.train.dev`)."""
+        return False
+
 
 class PretrainTask(WorkerTask):
     """Self-supervised pretraining; the final model goes to MLflow in Hugging Face format."""
@@ -252,6 +273,9 @@ class PretrainTask(WorkerTask):
 
     def build_step(self, cfg: Config, model: torch.nn.Module) -> Any:
         return pretraining_step(cfg, model)
+
+    def trains_ctc(self, cfg: Config) -> bool:
+        return cfg.model.objective == "just"  # JUST's CTC head on its masked-LM module
 
     def finish(self, cfg: Config, eng: Engine, *, rank: int, tracker: Any) -> None:
         from models.factory import build_pretraining_model
@@ -350,6 +374,7 @@ def run_worker(loop_config: dict[str, Any], task: WorkerTask) -> None:
         cfg, eng, rank=rank, tracker=tracker if rank == 0 else None,
         position=DataPosition(position), start_step=start_step,
         run_uri=loop_config["run_uri"], store=loop_config["storage"],
+        dev=DevScorer(cfg, rank=rank) if task.trains_ctc(cfg) and dev_scoring(cfg) else None,
     )
     if cfg.train.max_seconds and seconds >= cfg.train.max_seconds:
         if rank == 0:

@@ -45,7 +45,7 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    """About 40 s of transcribed speech from two voices, prepared (all in the train split)."""
+    """About 40 s of transcribed speech from two voices, prepared (a quarter of it in the valid split)."""
     from jobs.prepare import main as prepare_main
     from pipeline.data.demo_corpus import VOICES, make_corpus
 
@@ -55,7 +55,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
     voices = [v for v in VOICES if v.name in ("espeak-us-m1", "espeak-gb-f4")]
     make_corpus(base / "corpus", minutes=0.6, seed=3, voices=voices, workers=2, progress=lambda _: None)
     assert prepare_main(["--input", str(base / "corpus"), "--output", str(base / "data"), "--preset", "tiny",
-                         "data.valid_fraction=0.0"]) == 0
+                         "data.valid_fraction=0.25"]) == 0
     return base / "data"
 
 
@@ -108,6 +108,16 @@ def test_hf_export_finetunes_and_evaluates(tmp_path: Path, labelled: Path) -> No
     assert frozen[2] == 1.0 and frozen[4] == 0.0
     hf_ctc = Path(client.download_artifacts(run.info.run_id, "hf_model", str(tmp_path / "artifacts")))
     assert Vocabulary.load(hf_ctc) == vocab
+    # Each checkpoint logged its dev CER: the final one is jobs.evaluate's on the valid split.
+    dev = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "dev/cer")}
+    assert sorted(dev) == [4, 8] and all(0.0 <= v for v in dev.values())
+    assert evaluate_main(["--checkpoint", str(runs / "ft"), "--data", str(labelled), "--split", "valid",
+                          "--output", str(tmp_path / "valid.tsv"), "--no-mlflow"]) == 0
+    with open(tmp_path / "valid.tsv") as f:
+        valid = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert valid and dev[8] == pytest.approx(sum(int(r["char_edits"]) for r in valid)
+                                              / sum(int(r["num_chars"]) for r in valid))
+    assert run.data.metrics["dev/num_utterances"] == len(valid)
 
     # Evaluate the wavray checkpoint (through its run folder) and the Hugging Face directory.
     tables = {}
@@ -284,7 +294,8 @@ def test_a_first_generation_checkpoint_is_probed_fine_tuned_and_evaluated(tmp_pa
 
 @pytest.fixture(scope="module")
 def multilingual(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    """About 20 s of German, French and Spanish demo speech with transcripts, prepared."""
+    """About 20 s of German, French and Spanish demo speech with transcripts, prepared (some of
+    each language in the valid split)."""
     from jobs.prepare import main as prepare_main
     from pipeline.data.demo_corpus import OTHER_VOICES, make_corpus
 
@@ -294,7 +305,7 @@ def multilingual(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> P
     voices = [v for v in OTHER_VOICES if v.name in ("de-espeak-m1", "fr-espeak-f2", "es-espeak-m3")]
     make_corpus(base / "corpus", minutes=0.3, seed=4, voices=voices, workers=2, progress=lambda _: None)
     assert prepare_main(["--input", str(base / "corpus"), "--output", str(base / "data"), "--preset", "tiny",
-                         "data.valid_fraction=0.0"]) == 0
+                         "data.valid_fraction=0.4"]) == 0
     return base / "data"
 
 
@@ -347,3 +358,40 @@ def test_a_multilingual_set_gets_a_joint_vocabulary_and_per_language_error_rates
     total = sum(got[f"eval/num_chars/lang/{lang}"] for lang in ("de", "fr", "es"))
     overall = sum(got[f"eval/cer/lang/{lang}"] * got[f"eval/num_chars/lang/{lang}"] for lang in ("de", "fr", "es"))
     assert got["eval/cer"] == pytest.approx(overall / total), "the overall CER is the languages' pooled edits"
+
+
+def test_a_just_run_scores_its_dev_cer_per_language(tmp_path: Path, multilingual: Path) -> None:
+    """The dev CER a CTC-trained run logs at its checkpoints (``pipeline.train.dev``), for
+    JUST, whose CTC model is its encoder and head: per language on a multilingual valid split,
+    the same figures ``jobs.evaluate`` gives that split for the same weights, without moving
+    the training RNG or the run's model; a budget of one utterance takes one."""
+    from types import SimpleNamespace
+
+    from jobs.evaluate import evaluate
+    from pipeline.probe import load_labelled_set
+    from pipeline.train.dev import DevScorer, dev_line
+    from pipeline.train.just import resolve_config
+
+    torch.set_num_threads(1)
+    cfg = resolve_config(C.apply_overrides(C.just_laptop(), [f"data.train_uri={multilingual}"]))
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg.model)
+    save_weights(model, tmp_path / "just")
+    C.save_config(cfg, tmp_path / "just" / "config.yaml")
+    rng = torch.get_rng_state()
+    scorer = DevScorer(cfg, rank=0)
+    got = scorer.score(SimpleNamespace(module=model), zero_stage=0)  # the engine's module under ZeRO 0-2
+    assert torch.equal(torch.get_rng_state(), rng), "scoring must not move the training RNG"
+    assert model.training, "the run's own model stays in training mode"
+    ev, _ = evaluate(str(tmp_path / "just"), str(multilingual), split="valid")
+    langs = ev.languages
+    assert len(langs) >= 2 and got["dev/num_utterances"] == ev.summary["num_utterances"]
+    for key in ("cer", "wer", *(f"cer/lang/{lang}" for lang in langs), *(f"wer/lang/{lang}" for lang in langs)):
+        assert got[f"dev/{key}"] == pytest.approx(ev.summary[key]), key
+    assert all(f"{lang} " in dev_line(3, got) for lang in langs)
+
+    valid = load_labelled_set(str(multilingual), split="valid")
+    shortest = min(len(a) for a in valid.audio) / valid.sample_rate / 60.0
+    assert len(DevScorer(C.apply_overrides(cfg, [f"finetune.dev_minutes={1.01 * shortest}"]), rank=0).labelled) == 1
+    with pytest.raises(ValueError, match="finetune.dev_minutes"):
+        C.apply_overrides(cfg, ["finetune.dev_minutes=-1"])

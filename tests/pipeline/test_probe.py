@@ -107,3 +107,19 @@ def test_take_minutes_is_seeded_and_bounded(toy) -> None:
     a, b = train.take_minutes(half, seed=1), train.take_minutes(half, seed=1)
     assert a.ids == b.ids and 0 < a.minutes <= half
     assert train.take_minutes(half, seed=2).ids != a.ids
+
+
+def test_pick_minutes_gives_every_language_a_turn() -> None:
+    """``by_language``: with room for three utterances, three languages get one each, however
+    the shuffle ordered them; without it, the shuffle decides (here: one language twice)."""
+    from pipeline.probe import pick_minutes
+
+    languages = ["en"] * 20 + ["de"] * 3 + ["fr"] * 3
+    lengths = [100] * len(languages)
+    for seed in range(5):
+        turns = pick_minutes(lengths, languages, 300, seed=seed, by_language=True)
+        assert sorted(languages[i] for i in turns) == ["de", "en", "fr"]
+        assert turns == sorted(turns) and turns == pick_minutes(lengths, languages, 300, seed=seed, by_language=True)
+    plain = [[languages[i] for i in pick_minutes(lengths, languages, 300, seed=s)] for s in range(5)]
+    assert any(len(set(p)) < 3 for p in plain)
+    assert len(pick_minutes([500, 50], ["en", "en"], 10)) == 1, "at least one, even over budget"

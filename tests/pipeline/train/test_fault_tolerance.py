@@ -226,6 +226,7 @@ def test_first_generation_on_two_zero2_workers_resumes(shards: str, tmp_path: Pa
         result, saved = evaluate(second.run_uri, shards)
         assert saved.model.just.vocab_size == len(saved.finetune.vocab) + 2 and saved.finetune.vocab_from_data is False
         assert 0.0 < result.summary["cer"] and result.summary["num_utterances"] > 0
+        assert "dev/cer" not in run.data.metrics, "no valid split here: no dev CER, and the run trains as without"
 
 
 def _loss_log(cfg: C.Config, name: str) -> list[tuple[int, float]]:
