@@ -23,6 +23,9 @@ accents and breaks words at letters like ``ß``); on a multilingual split every 
 carries its languages and the step returns each utterance's CTC loss, which the loop logs
 as ``loss/lang/<code>`` per character (and under its part name, ``loss/ctc/lang/<code>``).
 
+Dev CER: every checkpoint also transcribes ``finetune.dev_minutes`` of the dataset's valid
+split and logs ``dev/cer`` (per language too) to MLflow (:mod:`pipeline.train.dev`).
+
 Freezing: while frozen, the projection and the Transformer run without autograd
 (forward hooks switch the grad mode around them), so no activations are stored and no
 gradient reaches them. DeepSpeed then gives their parameters zero gradients; with

@@ -24,6 +24,9 @@ frame, ``loss/ctc/lang/<code>`` per character of that language's labelled uttera
 unlabelled row adds neither loss nor characters, so a language none of whose utterances
 has a transcript logs NaN there: no characters were counted, not a loss of 0).
 
+Its checkpoints log the dev CER of its CTC half per language, as fine-tuning's do
+(:mod:`pipeline.train.dev`; the CTC model is the encoder and the head).
+
 Resolution before a run (:func:`resolve_config`): ``finetune.vocab`` is written out as for
 fine-tuning (``finetune.vocab_from_data``: the characters of the transcripts, a joint
 grapheme vocabulary over the languages), ``model.just.vocab_size`` from it, and the
