@@ -214,19 +214,16 @@ class FinetuneStep:
         finally:
             torch.set_grad_enabled(grad_mode)  # restored even if the forward failed while frozen
         log_probs = F.log_softmax(out.logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
+        # Per utterance, then summed: bit for bit what reduction="sum" gives, and a
+        # multilingual batch keeps each utterance's loss for loss/lang/<code>.
+        per_utterance = F.ctc_loss(
+            log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
+            reduction="none", zero_infinity=True,
+        )  # (B,)
+        loss_sum = per_utterance.sum()
         row_loss = row_count = None
-        if inp.get("per_row"):  # a multilingual batch: each utterance's loss for loss/lang/<code>
-            per_utterance = F.ctc_loss(
-                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
-                reduction="none", zero_infinity=True,
-            )  # (B,)
-            loss_sum = per_utterance.sum()
+        if inp.get("per_row"):
             row_loss, row_count = per_utterance.detach(), inp["target_lengths"].float()
-        else:
-            loss_sum = F.ctc_loss(
-                log_probs, inp["targets"], out.output_lengths, inp["target_lengths"], blank=0,
-                reduction="sum", zero_infinity=True,
-            )
         too_short = (out.output_lengths < inp["target_lengths"]).float().sum()
         metrics = {
             "ctc/loss_sum": loss_sum.detach(),

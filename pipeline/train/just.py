@@ -112,18 +112,16 @@ class JustStep(W2vBertStep):
             rows = ctc["rows"]
             log_probs = F.log_softmax(out.ctc_logits[rows], dim=-1).transpose(0, 1)  # (T, L, V)
             frames = out.output_lengths[rows]  # (L,)
+            # Per utterance, then summed: bit for bit what reduction="sum" gives.
+            per_utterance = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
+                                       blank=self.vocab.blank_id, reduction="none", zero_infinity=True)  # (L,)
+            ctc_sum = per_utterance.sum()
             if base.row_parts:  # a multilingual batch: each labelled utterance's loss, for loss/ctc/lang/<code>
-                per_utterance = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
-                                           blank=self.vocab.blank_id, reduction="none", zero_infinity=True)  # (L,)
-                ctc_sum = per_utterance.sum()  # what reduction="sum" adds up
                 # Unlabelled rows: no loss, no characters. A batch without labelled rows
                 # gives no ctc part at all, which the loop counts the same.
                 zeros = torch.zeros(out.ctc_logits.shape[0], device=device)  # (B,)
                 base.row_parts["ctc"] = (zeros.index_copy(0, rows, per_utterance.detach().float()),
                                          zeros.index_copy(0, rows, ctc["target_lengths"].float()))
-            else:
-                ctc_sum = F.ctc_loss(log_probs, ctc["targets"], frames, ctc["target_lengths"],
-                                     blank=self.vocab.blank_id, reduction="sum", zero_infinity=True)
             # Per character of this batch, in units of its masked frames (module doc).
             base.loss_sum = base.loss_sum + self.ctc_weight * ctc_sum * (base.count.float() / num_tokens)
             num_frames = frames.float().sum()
