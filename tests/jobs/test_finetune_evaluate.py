@@ -156,6 +156,15 @@ def test_probe_sets_from_a_prepared_dataset(labelled: Path) -> None:
     assert all(a.dtype == np.float32 and a.ndim == 1 for a in train.audio)
     again, _ = probe_sets(cfg)
     assert again.ids == train.ids
+    # Picked before decoding: the same utterances and samples as decoding all, then picking.
+    from pipeline.probe import load_labelled_set
+
+    everything = load_labelled_set(str(labelled))
+    for by_language in (False, True):
+        picked = load_labelled_set(str(labelled), minutes=0.2, seed=1, by_language=by_language)
+        want = everything.take_minutes(0.2, seed=1, by_language=by_language)
+        assert picked.ids == want.ids and 0 < len(picked) < len(everything)
+        assert all(np.array_equal(a, b) for a, b in zip(picked.audio, want.audio, strict=True))
     with pytest.raises(ValueError, match="probe.train_uri"):
         probe_sets(C.tiny())
 
