@@ -109,10 +109,12 @@ def load_into(model: nn.Module, state: dict[str, Tensor], where: str) -> list[st
     state = clean_state_dict(state)
     expected = model.state_dict()
     usable = {k: v for k, v in state.items() if k in expected}
-    # A CTC head of another vocabulary (JUST's, a fine-tuned model's) is a head the model lacks.
-    other_vocab = [k for k, v in usable.items() if k.startswith("head.") and v.shape != expected[k].shape]
-    for k in other_vocab:
-        del usable[k]
+    # A CTC head of another vocabulary (JUST's, a fine-tuned model's), or another kind of head
+    # (vq_bert's LM head shares the name ``head.bias``), is a head the model lacks: taken whole or not at all.
+    head = [k for k in expected if k.startswith("head.")]
+    if any(k not in usable or usable[k].shape != expected[k].shape for k in head):
+        for k in head:
+            usable.pop(k, None)
     check_shapes(usable, expected, where)
     missing_encoder = [k for k in expected if k.startswith("encoder.") and k not in usable]
     if missing_encoder:

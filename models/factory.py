@@ -21,7 +21,7 @@ from models.quantizer import GumbelVectorQuantizer
 from models.reconstruction import ApcModel, MaskedReconstructionModel
 from models.transformer import TransformerEncoder
 from models.vq import KmeansVectorQuantizer, QuantizedProjection
-from models.vq_bert import TokenEncoder, VqBertModel
+from models.vq_bert import TokenEncoder, VqBertForCTC, VqBertModel, VqTokeniser
 from models.w2v_bert import W2vBertModel
 from models.wav2vec1 import Wav2VecModel
 from models.wav2vec2 import Wav2Vec2Encoder, Wav2Vec2ForCTC, Wav2Vec2ForPretraining
@@ -261,10 +261,9 @@ def build_data2vec_model(cfg: ModelConfig) -> Data2VecModel | Data2Vec2Model:
     return Data2Vec2Model(encoder, decoder, clones=d.clones, mask_adjust=d.mask_adjust, **common)
 
 
-def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
-    """vq-wav2vec's BERT on its tokens (``model.vq_bert``, ``model.mask``, ``model.transformer``):
-    no audio front end, the Transformer of ``model.transformer`` on an embedding of the tokens."""
-    tr, vb, m = cfg.transformer, cfg.vq_bert, cfg.mask
+def build_token_encoder(cfg: ModelConfig) -> TokenEncoder:
+    """vq_bert's BERT: the Transformer of ``model.transformer`` on an embedding of the tokens."""
+    tr = cfg.transformer
     if tr.kind != "transformer":
         raise ValueError(f"model.objective=vq_bert: a BERT needs model.transformer.kind='transformer', got {tr.kind!r}")
     transformer = TransformerEncoder(
@@ -273,16 +272,36 @@ def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
         layer_norm_first=tr.layer_norm_first, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
         absolute_positions=tr.absolute_positions,
     )
-    encoder = TokenEncoder(vb.vocab, transformer, dropout_input=cfg.dropout_input)
-    return VqBertModel(encoder, mask_prob=m.prob, mask_length=m.length, min_masks=m.min_masks,
+    return TokenEncoder(cfg.vq_bert.vocab, transformer, dropout_input=cfg.dropout_input)
+
+
+def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
+    """vq-wav2vec's BERT on its tokens (``model.vq_bert``, ``model.mask``, ``model.transformer``):
+    no audio front end."""
+    vb, m = cfg.vq_bert, cfg.mask
+    return VqBertModel(build_token_encoder(cfg), mask_prob=m.prob, mask_length=m.length, min_masks=m.min_masks,
                        random_token_prob=vb.random_token_prob, leave_unmasked_prob=vb.leave_unmasked_prob)
 
 
-def build_ctc_model(cfg: ModelConfig, vocab_size: int) -> Wav2Vec2ForCTC:
+def build_vq_tokeniser(cfg: ModelConfig) -> VqTokeniser:
+    """The tokeniser a vq_bert model reads audio through (:class:`models.vq_bert.VqTokeniser`):
+    the front end (``model.frontend``, ``model.encoder``) and quantizer (``model.vq_wav2vec``)
+    of the vq-wav2vec model that made its tokens, ``model.vq_bert.vocab`` ids."""
+    return VqTokeniser(build_frontend(cfg), build_vq_quantizer(cfg), cfg.vq_bert.vocab)
+
+
+def build_ctc_model(cfg: ModelConfig, vocab_size: int) -> Wav2Vec2ForCTC | VqBertForCTC:
     """The fine-tuning model of ``cfg`` with a ``vocab_size``-way head (blank included).
 
-    Load pretrained encoder weights with ``model.load_encoder_state_dict(state_dict)``.
+    Load pretrained encoder weights with ``model.load_encoder_state_dict(state_dict)``. A
+    vq_bert config gives its BERT behind its tokeniser (:func:`build_vq_tokeniser`).
     """
+    if cfg.objective == "vq_bert":
+        return VqBertForCTC(
+            build_vq_tokeniser(cfg), build_token_encoder(cfg), vocab_size, final_dropout=cfg.final_dropout,
+            mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,
+            channel_prob=cfg.mask.channel_prob, channel_length=cfg.mask.channel_length,
+        )
     return Wav2Vec2ForCTC(
         build_encoder(cfg), vocab_size, final_dropout=cfg.final_dropout,
         mask_prob=cfg.mask.prob, mask_length=cfg.mask.length, min_masks=cfg.mask.min_masks,

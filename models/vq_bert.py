@@ -22,6 +22,12 @@ its own), except a ``random_token_prob`` share that gets a uniformly random toke
 
 As in RoBERTa the embedding is not scaled; the Transformer adds the positions (fixed
 sinusoids in the presets, ``transformer.absolute_positions``).
+
+Downstream, the BERT reads audio through the tokeniser of its label set
+(:class:`VqTokeniser`: the vq-wav2vec model's front end and quantizer, and the label set's
+vocabulary): the probe through :class:`TokenisedBert`, fine-tuning through
+:class:`VqBertForCTC`, which carries its tokeniser's weights and vocabulary in its own
+state, so a fine-tuned model needs nothing else to transcribe.
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.masked_prediction import MaskedPredictionOutput
-from models.masking import compute_span_mask, frame_padding_mask
+from models.masking import compute_channel_mask, compute_span_mask, frame_padding_mask
 from models.quantizer import perplexity
 from models.transformer import TransformerEncoder
-from models.wav2vec2 import check_shape
+from models.wav2vec2 import CTCOutput, check_shape
 
 
 def masked_token_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,3 +230,150 @@ class TokenisedBert(nn.Module):
         """(B, T, D) BERT hidden states of ``source`` (B, S)."""
         ids, lengths = self.tokens(source, padding_mask)
         return self.bert(ids, frame_padding_mask(ids.shape[1], lengths))
+
+
+def pair_index(codes: Tensor, entries: int) -> Tensor:
+    """(..., G) codeword ids -> (...) int64 index of each frame's tuple, mixed radix ``entries``
+    (``g0 * V + g1`` for two groups): the token before the vocabulary."""
+    codes = codes.long()
+    out = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+    for g in range(codes.shape[-1]):
+        out = out * entries + codes[..., g]
+    return out
+
+
+def pair_ids(pairs: Tensor, vocabulary: Tensor, unknown: int) -> Tensor:
+    """Token ids of pair indices ``pairs`` (any shape, int64) in ``vocabulary`` (K',) int64, the
+    pair of each id in id order (entries < 0 are unused ids): id i where ``vocabulary[i]`` is the
+    pair, ``unknown`` for a pair the vocabulary lacks."""
+    vocabulary = vocabulary.to(device=pairs.device, dtype=torch.long)
+    if vocabulary.numel() == 0:
+        return torch.full_like(pairs, unknown)
+    order = torch.argsort(vocabulary, stable=True)
+    ordered = vocabulary[order]
+    where = torch.searchsorted(ordered, pairs).clamp(max=ordered.numel() - 1)
+    found = ordered[where] == pairs
+    return torch.where(found, order[where], torch.full_like(pairs, unknown))
+
+
+class VqTokeniser(nn.Module):
+    """Audio -> vq-wav2vec tokens: a vq-wav2vec model's front end and quantizer (its
+    ``encoder.feature_encoder`` and quantizer) and the token vocabulary of a label set
+    (``pairs``: the pair index of each id, -1 for ids the set does not use; id ``vocab - 1``
+    stands for every other pair). Frozen: what made the BERT's input, not something to train.
+
+    Each utterance is tokenised whole, alone, as the tokenising job does (wav2vec 1.0's front
+    end normalises over the utterance's frames). The input is scaled as the tokenising job
+    scaled it: the caller normalises when the vq-wav2vec model was trained on normalised audio.
+    """
+
+    def __init__(self, frontend: nn.Module, quantizer: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.quantizer = quantizer
+        self.vocab = vocab
+        self.entries = int(quantizer.entries)
+        self.register_buffer("pairs", torch.full((vocab - 1,), -1, dtype=torch.long))
+        self.requires_grad_(False)
+
+    def set_vocabulary(self, pairs: Tensor) -> None:
+        """Ids 0 .. len(pairs) - 1 are ``pairs`` (the label set's ``vocabulary.npz``)."""
+        pairs = torch.as_tensor(pairs, dtype=torch.long).flatten()
+        if pairs.numel() > self.vocab - 1:
+            raise ValueError(f"VqTokeniser: {pairs.numel()} pairs for {self.vocab - 1} ids (model.vq_bert.vocab - 1)")
+        if bool((pairs < 0).any()) or pairs.unique().numel() != pairs.numel():
+            raise ValueError("VqTokeniser: the vocabulary's pairs must be distinct pair indices >= 0")
+        with torch.no_grad():
+            self.pairs.fill_(-1)
+            self.pairs[: pairs.numel()] = pairs.to(self.pairs.device)
+
+    def frames(self, num_samples: Tensor) -> Tensor:
+        """Tokens of ``num_samples`` samples (one per front-end frame)."""
+        return self.frontend.output_lengths(num_samples)
+
+    @torch.no_grad()
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(ids (B, T) long, 0 at padded frames; tokens (B,)) of ``source`` (B, S),
+        ``padding_mask`` (B, S) True at padded samples."""
+        if source.dim() != 2:
+            raise ValueError(f"VqTokeniser: expected source (B, S), got shape {tuple(source.shape)}")
+        batch, width = source.shape
+        samples = torch.full((batch,), width, dtype=torch.long, device=source.device)
+        if padding_mask is not None:
+            check_shape("padding_mask", padding_mask, (batch, width))
+            samples = (~padding_mask.bool()).long().sum(dim=1)
+        lengths = self.frames(samples).clamp(min=0)
+        ids = torch.zeros((batch, int(lengths.max()) if batch else 0), dtype=torch.long, device=source.device)
+        for b in range(batch):
+            n, t = int(samples[b]), int(lengths[b])
+            if t == 0:
+                continue
+            features = self.frontend(source[b : b + 1, :n].float())  # (1, T, C)
+            codes = self.quantizer.codes(features)  # (1, T, G)
+            ids[b, :t] = pair_ids(pair_index(codes[0, :t], self.entries), self.pairs, self.vocab - 1)
+        return ids, lengths
+
+
+class VqBertForCTC(nn.Module):
+    """Fine-tuning model of vq_bert: audio -> the frozen tokeniser of its label set -> the
+    BERT (:class:`TokenEncoder`) -> dropout -> Linear(D -> vocab), one CTC frame per token.
+
+    Shaped as :class:`models.wav2vec2.Wav2Vec2ForCTC` for the fine-tuning step and the
+    scoring (``encoder``, ``head``, the same regularisers and output). Time masking puts
+    ``[MASK]`` at the masked tokens (what the BERT learned to fill in); channel masking zeroes
+    embedding channels; both run only in training mode.
+    """
+
+    def __init__(self, tokeniser: VqTokeniser, encoder: TokenEncoder, vocab_size: int, *, final_dropout: float,
+                 mask_prob: float, mask_length: int, min_masks: int, channel_prob: float,
+                 channel_length: int) -> None:
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size: expected >= 1, got {vocab_size}")
+        if tokeniser.vocab != encoder.vocab:
+            raise ValueError(f"VqBertForCTC: the tokeniser gives {tokeniser.vocab} tokens, the BERT reads {encoder.vocab}")
+        self.tokeniser = tokeniser
+        self.encoder = encoder
+        self.dropout = nn.Dropout(final_dropout)
+        self.head = nn.Linear(encoder.dim, vocab_size)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.mask_prob = mask_prob
+        self.mask_length = mask_length
+        self.min_masks = min_masks
+        self.channel_prob = channel_prob
+        self.channel_length = channel_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head.out_features
+
+    def freeze_feature_encoder(self) -> None:
+        """The tokeniser is always frozen (constructor): nothing more to do."""
+
+    def forward(
+        self,
+        source: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        layerdrop_generator: torch.Generator | None = None,
+    ) -> CTCOutput:
+        """Logits (B, T, V) for ``source`` (B, S); ``padding_mask`` (B, S) True = padded."""
+        ids, lengths = self.tokeniser(source, padding_mask)  # (B, T), (B,)
+        batch, time = ids.shape
+        frame_pad = None if padding_mask is None else frame_padding_mask(time, lengths)
+        if self.training and self.mask_prob > 0:
+            mask = compute_span_mask(
+                (batch, time), mask_prob=self.mask_prob, mask_length=self.mask_length, min_masks=self.min_masks,
+                lengths=lengths, generator=generator, device=ids.device,
+            )
+            ids = ids.masked_fill(mask, self.encoder.mask_id)
+        x = self.encoder.dropout(self.encoder.embedding(ids))  # (B, T, D)
+        if self.training and self.channel_prob > 0:
+            channels = compute_channel_mask(batch, x.shape[-1], mask_prob=self.channel_prob,
+                                            mask_length=self.channel_length, generator=generator, device=x.device)
+            x = x.masked_fill(channels.unsqueeze(1), 0.0)
+        hidden = self.encoder.transformer(x, frame_pad, layerdrop_generator=layerdrop_generator)  # (B, T, D)
+        logits = self.head(self.dropout(hidden))  # (B, T, V)
+        return CTCOutput(logits=logits, output_lengths=lengths, padding_mask=frame_pad)

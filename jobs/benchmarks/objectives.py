@@ -27,8 +27,8 @@
    with that model as ``label.teacher``; its CPU-seconds counted as HuBERT's labelling) writes
    its tokens next to the shards, and the BERT trains on them with what is left; its first
    stage gets a row of its own (``stage 1 of 2``), and the probe reads the BERT through the
-   tokeniser of its label set (``pipeline.label.tokens.audio_model``). The BERT reads tokens,
-   not audio, so it is not fine-tuned (``-`` in that column).
+   tokeniser of its label set (``pipeline.label.tokens.audio_model``), and fine-tuning trains
+   a CTC head on the BERT behind that tokeniser (``models.vq_bert.VqBertForCTC``).
 3. The same downstream budget for every row: the frozen-feature probe (a conv CTC head,
    ``--probe-steps`` updates, trained on the 10 minutes, scored on the held-out voices), and
    CTC fine-tuning (``jobs/configs/finetune/tiny_10m.yaml``, ``--finetune-steps`` updates,
@@ -279,21 +279,21 @@ def main(argv: list[str] | None = None) -> int:
             state = read_state(row_ckpt)
             model = load_model(str(row_ckpt)).model
             arch = _describe(row_cfg)
-            tuned = row_cfg.model.objective != "vq_bert"  # a BERT on tokens: the probe reads it, fine-tuning cannot
+            bert = row_cfg.model.objective == "vq_bert"  # a BERT on tokens, read through its tokeniser
             rows.append({
                 "key": row_key, "label": f"{_name(row_cfg)}{suffix} ({row_preset}, {arch})",
                 "checkpoint": str(row_ckpt), "params": count_parameters(model.encoder), "updates": state.step,
                 "audio_s_per_s": state.metrics.get("speed/audio_s_per_s"), "train_seconds": state.train_seconds,
-                "label_seconds": labelled, "finetune": tuned,
+                "label_seconds": labelled,
             })
-            added.append((row_key, row_ckpt, arch, tuned, count_parameters(model.encoder)))
-        for row_key, row_ckpt, arch, tuned, params in reversed(added):  # the last stage's weights' shape first
+            added.append((row_key, row_ckpt, arch, bert, count_parameters(model.encoder)))
+        for row_key, row_ckpt, arch, bert, params in reversed(added):  # the last stage's weights' shape first
             if arch not in random_rows:
                 rnd = random_checkpoint(row_ckpt, work / "random-init", seed=args.seed)
-                label = (f"random-init BERT on {row_key}'s tokens ({arch})" if not tuned
+                label = (f"random-init BERT on {row_key}'s tokens ({arch})" if bert
                          else f"random-init encoder ({arch})")
                 random_rows[arch] = {"key": f"random {arch}", "label": label, "checkpoint": str(rnd),
-                                     "params": params, "finetune": tuned}
+                                     "params": params}
     rows[1:1] = list(random_rows.values())
 
     t0 = time.perf_counter()
@@ -304,9 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         r["probe_cer"] = scores[r["key"]]["probe/cer"]
     if not args.skip_finetune:
         for r in rows:
-            if not r.get("finetune", True):
-                log(f"{r['key']}: not fine-tuned (a BERT on tokens; jobs.finetune takes audio encoders)")
-                continue
             extra = [f"train.init_from={r['checkpoint']}"] if r["checkpoint"] else [
                 "finetune.frontend=logmel", f"data.normalize={str(normalize).lower()}"]
             name = r["key"].replace(" ", "-").replace("+", "").replace(":", "-").replace("@", "-it")

@@ -24,11 +24,13 @@ utterance over time (GroupNorm over all its frames), so pieces would tokenise di
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.data.batching import normalize
 
 VOCABULARY_FILE = "vocabulary.npz"
 
@@ -70,7 +72,7 @@ class TokenFeatures:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         x = np.asarray(audio, dtype=np.float32)
         if self.normalize:  # the model's pretraining input (data.normalize)
-            x = (x - x.mean()) / math.sqrt(float(x.var()) + 1e-5)
+            x = normalize(x)
         need = self.frames(len(x))
         if need == 0:
             return np.zeros((0, self.groups), np.int64)
@@ -86,12 +88,11 @@ class TokenFeatures:
 
 
 def pair_index(ids: np.ndarray, entries: int) -> np.ndarray:
-    """(T, G) codeword ids -> (T,) int64 index of each frame's tuple (mixed radix ``entries``)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = np.zeros(len(ids), dtype=np.int64)
-    for g in range(ids.shape[1]):
-        out = out * entries + ids[:, g]
-    return out
+    """(T, G) codeword ids -> (T,) int64 index of each frame's tuple (mixed radix ``entries``:
+    :func:`models.vq_bert.pair_index`)."""
+    from models.vq_bert import pair_index as index
+
+    return index(torch.from_numpy(np.asarray(ids, dtype=np.int64)), entries).numpy()
 
 
 def count_pairs(pairs: np.ndarray) -> dict[int, int]:
@@ -108,7 +109,8 @@ def build_vocabulary(counts: dict[int, int], size: int) -> np.ndarray:
 
 
 class TokenMap:
-    """(T, G) codeword ids -> (T,) int16 token ids of a vocabulary (:func:`build_vocabulary`)."""
+    """(T, G) codeword ids -> (T,) int16 token ids of a vocabulary (:func:`build_vocabulary`;
+    the lookup is :func:`models.vq_bert.pair_ids`, the one a fine-tuned model runs)."""
 
     def __init__(self, pairs: np.ndarray, size: int, entries: int) -> None:
         if len(pairs) > size - 1:
@@ -116,25 +118,71 @@ class TokenMap:
         self.size = size
         self.unknown = size - 1
         self.entries = entries
-        order = np.argsort(pairs, kind="stable")
-        self._sorted = np.asarray(pairs, dtype=np.int64)[order]
-        self._ids = order.astype(np.int64)
+        self.pairs = np.asarray(pairs, dtype=np.int64)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        pairs = pair_index(ids, self.entries)
-        where = np.searchsorted(self._sorted, pairs)
-        where = np.minimum(where, max(len(self._sorted) - 1, 0))
-        found = (self._sorted[where] == pairs) if len(self._sorted) else np.zeros(len(pairs), bool)
-        out = np.where(found, self._ids[where] if len(self._ids) else 0, self.unknown)
-        return out.astype(np.int16)
+        from models.vq_bert import pair_ids
+
+        pairs = torch.from_numpy(pair_index(ids, self.entries))
+        return pair_ids(pairs, torch.from_numpy(self.pairs), self.unknown).numpy().astype(np.int16)
+
+
+@dataclass
+class Tokeniser:
+    """The tokeniser of a vq_bert run's label set, as a module (:func:`load_tokeniser`)."""
+
+    module: Any
+    """A :class:`models.vq_bert.VqTokeniser`: the vq-wav2vec model's front end and quantizer, the set's vocabulary."""
+    normalize: bool
+    """Whether the vq-wav2vec model reads audio normalised per utterance (its ``data.normalize``)."""
+    model: Any
+    """The model section that builds ``module`` (:func:`models.factory.build_vq_tokeniser`): the
+    vq_bert run's, with the vq-wav2vec model's ``frontend``, ``encoder`` and ``vq_wav2vec``."""
+    teacher: str
+    """Where the vq-wav2vec model is (``label.teacher``, pinned)."""
+
+
+TOKENISER_SECTIONS = ("frontend.", "encoder.", "vq_wav2vec.")
+"""The model config sections of a vq-wav2vec model that say how it tokenises."""
+
+
+def load_tokeniser(cfg: Any, *, store: Any = None, tracking_uri: str = "") -> Tokeniser:
+    """The tokeniser of the label set the vq_bert run of ``cfg`` trains on: its vq-wav2vec model
+    (``label.teacher``) and the set's ``vocabulary.npz``, found from the run config as the
+    training found them. The probe (:func:`audio_model`) and fine-tuning read audio through it."""
+    from models.factory import build_vq_tokeniser
+    from pipeline.config import apply_overrides, to_flat_dict
+    from pipeline.data import storage
+    from pipeline.label.job import open_npz, resolve
+    from pipeline.model_io import run_config
+
+    r = resolve(cfg, store=store, tracking_uri=tracking_uri)
+    uri = storage.join(r.plan.version_uri, VOCABULARY_FILE)
+    if not storage.exists(uri, r.plan.store):
+        raise ValueError(
+            f"vq_bert: the token vocabulary of the label set it trained on is not at {uri} (label.teacher="
+            f"{cfg.label.teacher}, data.train_uri={cfg.data.train_uri}): its features of audio need that tokeniser"
+        )
+    features = r.extractor  # the teacher resolve loaded, with its input normalisation
+    teacher_cfg = run_config(r.plan.teacher, store=r.plan.store, tracking_uri=tracking_uri)
+    if teacher_cfg is None:
+        raise ValueError(f"label.teacher={r.plan.teacher}: a vq-wav2vec model without its run config")
+    sections = {k: v for k, v in to_flat_dict(teacher_cfg.model).items() if k.startswith(TOKENISER_SECTIONS)}
+    model_cfg = apply_overrides(cfg, {"model": {**to_flat_dict(cfg.model), **sections}}).model
+    if model_cfg.vq_bert.stride != features.stride:
+        raise ValueError(f"vq_bert: model.vq_bert.stride is {model_cfg.vq_bert.stride} samples, its tokeniser's "
+                         f"frames are {features.stride}")
+    module = build_vq_tokeniser(model_cfg)
+    module.frontend.load_state_dict(features.frontend.state_dict())
+    module.quantizer.load_state_dict(features.model.quantizer.state_dict())
+    module.set_vocabulary(torch.from_numpy(np.load(open_npz(uri, r.plan.store))["pairs"]))
+    return Tokeniser(module.eval(), bool(features.normalize), model_cfg, r.plan.teacher)
 
 
 def audio_model(trained: Any, *, store: Any = None, tracking_uri: str = "") -> torch.nn.Module:
     """The model downstream heads read audio through: ``trained.model`` itself, except for a
     vq_bert model, whose BERT reads tokens: then its BERT behind the tokeniser that made the
-    label set it trained on (:class:`models.vq_bert.TokenisedBert`: the vq-wav2vec model at
-    ``label.teacher`` and the set's ``vocabulary.npz``, found from its run config as the
-    training found them).
+    label set it trained on (:class:`models.vq_bert.TokenisedBert` on :func:`load_tokeniser`).
 
     ``trained``: a :class:`pipeline.model_io.TrainedModel`.
     """
@@ -145,23 +193,14 @@ def audio_model(trained: Any, *, store: Any = None, tracking_uri: str = "") -> t
         return model
     if trained.config is None:
         raise ValueError(f"{trained.path}: a vq_bert model without its run config: its tokeniser cannot be found")
-    from pipeline.data import storage
-    from pipeline.label.job import open_npz, resolve
-
-    cfg = trained.config
-    r = resolve(cfg, store=store, tracking_uri=tracking_uri)
-    uri = storage.join(r.plan.version_uri, VOCABULARY_FILE)
-    if not storage.exists(uri, r.plan.store):
-        raise ValueError(
-            f"vq_bert: the token vocabulary of the label set it trained on is not at {uri} (label.teacher="
-            f"{cfg.label.teacher}, data.train_uri={cfg.data.train_uri}): its features of audio need that tokeniser"
-        )
-    features = r.extractor  # the teacher resolve loaded, with its input normalisation
-    to_ids = TokenMap(np.load(open_npz(uri, r.plan.store))["pairs"], r.plan.clusters, features.entries)
-    if to_ids.size != model.encoder.vocab:
-        raise ValueError(f"vq_bert: the label set at {uri} has {to_ids.size} tokens, the model {model.encoder.vocab}")
+    tok = load_tokeniser(trained.config, store=store, tracking_uri=tracking_uri)
+    if tok.module.vocab != model.encoder.vocab:
+        raise ValueError(f"vq_bert: its label set has {tok.module.vocab} tokens, the model {model.encoder.vocab}")
 
     def tokenise(audio: np.ndarray) -> np.ndarray:
-        return to_ids(features(audio)).astype(np.int64) if len(audio) else np.zeros(0, np.int64)
+        if not len(audio):
+            return np.zeros(0, np.int64)
+        x = normalize(audio) if tok.normalize else np.asarray(audio, dtype=np.float32)
+        return tok.module(torch.from_numpy(x).unsqueeze(0))[0][0].numpy()
 
     return TokenisedBert(model.encoder, tokenise).eval()

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.vq_bert import VqBertForCTC
 from models.wav2vec2 import Wav2Vec2ForCTC
 from pipeline.config import CONFIG_FILE, Config, apply_overrides, to_flat_dict
 from pipeline.data.loader import LANGUAGES
@@ -102,6 +103,9 @@ def resolve_config(cfg: Config) -> Config:
         where = {"store": storage_for(cfg), "tracking_uri": default_tracking_uri(cfg)}
         source = model_io.pin(cfg.train.init_from, tracking_uri=where["tracking_uri"])
         source_model, normalize = model_io.source_model_config(source, **where)
+        if source_model.objective == "vq_bert":  # a BERT on tokens reads audio through its tokeniser
+            tokeniser = _tokeniser(source, **where)
+            source_model, normalize = tokeniser.model, tokeniser.normalize
         mine = to_flat_dict(cfg.model)
         deltas["model"] = {**to_flat_dict(source_model), **{k: mine[k] for k in _REGULARISERS}}
         deltas["train.init_from"] = source
@@ -113,8 +117,21 @@ def resolve_config(cfg: Config) -> Config:
     return apply_overrides(cfg, deltas)
 
 
+def _tokeniser(source: str, **where: Any) -> Any:
+    """The tokeniser of the vq_bert model at ``source`` (:func:`pipeline.label.tokens.load_tokeniser`)."""
+    from pipeline import model_io
+    from pipeline.label.tokens import load_tokeniser
+
+    source_cfg = model_io.run_config(source, **where)
+    if source_cfg is None:
+        raise ValueError(f"train.init_from: {source}: a vq_bert model without its run config: its tokeniser "
+                         "cannot be found")
+    return load_tokeniser(source_cfg, **where)
+
+
 def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
-    """The CTC model of a resolved config: fresh, or initialised from ``train.init_from``.
+    """The CTC model of a resolved config: fresh, or initialised from ``train.init_from``
+    (a vq_bert model: its BERT, and the tokeniser of its label set in front).
 
     Seed the global RNG first for identical fresh weights on every rank.
     """
@@ -124,10 +141,13 @@ def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
 
     model = model_io.architecture(cfg, "ctc", vocab_size)
     if cfg.train.init_from:
+        where = {"store": storage_for(cfg), "tracking_uri": default_tracking_uri(cfg)}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*kept the initialisation of.*")
-            left = model_io.init_weights(model, cfg.train.init_from, store=storage_for(cfg),
-                                         tracking_uri=default_tracking_uri(cfg))
+            left = model_io.init_weights(model, cfg.train.init_from, **where)
+        if cfg.model.objective == "vq_bert" and any(k.startswith("tokeniser.") for k in left):
+            model.tokeniser.load_state_dict(_tokeniser(cfg.train.init_from, **where).module.state_dict())
+            left = [k for k in left if not k.startswith("tokeniser.")]
         if [k for k in left if not k.startswith("head.")]:
             raise ValueError(f"train.init_from: {cfg.train.init_from}: no weights for {left}")
     if cfg.finetune.freeze_feature_encoder:
@@ -139,7 +159,8 @@ def build_model(cfg: Config, vocab_size: int) -> Wav2Vec2ForCTC:
 
 
 class _TransformerFreeze:
-    """While ``active``, the feature projection and the Transformer run without autograd.
+    """While ``active``, the feature projection (vq_bert: the token embedding) and the
+    Transformer run without autograd.
 
     A pre-hook on the projection switches the grad mode off and a hook after the
     Transformer restores it: masking (no parameters) and the head run as usual.
@@ -149,7 +170,8 @@ class _TransformerFreeze:
         self.active = False
         self._saved: bool | None = None
         enc = model.encoder
-        enc.feature_projection.register_forward_pre_hook(self._enter)
+        first = enc.embedding if isinstance(model, VqBertForCTC) else enc.feature_projection  # vq_bert: its tokens'
+        first.register_forward_pre_hook(self._enter)
         enc.transformer.register_forward_hook(self._leave)
 
     def _enter(self, _module: torch.nn.Module, _args: tuple) -> None:

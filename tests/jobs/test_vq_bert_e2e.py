@@ -10,6 +10,7 @@ local Ray.
    data path: its first masked cross-entropy is near chance, ln(K), and the tokens it saw
    vary. The trained BERT reads audio through the tokeniser of its label set (the label
    files' own tokens, from a padded batch) and the probe trains a head on its states.
+3. CTC fine-tuning of the BERT behind that tokeniser, and jobs.evaluate of the result.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.data import labels as L
 from pipeline.data import schema as S
 from pipeline.data import storage
 from pipeline.data.audio import decode_segment
+from pipeline.data.batching import normalize
 from pipeline.label.job import run_labelling
 from pipeline.label.tokens import VOCABULARY_FILE, TokenMap
 from pipeline.tracking import Tracker
@@ -130,7 +132,7 @@ def test_tokenising_on_the_object_store_gives_the_models_token_for_every_frame_o
             if row < 2:  # the job's tokens are the model's, through the saved vocabulary
                 assert audio.column(S.ID)[row].as_py() == utt
                 wave = decode_segment(audio.column(S.AUDIO)[row].as_buffer(), 0, expected[utt])
-                x = torch.from_numpy((wave - wave.mean()) / math.sqrt(float(wave.var()) + 1e-5)).float()
+                x = torch.from_numpy(normalize(wave))
                 codes, _ = model.tokens(x.unsqueeze(0))
                 assert to_ids(codes[0].numpy()).tolist() == ids, utt
                 checked += 1
@@ -149,13 +151,20 @@ def test_tokenising_on_the_object_store_gives_the_models_token_for_every_frame_o
     assert _label_files(set_uri, summary["version"]) == files
 
 
-def test_vq_bert_pretrains_on_the_tokens(data_uri: str, teacher: tuple[Path, torch.nn.Module], tokenised: dict,
-                                         tmp_path: Path) -> None:
-    cfg = _config(data_uri, teacher[0], f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.run_name=vqbert",
+@pytest.fixture(scope="module")
+def bert_run(data_uri: str, teacher: tuple[Path, torch.nn.Module], tokenised: dict,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[C.Config, object]:
+    """(config, result) of a short vq_bert pretraining on the tokens."""
+    runs = tmp_path_factory.mktemp("vqbert_runs")
+    cfg = _config(data_uri, teacher[0], f"checkpoint.storage_path={runs}", "checkpoint.run_name=vqbert",
                   "train.max_steps=6", "checkpoint.every_steps=6", "train.log_every=1", "schedule.warmup_steps=2",
                   "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.decode_cpus=0.5",
                   "data.max_samples_per_batch=64000", "data.max_sample_size=32000")
-    result = run_pretraining(cfg)
+    return cfg, run_pretraining(cfg)
+
+
+def test_vq_bert_pretrains_on_the_tokens(data_uri: str, tokenised: dict, bert_run: tuple) -> None:
+    cfg, result = bert_run
     assert result.step == 6
     client = Tracker(result.mlflow_uri, "wavray", result.mlflow_run_id).client
     run = client.get_run(result.mlflow_run_id)
@@ -194,3 +203,66 @@ def test_vq_bert_pretrains_on_the_tokens(data_uri: str, teacher: tuple[Path, tor
     sets = LabelledSet([f"u{i}" for i in range(3)], waves, words)
     scores = run_probe(model, sets, sets, cfg.probe.__class__(steps=5, head="linear", weighted_sum=True))
     assert math.isfinite(scores["probe/dev_loss"]) and 0.0 <= scores["probe/cer"]
+
+
+def test_vq_bert_fine_tunes_behind_its_tokeniser(data_uri: str, teacher: tuple[Path, torch.nn.Module],
+                                                 tokenised: dict, bert_run: tuple, tmp_path: Path) -> None:
+    """CTC fine-tuning of the vq_bert model on the transcribed corpus: the model carries the
+    tokeniser of its label set (the vq-wav2vec model's front end and quantizer, the set's
+    vocabulary) and its BERT; the run logs its CTC loss, logs the model as a
+    wavray bundle (no Hugging Face class), and jobs.evaluate transcribes with it."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main as evaluate_main
+    from jobs.finetune import main as finetune_main
+    from models.checkpoint import load_weights
+    from pipeline.model_io import load_model
+
+    _, result = bert_run
+    _, vq = teacher
+    root = Path(__file__).resolve().parents[2]
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+    assert finetune_main([
+        "--config", str(root / "jobs/configs/finetune/tiny_10m.yaml"), f"data.train_uri={data_uri}",
+        f"train.init_from={result.checkpoint_uri}", f"checkpoint.storage_path={runs}", "checkpoint.run_name=ft",
+        "checkpoint.every_steps=4", "train.max_steps=4", "finetune.freeze_encoder_steps=2", "train.log_every=2",
+        "schedule.warmup_steps=1", "data.max_samples_per_batch=200000", f"tracking.uri={db}",
+        "scaling.cpus_per_worker=1",
+    ]) == 0
+    ckpt = runs / "ft" / "checkpoint_000000004"
+    state = load_weights(ckpt)
+    saved = np.load(__import__("io").BytesIO(storage.read_bytes(storage.join(
+        L.set_uri(data_uri, "tokens"), tokenised["version"], VOCABULARY_FILE))))["pairs"]
+    assert state["tokeniser.pairs"][: len(saved)].tolist() == saved.tolist()
+    assert (state["tokeniser.pairs"][len(saved):] == -1).all()
+    for key, value in vq.encoder.feature_encoder.state_dict().items():  # frozen: the vq-wav2vec model's
+        assert torch.equal(state[f"tokeniser.frontend.{key}"], value), key
+
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("wavray-finetune").experiment_id],
+                                filter_string="tags.`wavray.run_name` = 'ft'")
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss/ctc")]
+    assert losses and all(math.isfinite(v) for v in losses)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model" in logged and "hf_model" not in logged
+
+    # The fine-tuned model alone tokenises audio as the label set did.
+    model = load_model(str(ckpt), task="ctc").model
+    manifest = storage.read_table(storage.join(data_uri, S.MANIFEST_FILE), [S.SHARD])
+    shard = manifest.column(S.SHARD)[0].as_py()
+    labels = storage.read_table(storage.join(L.set_uri(data_uri, "tokens"), tokenised["version"],
+                                             L.shard_label_path(shard)))
+    audio = storage.read_table(storage.join(data_uri, shard), [S.AUDIO, S.NUM_SAMPLES])
+    wave = normalize(decode_segment(audio.column(S.AUDIO)[0].as_buffer(), 0, audio.column(S.NUM_SAMPLES)[0].as_py()))
+    ids, _ = model.tokeniser(torch.from_numpy(wave).unsqueeze(0))
+    assert ids[0].tolist() == labels.column(L.LABELS)[0].as_py()
+
+    out = tmp_path / "eval.tsv"
+    assert evaluate_main(["--checkpoint", str(runs / "ft"), "--data", data_uri, "--output", str(out),
+                          "--no-mlflow"]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert rows and all(r["reference"] for r in rows)

@@ -90,11 +90,93 @@ def test_presets() -> None:
         M.VqBertConfig(vocab=40000)
 
 
-def test_no_audio_encoder_to_fine_tune() -> None:
+def _ctc_with_tokeniser(vocab_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(vq_bert's CTC model, the vq-wav2vec model whose front end and quantizer it carries),
+    as fine-tuning builds it: the vq_bert config with the vq-wav2vec model's sections."""
     from models.factory import build_ctc_model
 
-    with pytest.raises(ValueError, match="reads vq-wav2vec's tokens, not audio"):
-        build_ctc_model(M.vq_bert_laptop(), 30)
+    torch.manual_seed(0)
+    vq_cfg = M.vq_wav2vec_laptop()
+    vq = build_pretraining_model(vq_cfg).eval()
+    cfg = M.vq_bert_laptop()
+    cfg.frontend, cfg.encoder, cfg.vq_wav2vec = vq_cfg.frontend, vq_cfg.encoder, vq_cfg.vq_wav2vec
+    cfg.mask.channel_prob, cfg.mask.channel_length = 0.2, 4
+    ctc = build_ctc_model(cfg, vocab_size)
+    ctc.tokeniser.frontend.load_state_dict(vq.encoder.feature_encoder.state_dict())
+    ctc.tokeniser.quantizer.load_state_dict(vq.quantizer.state_dict())
+    return ctc, vq
+
+
+def test_the_ctc_model_reads_audio_through_its_tokeniser_one_utterance_at_a_time() -> None:
+    """vq_bert fine-tunes behind the tokeniser of its label set: each utterance of a padded
+    batch gets the vq-wav2vec model's own codeword pairs of it alone, through the vocabulary
+    (pairs it lacks are the unknown id); the BERT and the CTC head read those tokens; the
+    tokeniser is frozen and travels in the state dict."""
+    from models.vq_bert import pair_index
+
+    ctc, vq = _ctc_with_tokeniser(30)
+    gen = torch.Generator().manual_seed(1)
+    long, short = torch.randn(4000, generator=gen), 3.0 * torch.randn(2400, generator=gen)
+    seen = pair_index(vq.tokens(long.unsqueeze(0))[0][0], ctc.tokeniser.entries)
+    vocabulary = seen.unique()[::2]  # half of the pairs it uses: the rest are unknown
+    ctc.tokeniser.set_vocabulary(vocabulary)
+    expected = []
+    for wave in (long, short):
+        pairs = pair_index(vq.tokens(wave.unsqueeze(0))[0][0], ctc.tokeniser.entries).tolist()
+        ids = [vocabulary.tolist().index(p) if p in vocabulary.tolist() else ctc.tokeniser.vocab - 1 for p in pairs]
+        expected.append(ids)
+    assert ctc.tokeniser.vocab - 1 in expected[0] and min(expected[0]) == 0
+
+    source = torch.zeros(2, 4000)
+    source[0], source[1, :2400] = long, short
+    pad = torch.zeros(2, 4000, dtype=torch.bool)
+    pad[1, 2400:] = True
+    ids, lengths = ctc.tokeniser(source, pad)
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert ids[0].tolist() == expected[0] and ids[1, : lengths[1]].tolist() == expected[1]
+
+    ctc.eval()
+    with torch.no_grad():
+        out = ctc(source, pad)
+        alone = ctc.head(ctc.encoder(torch.tensor([expected[1]])))  # the BERT on its tokens, then the head
+    assert out.output_lengths.tolist() == lengths.tolist() and out.padding_mask[1, lengths[1]:].all()
+    assert torch.allclose(out.logits[1, : lengths[1]], alone[0], atol=1e-5)
+
+    # Training: masked tokens reach the BERT as [MASK]; only the BERT and the head learn.
+    ctc.train()
+    inputs: list[torch.Tensor] = []
+    ctc.encoder.embedding.register_forward_hook(lambda _m, args, _o: inputs.append(args[0]))
+    ctc(source, pad, generator=torch.Generator().manual_seed(0)).logits.square().mean().backward()
+    assert (inputs[-1] == ctc.encoder.mask_id).any() and not (inputs[-1][1, lengths[1]:] == ctc.encoder.mask_id).any()
+    assert all(p.grad is None and not p.requires_grad for p in ctc.tokeniser.parameters())
+    assert ctc.encoder.embedding.weight.grad is not None and ctc.head.weight.grad is not None
+
+    again, _ = _ctc_with_tokeniser(30)
+    again.load_state_dict(ctc.state_dict(), strict=True)  # the vocabulary is in the state
+    assert torch.equal(again.tokeniser(source, pad)[0], ids)
+    with pytest.raises(ValueError, match="distinct"):
+        ctc.tokeniser.set_vocabulary(torch.tensor([3, 3]))
+
+
+def test_fine_tuning_takes_the_bert_and_not_its_lm_head() -> None:
+    """A vq_bert checkpoint initialises the CTC model's BERT; its LM head (whose bias has the
+    CTC head's name, here even its shape) is not a CTC head, and the tokeniser is not in it."""
+    import warnings
+
+    from models.checkpoint import load_into
+
+    bert = _model()
+    with torch.no_grad():
+        bert.head.bias.normal_()
+    ctc, _ = _ctc_with_tokeniser(M.vq_bert_laptop().vq_bert.vocab)
+    head_before = ctc.head.bias.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left = load_into(ctc, bert.state_dict(), "vq_bert")
+    assert torch.equal(ctc.encoder.embedding.weight, bert.encoder.embedding.weight)
+    assert torch.equal(ctc.head.bias, head_before) and not torch.equal(ctc.head.bias, bert.head.bias)
+    assert {"head.weight", "head.bias", "tokeniser.pairs"} <= set(left)
+    assert all(k.startswith(("head.", "tokeniser.")) for k in left)
 
 
 def test_tokenised_bert_tokenises_each_utterance_whole_and_pads_the_rest() -> None:
