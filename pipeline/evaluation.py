@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.batching import normalize as normalized
+
 
 @dataclass
 class Scored:
@@ -72,7 +74,7 @@ def transcribe(model: Any, audio: list[np.ndarray], vocab: Any, *, normalize: bo
         for group in batches_by_length([len(a) for a in audio], max_samples_per_batch):
             items = [audio[i] for i in group]
             if normalize:
-                items = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in items]
+                items = [normalized(a) for a in items]
             source, pad = pad_batch(items, device)
             res = model(source, pad)
             for i, ids in zip(group, greedy_decode(res.logits.argmax(-1), res.output_lengths, vocab.blank_id),

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from models.masking import frame_padding_mask
 from models.wav2vec2 import Wav2Vec2Encoder
 from pipeline.config import Config, ProbeConfig
+from pipeline.data.batching import normalize as normalized
 from pipeline.text import Vocabulary, error_rates, greedy_decode
 
 # --- labelled data in memory ---------------------------------------------------------------
@@ -392,7 +393,7 @@ def extract(
         for group in batches_by_length([len(a) for a in data.audio], max_samples_per_batch):
             audio = [data.audio[i] for i in group]
             if normalize:
-                audio = [(a - a.mean()) / np.sqrt(a.var() + 1e-7) for a in audio]
+                audio = [normalized(a) for a in audio]
             source, pad = pad_batch(audio, device)
             states, lengths = hidden_states(model, source, pad)
             stacked = torch.stack([states[i] for i in chosen]).float().cpu()  # (L, B, T, D)
