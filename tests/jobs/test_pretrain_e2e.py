@@ -188,31 +188,3 @@ def test_job_submit_pretrains_into_the_bucket_and_resumes(
 
     # The console is wavray's: progress lines, not Ray Train's record of every report.
     assert "Reporting training result" not in out1 + out2
-
-
-@pytest.mark.slow
-def test_job_submit_zero3(ray_head, s3_store, demo_uri: str, tmp_path: Path) -> None:  # noqa: F811
-    """ZeRO-3 through the same path: parameters partitioned over the 2 workers, the
-    checkpoint still holds the consolidated model."""
-    from models.checkpoint import load_weights
-    from models.factory import build_pretraining_model
-    from pipeline.config import load_config
-
-    db = tmp_path / "mlflow.db"
-    runs_uri = s3_store.uri("runs3")
-    job = _submit(ray_head, *_pretrain_args(demo_uri, runs_uri, db, "zero3"), "deepspeed.zero_stage=3",
-                  "train.max_steps=4")
-    out = job.stdout + job.stderr
-    assert job.returncode == 0, out[-5000:]
-    assert "ZeRO-3" in out and "[wavray] step 4/4 loss" in out
-    ckpt = f"{runs_uri}/zero3/checkpoint_000000004"
-    fs, path = storage.resolve(f"{ckpt}/deepspeed")
-    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
-    assert sum("zero_pp_rank_" in n and "model_states" in n for n in names) == 2
-    local = tmp_path / "model"
-    local.mkdir()
-    (local / "model.safetensors").write_bytes(storage.read_bytes(f"{ckpt}/model.safetensors"))
-    state = load_weights(local)
-    expected = build_pretraining_model(load_config(ROOT / "jobs" / "configs" / "pretrain" / "tiny.yaml").model).state_dict()
-    assert state.keys() == expected.keys()
-    assert all(state[k].shape == expected[k].shape for k in expected)
