@@ -41,11 +41,7 @@ import torch
 from models.checkpoint import WEIGHTS_NAME, save_weights
 from pipeline.config import CONFIG_FILE, Config, save_config
 from pipeline.data import storage
-from pipeline.train.deepspeed_compat import (
-    consolidated_state_dict,
-    optimizer_state_files,
-    optimizer_state_pattern,
-)
+from pipeline.train.deepspeed_compat import checkpoint_file_patterns, consolidated_state_dict
 
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
@@ -187,10 +183,10 @@ def validate(ckpt_dir: str | os.PathLike) -> TrainerState:
     state = read_state(d)
     ds = d / DS_DIR / state.tag
     missing = [str(p.relative_to(d)) for p in (d / CONFIG_FILE, d / WEIGHTS_NAME, ds) if not p.exists()]
-    if state.zero_stage >= 1 and ds.is_dir():
-        for r in range(state.world_size):
-            if not optimizer_state_files(ds, r):
-                missing.append(f"{DS_DIR}/{state.tag}/{optimizer_state_pattern(r)}")
+    if ds.is_dir():
+        missing += [f"{DS_DIR}/{state.tag}/{pattern}"
+                    for pattern in checkpoint_file_patterns(state.zero_stage, state.world_size)
+                    if not any(ds.glob(pattern))]
     if missing:
         raise ValueError(f"checkpoint {str(d)!r} is incomplete: missing {missing}")
     return state

@@ -12,8 +12,12 @@ Upgrading DeepSpeed should break this module and its test
 - :func:`consolidated_state_dict`: under ZeRO-3 the full weights are gathered by the
   engine's ``_zero3_consolidated_16bit_state_dict`` (what ``save_16bit_model`` calls),
   collective, the result on rank 0 only.
-- :func:`optimizer_state_files`: the file names DeepSpeed gives each rank's ZeRO optimizer
-  shard (``*zero_pp_rank_<r>_*optim_states.pt``), by which a checkpoint is known complete.
+- :func:`checkpoint_file_patterns`: the file names DeepSpeed gives the parts of a
+  checkpoint tag, by which a checkpoint is known complete: the model states
+  (``mp_rank_<mp>_model_states.pt`` once, or under ZeRO-3 one
+  ``zero_pp_rank_<r>_mp_rank_<mp>_model_states.pt`` per rank: ``load_checkpoint`` finds
+  none and fails on a bare assertion) and each rank's ZeRO optimizer shard
+  (``*zero_pp_rank_<r>_*optim_states.pt``).
 - ZeRO-3 re-gathers a module's partitioned parameters for its backward through hooks on
   the tensors the module returns, found only inside tensors, tuples (named ones
   included), lists and dicts: the models return named tuples for that reason
@@ -34,7 +38,6 @@ Upgrading DeepSpeed should break this module and its test
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,14 +60,16 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Ten
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def optimizer_state_pattern(rank: int) -> str:
-    """The glob of rank ``rank``'s ZeRO optimizer shard inside a DeepSpeed checkpoint tag."""
-    return f"*zero_pp_rank_{rank}_*optim_states.pt"
-
-
-def optimizer_state_files(tag_dir: str | Path, rank: int) -> list[Path]:
-    """Rank ``rank``'s ZeRO optimizer shard files in a DeepSpeed checkpoint tag folder."""
-    return sorted(Path(tag_dir).glob(optimizer_state_pattern(rank)))
+def checkpoint_file_patterns(zero_stage: int, world_size: int) -> list[str]:
+    """Globs, one per required file, that a complete DeepSpeed checkpoint tag folder written
+    at ``zero_stage`` by ``world_size`` ranks matches (module doc)."""
+    if zero_stage >= 3:
+        patterns = [f"zero_pp_rank_{r}_mp_rank_*_model_states.pt" for r in range(world_size)]
+    else:
+        patterns = ["mp_rank_*_model_states.pt"]
+    if zero_stage >= 1:
+        patterns += [f"*zero_pp_rank_{r}_*optim_states.pt" for r in range(world_size)]
+    return patterns
 
 
 def local_tensors(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:

@@ -60,6 +60,20 @@ def test_zero3_regathers_parameters_through_named_tuple_outputs() -> None:
     assert full is not None and tuple(full["inner.weight"].shape) == (300, 300)
 
 
+def test_zero3_checkpoint_file_names(tmp_path) -> None:
+    """The names a complete ZeRO-3 tag is known by, and that ``load_checkpoint`` needs them."""
+    torch.manual_seed(0)
+    eng = _engine(3, _Tiny())
+    eng.engine.save_checkpoint(str(tmp_path), tag="t", save_latest=False)
+    tag = tmp_path / "t"
+    patterns = DC.checkpoint_file_patterns(3, 1)
+    assert len(patterns) == 2 and all(any(tag.glob(p)) for p in patterns), list(tag.iterdir())
+    for f in tag.glob(patterns[0]):
+        f.unlink()
+    with pytest.raises(AssertionError):  # what a tag without its model states gives DeepSpeed
+        eng.engine.load_checkpoint(str(tmp_path), tag="t")
+
+
 def test_consolidated_state_dict_and_optimizer_file_names(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = C.apply_overrides(C.tiny(), ["deepspeed.zero_stage=1"])
@@ -68,8 +82,11 @@ def test_consolidated_state_dict_and_optimizer_file_names(tmp_path) -> None:
     state = DC.consolidated_state_dict(eng.engine, 1)
     assert state is not None and state.keys() == model.state_dict().keys()
     eng.engine.save_checkpoint(str(tmp_path), tag="t", save_latest=False)
-    assert DC.optimizer_state_files(tmp_path / "t", 0), list((tmp_path / "t").iterdir())
-    assert not DC.optimizer_state_files(tmp_path / "t", 1)
+    tag = tmp_path / "t"
+    assert all(any(tag.glob(p)) for p in DC.checkpoint_file_patterns(1, 1)), list(tag.iterdir())
+    assert not all(any(tag.glob(p)) for p in DC.checkpoint_file_patterns(1, 2)), "a second rank's shard matched"
+    (tag / "mp_rank_00_model_states.pt").unlink()
+    assert not all(any(tag.glob(p)) for p in DC.checkpoint_file_patterns(1, 1)), "no model states matched"
     assert hasattr(type(eng.engine), "_zero3_consolidated_16bit_state_dict")
 
 

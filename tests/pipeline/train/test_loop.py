@@ -155,6 +155,15 @@ def test_incomplete_checkpoint_is_refused_and_skipped(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="incomplete: missing"):
         ckpt.validate(good)
     assert ckpt.latest_complete(tmp_path) is None
+    # A copy without the model states (a listing of a store not whole yet), which DeepSpeed
+    # itself would meet with a bare assertion.
+    third = ckpt.save(tmp_path / ckpt.checkpoint_dir_name(3), cfg=cfg, engine=eng.engine, step=3,
+                      skipped_steps=0, data_position=None)
+    ckpt.validate(third)
+    for f in (third / ckpt.DS_DIR).rglob("*model_states.pt"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"incomplete: missing \['deepspeed/step_000000003/mp_rank_\*_model_states"):
+        ckpt.validate(third)
 
 
 def _with_languages(batches: Iterator[dict], languages: list[str]) -> Iterator[dict]:
