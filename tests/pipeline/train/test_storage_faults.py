@@ -139,8 +139,8 @@ def test_a_run_rides_out_a_short_outage_stops_on_a_long_one_and_resumes(
         second = main(args)
         out2 = capfd.readouterr()
         assert second == 0, out2.err[-3000:]
-        assert "[wavray] resumed from step 8" in out2.out
-        assert "[wavray] step 16/16 loss" in out2.out
+        assert "[wavray] resumed from step 8" in out2.out, (out2.out[-3000:], out2.err[-3000:])
+        assert "[wavray] step 16/16 loss" in out2.out, (out2.out[-3000:], out2.err[-3000:])
         # Every checkpoint folder with its state file is complete; none is half-written.
         fs, path = storage.resolve(f"{runs}/outage", s3)
         for info in storage.list_dir(f"{runs}/outage", s3):
