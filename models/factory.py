@@ -272,7 +272,8 @@ def build_token_encoder(cfg: ModelConfig) -> TokenEncoder:
         layer_norm_first=tr.layer_norm_first, pos_conv_kernel=tr.pos_conv_kernel, pos_conv_groups=tr.pos_conv_groups,
         absolute_positions=tr.absolute_positions,
     )
-    return TokenEncoder(cfg.vq_bert.vocab, transformer, dropout_input=cfg.dropout_input)
+    return TokenEncoder(cfg.vq_bert.vocab, transformer, dropout_input=cfg.dropout_input,
+                        scale_embedding=cfg.vq_bert.scale_embedding)
 
 
 def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
@@ -280,7 +281,8 @@ def build_vq_bert_model(cfg: ModelConfig) -> VqBertModel:
     no audio front end."""
     vb, m = cfg.vq_bert, cfg.mask
     return VqBertModel(build_token_encoder(cfg), mask_prob=m.prob, mask_length=m.length, min_masks=m.min_masks,
-                       random_token_prob=vb.random_token_prob, leave_unmasked_prob=vb.leave_unmasked_prob)
+                       random_token_prob=vb.random_token_prob, leave_unmasked_prob=vb.leave_unmasked_prob,
+                       tie_embedding=vb.tie_embedding)
 
 
 def build_vq_tokeniser(cfg: ModelConfig) -> VqTokeniser:

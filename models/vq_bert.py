@@ -20,8 +20,11 @@ before the forward as for the other objectives). As in BERT (fairseq's
 its own), except a ``random_token_prob`` share that gets a uniformly random token and a
 ``leave_unmasked_prob`` share that keeps its token; all of them are predicted.
 
-As in RoBERTa the embedding is not scaled; the Transformer adds the positions (fixed
-sinusoids in the presets, ``transformer.absolute_positions``).
+The Transformer adds the positions: fixed sinusoids in the presets
+(``transformer.absolute_positions``), where RoBERTa learns them. So the embedding is the
+Transformer's (Vaswani et al.), not RoBERTa's: initialised at std D^-0.5 and scaled by
+sqrt(D), level with the sinusoids (``model.vq_bert.scale_embedding``; RoBERTa's std 0.02
+would leave the tokens a few percent of the input).
 
 Downstream, the BERT reads audio through the tokeniser of its label set
 (:class:`VqTokeniser`: the vq-wav2vec model's front end and quantizer, and the label set's
@@ -67,14 +70,20 @@ class TokenEncoder(nn.Module):
     ``[MASK]`` (id K), input dropout, a Transformer. What the probe and fine-tuning would
     read of a vq_bert model (its ``transformer`` is the encoders' ``transformer``)."""
 
-    def __init__(self, vocab: int, transformer: TransformerEncoder, *, dropout_input: float = 0.0) -> None:
+    def __init__(self, vocab: int, transformer: TransformerEncoder, *, dropout_input: float = 0.0,
+                 scale_embedding: bool = True) -> None:
         super().__init__()
         self.vocab = vocab
         self.dim = transformer.out_dim
         self.embedding = nn.Embedding(vocab + 1, self.dim)
-        nn.init.normal_(self.embedding.weight, std=0.02)  # BERT's initialisation
+        self.scale = self.dim**0.5 if scale_embedding else 1.0
+        nn.init.normal_(self.embedding.weight, std=self.dim**-0.5 if scale_embedding else 0.02)
         self.dropout = nn.Dropout(dropout_input)
         self.transformer = transformer
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, D) the Transformer's input before dropout."""
+        return self.embedding(tokens) * self.scale
 
     @property
     def mask_id(self) -> int:
@@ -82,18 +91,20 @@ class TokenEncoder(nn.Module):
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, *,
                 layerdrop_generator: torch.Generator | None = None) -> Tensor:
-        x = self.dropout(self.embedding(tokens))  # (B, T, D)
+        x = self.dropout(self.embed(tokens))  # (B, T, D)
         return self.transformer(x, padding_mask, layerdrop_generator=layerdrop_generator)
 
 
 class LmHead(nn.Module):
     """RoBERTa's LM head: dense + GELU + LayerNorm, then the input embedding's transpose + a bias
-    (``[MASK]`` is never a target: its row is left out)."""
+    (``[MASK]`` is never a target: its row is left out); with ``tied`` False, a (K, D) matrix
+    of its own instead of the embedding."""
 
-    def __init__(self, embedding: nn.Embedding, vocab: int) -> None:
+    def __init__(self, embedding: nn.Embedding, vocab: int, *, tied: bool = True) -> None:
         super().__init__()
         dim = embedding.embedding_dim
-        self.embedding = embedding
+        self.embedding = embedding if tied else None
+        self.output = None if tied else nn.Parameter(torch.empty(vocab, dim).normal_(std=0.02))
         self.vocab = vocab
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
@@ -101,7 +112,8 @@ class LmHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         x = self.norm(F.gelu(self.dense(hidden)))
-        return F.linear(x, self.embedding.weight[: self.vocab]) + self.bias  # (B, T, K)
+        weight = self.output if self.embedding is None else self.embedding.weight[: self.vocab]
+        return F.linear(x, weight) + self.bias  # (B, T, K)
 
 
 class VqBertModel(nn.Module):
@@ -113,11 +125,11 @@ class VqBertModel(nn.Module):
     feature_penalty_weight = 0.0
 
     def __init__(self, encoder: TokenEncoder, *, mask_prob: float, mask_length: int, min_masks: int,
-                 random_token_prob: float = 0.1, leave_unmasked_prob: float = 0.1) -> None:
+                 random_token_prob: float = 0.1, leave_unmasked_prob: float = 0.1, tie_embedding: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.codebook_size = encoder.vocab
-        self.head = LmHead(encoder.embedding, encoder.vocab)
+        self.head = LmHead(encoder.embedding, encoder.vocab, tied=tie_embedding)
         self.mask_prob = mask_prob
         self.mask_length = mask_length
         self.min_masks = min_masks
@@ -369,7 +381,7 @@ class VqBertForCTC(nn.Module):
                 lengths=lengths, generator=generator, device=ids.device,
             )
             ids = ids.masked_fill(mask, self.encoder.mask_id)
-        x = self.encoder.dropout(self.encoder.embedding(ids))  # (B, T, D)
+        x = self.encoder.dropout(self.encoder.embed(ids))  # (B, T, D)
         if self.training and self.channel_prob > 0:
             channels = compute_channel_mask(batch, x.shape[-1], mask_prob=self.channel_prob,
                                             mask_length=self.channel_length, generator=generator, device=x.device)

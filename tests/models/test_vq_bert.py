@@ -228,3 +228,53 @@ def test_its_weights_are_saved_and_loaded_with_the_tied_lm_head(tmp_path) -> Non
     fresh.load_state_dict(state, strict=True)
     assert fresh.head.embedding.weight is fresh.encoder.embedding.weight
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_scaled_embedding_is_level_with_the_sinusoids() -> None:
+    """With ``scale_embedding`` the tokens enter the Transformer at unit spread per channel
+    (init std D^-0.5, times sqrt(D)), as large as the fixed sinusoids added to them; without
+    it, RoBERTa's std 0.02 leaves the tokens a small fraction of the positions."""
+    from models.transformer import sinusoid_positions
+
+    tokens = torch.arange(0, 400).remainder(511).view(2, 200)
+    positions = sinusoid_positions(200, 64, torch.zeros(1)).norm(dim=-1).mean()
+    ratios = {}
+    for scaled in (False, True):
+        enc = _model(scale_embedding=scaled).encoder
+        x = enc.embed(tokens)
+        ratios[scaled] = (x.norm(dim=-1).mean() / positions).item()
+        seen: list[torch.Tensor] = []
+        hook = enc.transformer.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0]))
+        enc(tokens)
+        hook.remove()
+        torch.testing.assert_close(seen[0], x)  # what the Transformer reads (eval: no dropout)
+    assert 0.02 < ratios[False] < 0.05 and 1.2 < ratios[True] < 1.6
+
+
+def test_an_untied_lm_head_has_weights_of_its_own_and_is_not_a_ctc_head() -> None:
+    """``tie_embedding`` False: the LM head's matrix is a parameter apart from the embedding
+    (training one leaves the other), a strict round trip keeps them apart, and fine-tuning
+    takes neither the LM head's matrix nor its bias, even for a CTC vocabulary of K."""
+    import warnings
+
+    from models.checkpoint import load_into
+
+    model = _model(tie_embedding=False)
+    assert model.head.embedding is None and model.head.output.shape == (model.codebook_size, 64)
+    model.train()
+    tokens = torch.randint(0, model.codebook_size, (2, 60))
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[:, 10:20] = True
+    model(tokens, mask_time_indices=mask, generator=torch.Generator().manual_seed(0)).loss_sum.backward()
+    assert model.head.output.grad is not None and model.head.output.grad.abs().sum() > 0
+    assert not torch.equal(model.head.output, model.encoder.embedding.weight[: model.codebook_size])
+    fresh = _model(tie_embedding=False)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert "head.output" in model.state_dict() and "head.embedding.weight" not in model.state_dict()
+    ctc, _ = _ctc_with_tokeniser(model.codebook_size)
+    head_before = ctc.head.weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        left = load_into(ctc, model.state_dict(), "vq_bert")
+    assert torch.equal(ctc.head.weight, head_before) and {"head.weight", "head.bias"} <= set(left)
+    assert torch.equal(ctc.encoder.embedding.weight, model.encoder.embedding.weight)
